@@ -1,0 +1,43 @@
+"""Shared fixtures: one real local Ray cluster per session, the real tiny model, real synthetic datasets."""
+
+from __future__ import annotations
+
+import os
+
+# Two cores: every process (this one, Ray workers) keeps torch to one thread.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    ray.init(
+        num_cpus=4,  # logical CPUs on 2 cores, so that fractional actors and tasks can overlap
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
+    )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from unifer_ray.models.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_model") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory):
+    from unifer_ray.data.synthetic import write_synthetic_datasets
+
+    root = tmp_path_factory.mktemp("synthetic")
+    write_synthetic_datasets(root, train_per_class=4, test_per_class=3, seed=0)
+    return root

@@ -1,0 +1,41 @@
+"""Typed configs loaded from YAML: a bad config is a clear error that names the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+T = TypeVar("T", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def parse_config(data: object, cls: type[T], source: str = "config") -> T:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"{source}: {problems}") from None
+
+
+def load_config(path: str | Path, cls: type[T], section: str | None = None) -> T:
+    """Load `cls` from a YAML file, or from one top-level `section` of it (one file can hold every stage)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if section is not None:
+        if not isinstance(data, dict) or section not in data:
+            raise ConfigError(f"{path}: has no '{section}' section")
+        data = data[section]
+    return parse_config(data, cls, source=f"{path}" + (f" [{section}]" if section else ""))
