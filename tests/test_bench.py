@@ -1,0 +1,80 @@
+"""FERBench on a real local Ray cluster with the real tiny model: counts add up, bad items are kept, reruns resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from unifer_ray.bench.config import BenchConfig, BenchFile, BenchModel
+from unifer_ray.bench.runner import run_bench
+from unifer_ray.data.convert import convert_ferbench
+from unifer_ray.engines.spec import EngineSpec
+from unifer_ray.labels import DATASETS
+
+
+def _model(model_dir, name="tiny", **kw) -> BenchModel:
+    return BenchModel(name=name, engine=EngineSpec(engine="hf", model=str(model_dir), max_batch_size=8),
+                      sampling={"max_new_tokens": 6}, image_size=56, batch_size=8, num_cpus=1, **kw)
+
+
+@pytest.fixture(scope="module")
+def ferbench_files(synthetic_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ferbench")
+    files = []
+    for spec in DATASETS.values():
+        path = out / spec.ferbench_file
+        convert_ferbench(spec.key, synthetic_root / spec.name, path, split="test")
+        files.append(path)
+    return files
+
+
+def test_bench_counts_add_up_with_bad_items(ray_cluster, tiny_model_dir, synthetic_root, ferbench_files, tmp_path):
+    good = json.loads(ferbench_files[0].read_text())[:6]
+    (synthetic_root / "corrupt.jpg").write_bytes(b"this is not a jpeg")
+    bad_lines = [
+        json.dumps({**good[0], "image_path": "/RAF-DB/aligned/does_not_exist.jpg"}),  # missing file
+        json.dumps({**good[0], "image_path": "/corrupt.jpg"}),  # corrupt image
+        json.dumps({**good[1], "image_path": "/x.jpg", "true_label": "boredom"}),  # label outside candidates
+        '{"image_path": "/y.jpg", "true_label": ',  # malformed JSON line
+    ]
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("\n".join([json.dumps(g) for g in good] + bad_lines) + "\n")
+    config = BenchConfig(files=[BenchFile(path=str(mixed), image_root=str(synthetic_root))],
+                         models=[_model(tiny_model_dir)], out_dir=str(tmp_path / "out"))
+
+    (run,) = run_bench(config)
+    assert run.items == 10
+    assert (run.scored, run.errors) == (6, 4)
+    errors = [json.loads(line) for line in open(run.errors_path)]
+    reasons = " | ".join(e["reason"] for e in errors)
+    assert "does_not_exist.jpg" in reasons and "not a decodable image" in reasons
+    assert "boredom" in reasons and "malformed JSON" in reasons
+    assert {e.get("row") for e in errors if e.get("row")} == {9, 10}  # the two bad lines name their line numbers
+    results = [json.loads(line) for line in open(run.results_path)]
+    assert len(results) == 6 and all(r["status"] == "scored" and r["model"] == "tiny" for r in results)
+    assert all(r["latency_s"] > 0 and r["num_tokens"] > 0 for r in results)
+    assert {r["id"] for r in results} == {f"rafdb:{g['image_path']}" for g in good}
+
+    # A rerun skips the finished items and retries only the failed ones (which fail again).
+    (rerun,) = run_bench(config)
+    assert rerun.generated == 2 and (rerun.scored, rerun.errors) == (6, 4)
+
+
+def test_bench_all_four_datasets_two_models(ray_cluster, tiny_model_dir, synthetic_root, ferbench_files, tmp_path):
+    from unifer_ray.bench.pipeline import bench_and_score
+
+    files = [BenchFile(path=str(f), image_root=str(synthetic_root), limit=5) for f in ferbench_files]
+    config = BenchConfig(files=files, models=[_model(tiny_model_dir, "tiny-a"), _model(tiny_model_dir, "tiny-b")],
+                         out_dir=str(tmp_path / "out"))
+    runs, metrics = bench_and_score(config)
+    assert [r.scored for r in runs] == [20, 20]
+    # The same weights and greedy decoding: both models answer identically.
+    a = [json.loads(x)["response"] for x in open(runs[0].results_path)]
+    b = [json.loads(x)["response"] for x in open(runs[1].results_path)]
+    assert a == b
+    assert set(metrics) == {"tiny-a", "tiny-b"}
+    assert set(metrics["tiny-a"]) >= {"rafdb", "ferplus", "affectnet", "sfew", "overall"}
+    assert metrics["tiny-a"]["overall"]["n"] == 20
+    board = (tmp_path / "out" / "report" / "leaderboard.md").read_text()
+    assert "tiny-a" in board and "tiny-b" in board

@@ -1,0 +1,259 @@
+"""Engines on the real tiny model (hf), a real HTTP server (openai), and engine selection."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import socket
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from PIL import Image
+
+from unifer_ray.engines import ChatRequest, EngineSpec, SamplingParams, create_engine, resolve_engine
+from unifer_ray.engines.hf import HFEngine, chat_text
+from unifer_ray.engines.openai_api import OpenAIEngine, RequestFailed
+
+
+def random_image(size: tuple[int, int], seed: int) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    return HFEngine.from_spec(EngineSpec(engine="hf", model=str(tiny_model_dir), max_batch_size=4))
+
+
+@pytest.fixture(scope="module")
+def requests_():
+    """Different image sizes and prompt lengths (so rows are padded differently), and one text-only request."""
+    sizes = [(56, 56), (112, 84), (84, 56), (56, 112), (112, 112)]
+    requests = [ChatRequest.single_image(random_image(size, i), "Which expression? " * (i + 1))
+                for i, size in enumerate(sizes)]
+    return requests + [ChatRequest([{"role": "user", "content": "Describe the brows."}])]
+
+
+def recomputed_logprobs(engine: HFEngine, request: ChatRequest, token_ids: list[int], temperature: float) -> list[float]:
+    """Log-probabilities of `token_ids` after the prompt, from one plain forward pass."""
+    inputs = engine.processor(text=[chat_text(engine.processor, request)], images=request.images() or None,
+                              return_tensors="pt")
+    prompt_len = inputs["input_ids"].shape[1]
+    inputs["input_ids"] = torch.cat([inputs["input_ids"], torch.tensor([token_ids])], dim=1)
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros(1, len(token_ids), dtype=torch.long)], dim=1)
+    with torch.inference_mode():
+        logits = engine.model(**inputs).logits[0, prompt_len - 1 : -1].float()
+    logprobs = torch.log_softmax(logits / temperature, dim=-1)
+    return logprobs.gather(-1, torch.tensor(token_ids).unsqueeze(-1)).squeeze(-1).tolist()
+
+
+def test_batched_greedy_equals_one_by_one(engine, requests_):
+    params = SamplingParams(max_new_tokens=8)
+    batched = engine.generate(requests_, params)  # chunks of 4 and 2
+    assert len(batched) == len(requests_) and all(len(group) == 1 for group in batched)
+    for request, [completion] in zip(requests_, batched):
+        [[alone]] = engine.generate([request], params)
+        assert completion.token_ids == alone.token_ids
+        assert completion.text == alone.text
+    assert len({tuple(group[0].token_ids) for group in batched}) > 1  # the rows really differ
+
+
+def test_sampling_n_completions_reproducible_per_seed(engine, requests_):
+    params = SamplingParams(max_new_tokens=6, temperature=1.0, n=3, seed=7)
+    first = engine.generate(requests_[:3], params)
+    assert [len(group) for group in first] == [3, 3, 3]
+    assert engine.generate(requests_[:3], params) == first
+    other = engine.generate(requests_[:3], params.model_copy(update={"seed": 8}))
+    assert other != first
+    assert len({tuple(c.token_ids) for c in first[0]}) > 1  # n samples, not n copies
+
+
+def test_greedy_n_gives_n_equal_completions(engine, requests_):
+    [group] = engine.generate(requests_[:1], SamplingParams(max_new_tokens=4, n=2))
+    assert len(group) == 2 and group[0] == group[1] and group[0] is not group[1]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_logprobs_are_the_sampled_tokens(engine, requests_, temperature):
+    params = SamplingParams(max_new_tokens=5, temperature=temperature, seed=3, logprobs=True)
+    groups = engine.generate(requests_[:2], params)
+    for request, [completion] in zip(requests_, groups):
+        assert len(completion.logprobs) == len(completion.token_ids) > 0
+        assert all(value <= 0 for value in completion.logprobs)
+        expected = recomputed_logprobs(engine, request, completion.token_ids, temperature or 1.0)
+        assert completion.logprobs == pytest.approx(expected, abs=1e-4)
+    assert all(c.logprobs is None for group in engine.generate(requests_[:2], SamplingParams(max_new_tokens=2))
+               for c in group)
+
+
+def test_max_new_tokens_gives_finish_reason_length(engine, requests_):
+    groups = engine.generate(requests_, SamplingParams(max_new_tokens=3))
+    for [completion] in groups:
+        assert completion.finish_reason == "length" and len(completion.token_ids) == 3
+
+
+def test_load_state_dict_updates_weights_and_stops_at_end_of_turn(tiny_model_dir, requests_):
+    engine = HFEngine.from_spec(EngineSpec(engine="hf", model=str(tiny_model_dir)))
+    params = SamplingParams(max_new_tokens=4, logprobs=True)
+    before = engine.generate(requests_[:2], params)
+    # Every hidden state gets a large positive feature d that only <|im_end|>'s output row reads: the model
+    # now ends its turn at once.
+    end_of_turn = engine.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    state = engine.model.state_dict()
+    embed_key = next(k for k in state if k.endswith("embed_tokens.weight"))
+    embed, head = state[embed_key].clone(), torch.zeros_like(state["lm_head.weight"])
+    embed[:, 0] = 100.0
+    head[end_of_turn, 0] = 1.0
+    engine.load_state_dict({embed_key: embed, "lm_head.weight": head})
+    assert engine.model.state_dict()["lm_head.weight"].data_ptr() == state["lm_head.weight"].data_ptr()  # in place
+    after = engine.generate(requests_[:2], params)
+    assert after != before
+    for [completion] in after:
+        assert completion.token_ids == [end_of_turn] and completion.text == ""
+        assert completion.finish_reason == "stop" and len(completion.logprobs) == 1
+    with pytest.raises(KeyError, match="not.a.weight"):
+        engine.load_state_dict({"not.a.weight": torch.zeros(1)})
+
+
+# --- engine selection ---------------------------------------------------------------------------------------------
+
+def test_auto_picks_hf_without_vllm(tiny_model_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as if vllm were not installed, on any machine
+    spec = EngineSpec(model=str(tiny_model_dir))
+    assert resolve_engine(spec) == "hf"
+    assert isinstance(create_engine(spec), HFEngine)
+
+
+def test_vllm_without_vllm_is_a_clear_error(tiny_model_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    with pytest.raises(ImportError, match="engine 'vllm' needs the vllm package.*use engine 'hf'"):
+        create_engine(EngineSpec(engine="vllm", model=str(tiny_model_dir)))
+
+
+def test_hf_names_a_missing_model_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no_model"):
+        create_engine(EngineSpec(engine="hf", model=str(tmp_path / "no_model")))
+
+
+# --- openai engine against a real HTTP server ---------------------------------------------------------------------
+
+class ChatServer:
+    """A deterministic OpenAI-style /v1/chat/completions server, on a free local port, in a thread."""
+
+    def __init__(self):
+        self.bodies: list[dict] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        app = FastAPI()
+        app.post("/v1/chat/completions")(self.chat)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.base_url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join()
+
+    async def chat(self, request: Request):
+        if request.headers.get("authorization") != "Bearer test-key":
+            return JSONResponse({"error": {"message": "bad key"}}, status_code=401)
+        body = await request.json()
+        self.bodies.append(body)
+        parts = body["messages"][-1]["content"]
+        [image_part] = [p for p in parts if p["type"] == "image_url"]
+        header, data = image_part["image_url"]["url"].split(",", 1)
+        if header != "data:image/png;base64":
+            return JSONResponse({"error": {"message": f"not a base64 PNG data URL: {header}"}}, status_code=400)
+        image = Image.open(io.BytesIO(base64.b64decode(data)))
+        text = next(p["text"] for p in parts if p["type"] == "text")
+        if "fail" in text:
+            return JSONResponse({"error": {"message": "boom"}}, status_code=500, headers={"retry-after-ms": "1"})
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        await asyncio.sleep(0.2)
+        self.in_flight -= 1
+        choices = []
+        for i in range(body["n"]):
+            answer = f"<think>{image.width}x{image.height} {image.getpixel((0, 0))} seed={body.get('seed')}</think><answer>{i}</answer>"
+            logprobs = {"content": [{"token": "a", "logprob": -0.5, "bytes": [97], "top_logprobs": []}] * 3}
+            choices.append({"index": i, "message": {"role": "assistant", "content": answer},
+                            "finish_reason": "length" if body["max_tokens"] < 5 else "stop",
+                            "logprobs": logprobs if body.get("logprobs") else None})
+        return {"id": "chat-1", "object": "chat.completion", "created": 0, "model": body["model"], "choices": choices}
+
+
+def openai_spec(base_url: str, **overrides) -> EngineSpec:
+    return EngineSpec(engine="openai", model="served-model", base_url=base_url, api_key_env="TEST_FER_API_KEY",
+                      max_concurrency=2, timeout_s=10, **overrides)
+
+
+def test_openai_engine_over_http(monkeypatch):
+    monkeypatch.setenv("TEST_FER_API_KEY", "test-key")
+    images = [random_image((32 + 8 * i, 24), seed=i) for i in range(5)]
+    requests = [ChatRequest.single_image(image, f"question {i}") for i, image in enumerate(images)]
+    with ChatServer() as server:
+        engine = create_engine(openai_spec(server.base_url))
+        groups = engine.generate(requests, SamplingParams(max_new_tokens=16, temperature=0.5, n=2, seed=5, logprobs=True))
+        engine.close()
+    assert server.max_in_flight == 2  # concurrent, and bounded by max_concurrency
+    assert len(groups) == 5
+    for image, group in zip(images, groups):
+        assert [c.text for c in group] == [
+            f"<think>{image.width}x{image.height} {image.getpixel((0, 0))} seed=5</think><answer>{i}</answer>" for i in range(2)
+        ]
+        assert all(c.logprobs == [-0.5] * 3 and c.finish_reason == "stop" and c.token_ids == [] for c in group)
+    body = server.bodies[0]
+    assert body["model"] == "served-model" and body["max_tokens"] == 16 and body["temperature"] == 0.5
+    assert body["top_p"] == 1.0 and body["logprobs"] is True
+
+
+def test_openai_engine_omits_unset_seed_and_reports_length(monkeypatch):
+    monkeypatch.setenv("TEST_FER_API_KEY", "test-key")
+    with ChatServer() as server:
+        [[completion]] = OpenAIEngine(openai_spec(server.base_url)).generate(
+            [ChatRequest.single_image(random_image((20, 20), 0), "q")], SamplingParams(max_new_tokens=4))
+    assert "seed" not in server.bodies[0]
+    assert completion.finish_reason == "length" and completion.logprobs is None
+
+
+def test_openai_server_error_names_the_request(monkeypatch):
+    monkeypatch.setenv("TEST_FER_API_KEY", "test-key")
+    requests = [ChatRequest.single_image(random_image((20, 20), i), text) for i, text in enumerate(["ok", "please fail"])]
+    with ChatServer() as server:
+        with pytest.raises(RequestFailed, match="request 1 failed: InternalServerError") as caught:
+            OpenAIEngine(openai_spec(server.base_url), max_retries=2).generate(requests, SamplingParams(max_new_tokens=4))
+    assert caught.value.index == 1
+    assert sum("fail" in str(body["messages"]) for body in server.bodies) == 3  # one try and two retries
+
+
+def test_openai_connection_refused_names_the_request(monkeypatch):
+    monkeypatch.setenv("TEST_FER_API_KEY", "test-key")
+    with socket.socket() as sock:  # a port that nothing listens on once closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    engine = OpenAIEngine(openai_spec(f"http://127.0.0.1:{port}/v1"), max_retries=0)
+    with pytest.raises(RequestFailed, match="request 0 failed: APIConnectionError"):
+        engine.generate([ChatRequest.single_image(random_image((20, 20), 0), "q")], SamplingParams())
+
+
+def test_openai_missing_key_names_the_variable(monkeypatch):
+    monkeypatch.delenv("TEST_FER_API_KEY", raising=False)
+    with pytest.raises(RuntimeError, match=r"\$TEST_FER_API_KEY"):
+        create_engine(openai_spec("http://127.0.0.1:1/v1"))

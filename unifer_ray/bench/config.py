@@ -1,0 +1,50 @@
+"""FERBench run configuration."""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from unifer_ray.engines.base import SamplingParams
+from unifer_ray.engines.spec import EngineSpec
+
+
+class BenchFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str  # a FERBench file: the reference JSON array, or JSONL; local or s3://
+    image_root: str  # items' image_path is read below this root
+    dataset: str | None = None  # inferred from the candidate labels when absent
+    limit: int | None = Field(None, gt=0)  # the first N valid items only (smoke runs)
+
+
+class BenchModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str  # the model's name in results and the leaderboard
+    engine: EngineSpec
+    sampling: SamplingParams = SamplingParams(max_new_tokens=512)
+    image_size: int = Field(224, gt=0)  # the paper resizes every image to 224×224
+    batch_size: int = Field(16, gt=0)  # rows per inference call
+    concurrency: int = Field(1, gt=0)  # engine actors in the pool
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    torch_threads: int = Field(1, gt=0)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+            raise ValueError(f"model name {name!r} may use letters, digits, '.', '_' and '-' only (it names files)")
+        return name
+
+
+class BenchConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    files: list[BenchFile] = Field(min_length=1)
+    models: list[BenchModel] = Field(min_length=1)
+    out_dir: str  # local or s3://
+    load_batch_size: int = Field(32, gt=0)  # rows per image-decoding task
+    load_num_cpus: float = Field(0.5, gt=0)

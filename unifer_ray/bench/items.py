@@ -1,0 +1,92 @@
+"""Read FERBench item files (the reference JSON arrays, or JSONL) into validated rows."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from unifer_ray import storage
+from unifer_ray.data.schema import FERBENCH_KEYS
+from unifer_ray.labels import DATASETS
+
+
+@dataclass
+class ItemRows:
+    rows: list[dict] = field(default_factory=list)  # valid items, one dict each, with `id` and `dataset`
+    errors: list[dict] = field(default_factory=list)  # {"source", "row", "id", "reason"}
+
+
+def dataset_of(candidate_labels: list[str]) -> str | None:
+    """The dataset whose label set, in order, is `candidate_labels`."""
+    for spec in DATASETS.values():
+        if list(spec.labels) == list(candidate_labels):
+            return spec.key
+    return None
+
+
+def _raw_items(path: str) -> list[tuple[int, object]]:
+    """(row number, parsed item) pairs; a malformed JSONL line becomes (row, exception)."""
+    text = storage.read_text(path)
+    if text.lstrip().startswith("["):
+        try:
+            return list(enumerate(json.loads(text)))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not a valid JSON array: {exc}") from None
+    out: list[tuple[int, object]] = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            out.append((lineno, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            out.append((lineno, exc))
+    return out
+
+
+def _problem(item: object) -> str | None:
+    if isinstance(item, json.JSONDecodeError):
+        return f"malformed JSON: {item}"
+    if not isinstance(item, dict):
+        return f"an item must be a JSON object, got {type(item).__name__}"
+    missing = [k for k in FERBENCH_KEYS if k not in item]
+    if missing:
+        return f"missing field(s) {missing}"
+    for key in ("image_path", "true_label", "prompt"):
+        if not isinstance(item[key], str) or not item[key]:
+            return f"field '{key}' must be a non-empty string"
+    labels = item["candidate_labels"]
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+        return "field 'candidate_labels' must be a non-empty list of strings"
+    if item["true_label"] not in labels:
+        return f"true_label {item['true_label']!r} is not among candidate_labels {labels}"
+    return None
+
+
+def read_items(path: str, *, image_root: str, dataset: str | None = None, limit: int | None = None) -> ItemRows:
+    """Validated FERBench rows of one file. `image_path` is resolved below `image_root` into `image_uri`."""
+    result = ItemRows()
+    seen: set[str] = set()
+    for row, item in _raw_items(path):
+        if limit is not None and len(result.rows) >= limit:
+            break
+        problem = _problem(item)
+        key = dataset or (dataset_of(item["candidate_labels"]) if problem is None else None)
+        if problem is None and key is None:
+            problem = f"candidate_labels {item['candidate_labels']} match no known dataset; set `dataset` for this file"
+        item_id = f"{key}:{item['image_path']}" if problem is None else f"{path}#{row}"
+        if problem is None and item_id in seen:
+            problem = f"duplicate item {item['image_path']!r}"
+        if problem is not None:
+            result.errors.append({"source": path, "row": row, "id": item_id, "reason": problem})
+            continue
+        seen.add(item_id)
+        result.rows.append({
+            "id": item_id,
+            "dataset": key,
+            "image_path": item["image_path"],
+            "image_uri": storage.join(image_root, item["image_path"]),
+            "true_label": item["true_label"],
+            "candidate_labels": list(item["candidate_labels"]),
+            "prompt": item["prompt"],
+        })
+    return result

@@ -1,0 +1,154 @@
+"""FERBench as one streaming Ray Data graph per model: read → decode/resize → engine actors → parse/score → Parquet."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from unifer_ray import storage
+from unifer_ray.bench.config import BenchConfig, BenchModel
+from unifer_ray.bench.items import ItemRows, read_items
+from unifer_ray.data.images import load_image_batch
+from unifer_ray.engines.ray_actor import EngineActor
+from unifer_ray.parsing import is_format_compliant, parse_paper, parse_strict
+
+log = logging.getLogger(__name__)
+
+RESULT_COLUMNS = (
+    "id", "model", "dataset", "image_path", "true_label", "candidate_labels", "response", "parsed_strict",
+    "parsed_paper", "correct_strict", "correct_paper", "format_ok", "latency_s", "num_tokens", "status", "error",
+)
+
+
+@dataclass
+class ModelRun:
+    model: str
+    items: int  # valid and invalid items of the benchmark files
+    scored: int
+    errors: int
+    generated: int  # items sent through the engine in this run (0 when everything was already finished)
+    seconds: float
+    results_path: str
+    errors_path: str
+
+    @property
+    def items_per_s(self) -> float:
+        return self.generated / self.seconds if self.seconds > 0 else 0.0
+
+
+def score_batch(batch: dict[str, np.ndarray], *, model: str) -> dict[str, np.ndarray]:
+    """Parse each response in both modes and mark it; rows that carry an error are kept, marked `error`."""
+    n = len(batch["id"])
+    cols: dict[str, list] = {k: [] for k in ("response", "parsed_strict", "parsed_paper", "correct_strict",
+                                              "correct_paper", "format_ok", "status")}
+    for i in range(n):
+        candidates = [str(c) for c in batch["candidate_labels"][i]]
+        responses = batch["responses"][i]
+        text = str(responses[0]) if len(responses) else ""
+        failed = bool(batch["error"][i])
+        strict = None if failed else parse_strict(text, candidates)
+        paper = None if failed else parse_paper(text, candidates, str(batch["dataset"][i]))
+        cols["response"].append(text)
+        cols["parsed_strict"].append(strict)
+        cols["parsed_paper"].append(paper)
+        cols["correct_strict"].append(strict == batch["true_label"][i])
+        cols["correct_paper"].append(paper == batch["true_label"][i])
+        cols["format_ok"].append(False if failed else is_format_compliant(text))
+        cols["status"].append("error" if failed else "scored")
+    out = {k: batch[k] for k in ("id", "dataset", "image_path", "true_label", "latency_s", "num_tokens", "error")}
+    out["candidate_labels"] = _object_array([[str(c) for c in cands] for cands in batch["candidate_labels"]])
+    out["model"] = np.full(n, model, dtype=object)
+    out.update({k: _object_array(v) for k, v in cols.items()})
+    return out
+
+
+def _object_array(values: list) -> np.ndarray:
+    """A 1-D object array, even of equal-length lists (np.array would make those 2-D)."""
+    arr = np.empty(len(values), dtype=object)
+    arr[:] = values
+    return arr
+
+
+def _read_shards(shards_dir: str) -> list[dict]:
+    files = storage.list_files(shards_dir, ".parquet")
+    if not files:
+        return []
+    fs, _ = storage.filesystem(shards_dir)
+    tables = [pq.read_table(storage.filesystem(f)[1], filesystem=fs) for f in files]
+    return pa.concat_tables(tables, promote_options="default").to_pylist()
+
+
+def _latest_by_id(rows: list[dict]) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Scored rows win over errors of earlier runs; of several errors, the last is kept."""
+    scored: dict[str, dict] = {}
+    errors: dict[str, dict] = {}
+    for row in rows:
+        (scored if row["status"] == "scored" else errors)[row["id"]] = row
+    return scored, {k: v for k, v in errors.items() if k not in scored}
+
+
+def _write_jsonl(uri: str, rows: list[dict]) -> None:
+    storage.write_text(uri, "".join(json.dumps(r, default=str) + "\n" for r in rows))
+
+
+def run_model(model: BenchModel, items: ItemRows, config: BenchConfig) -> ModelRun:
+    model_dir = storage.join(config.out_dir, "results", model.name)
+    shards = storage.join(model_dir, "shards")
+    scored, _ = _latest_by_id(_read_shards(shards))
+    todo = [{**row, "error": ""} for row in items.rows if row["id"] not in scored]
+    start = time.perf_counter()
+    if todo:
+        log.info("%s: %d items to run, %d already finished", model.name, len(todo), len(scored))
+        ds = ray.data.from_items(todo)
+        ds = ds.map_batches(load_image_batch, fn_kwargs={"size": model.image_size},
+                            batch_size=config.load_batch_size, num_cpus=config.load_num_cpus)
+        ds = ds.map_batches(
+            EngineActor,
+            fn_constructor_kwargs={"engine": model.engine.model_dump(), "sampling": model.sampling.model_dump(),
+                                   "torch_threads": model.torch_threads},
+            batch_size=model.batch_size, concurrency=model.concurrency,
+            num_cpus=model.num_cpus, num_gpus=model.num_gpus,
+        )
+        ds = ds.map_batches(score_batch, fn_kwargs={"model": model.name}, batch_size=256, num_cpus=0.25)
+        fs, path = storage.filesystem(shards)
+        ds.write_parquet(path, filesystem=fs)
+    seconds = time.perf_counter() - start
+
+    scored, failed = _latest_by_id(_read_shards(shards))
+    valid_ids = {row["id"] for row in items.rows}
+    results = [{k: r[k] for k in RESULT_COLUMNS} for i, r in sorted(scored.items()) if i in valid_ids]
+    errors = [{"id": r["id"], "source": r["image_path"], "reason": r["error"]} for i, r in sorted(failed.items()) if i in valid_ids]
+    errors += items.errors
+    results_path = storage.join(model_dir, "results.jsonl")
+    errors_path = storage.join(model_dir, "errors.jsonl")
+    _write_jsonl(results_path, results)
+    _write_jsonl(errors_path, errors)
+    return ModelRun(model.name, len(items.rows) + len(items.errors), len(results), len(errors), len(todo),
+                    seconds, results_path, errors_path)
+
+
+def read_all_items(config: BenchConfig) -> ItemRows:
+    items = ItemRows()
+    for f in config.files:
+        part = read_items(f.path, image_root=f.image_root, dataset=f.dataset, limit=f.limit)
+        items.rows += part.rows
+        items.errors += part.errors
+    return items
+
+
+def run_bench(config: BenchConfig) -> list[ModelRun]:
+    """Benchmark every model on every file; a rerun skips finished items. Returns one summary per model."""
+    items = read_all_items(config)
+    for err in items.errors:
+        log.warning("bad FERBench item %s row %s: %s", err["source"], err["row"], err["reason"])
+    runs = [run_model(model, items, config) for model in config.models]
+    storage.write_text(storage.join(config.out_dir, "summary.json"),
+                       json.dumps([asdict(r) | {"items_per_s": r.items_per_s} for r in runs], indent=2))
+    return runs
