@@ -41,3 +41,38 @@ def synthetic_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
     write_synthetic_datasets(root, train_per_class=4, test_per_class=3, seed=0)
     return root
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API server (moto's standalone server) on loopback; yields a fresh bucket's URI prefix.
+
+    The endpoint and credentials go into the environment, so boto3, PyArrow and Ray workers started afterwards
+    all talk to it.
+    """
+    import socket
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    boto3.client("s3").create_bucket(Bucket="unifer-test")
+    yield "s3://unifer-test"
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
