@@ -50,8 +50,9 @@ def run_demo(config_path: str | None, out: str) -> None:
     with stage(table, "synthetic data", note):
         summary = write_synthetic_datasets(data_root, train_per_class=config.train_per_class,
                                            test_per_class=config.test_per_class, seed=config.seed)
-        note.append(f"{data_root}")
-        print(summary)
+        counts = {k: v["counts"] for k, v in summary["datasets"].items()}
+        note.append(f"{sum(c['train'] + c['test'] for c in counts.values())} images in {data_root}")
+        print(counts)
 
     note = []
     with stage(table, "tiny model", note):

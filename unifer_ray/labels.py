@@ -56,6 +56,14 @@ def dataset_spec(key: str) -> DatasetSpec:
         raise ValueError(f"unknown dataset {key!r}; expected one of {sorted(DATASETS)}") from None
 
 
+def dataset_of(candidate_labels: list[str] | tuple[str, ...]) -> str | None:
+    """The dataset whose label set, in order, is `candidate_labels`."""
+    for spec in DATASETS.values():
+        if list(spec.labels) == list(candidate_labels):
+            return spec.key
+    return None
+
+
 def label_in(label: str, candidates: list[str] | tuple[str, ...]) -> str:
     """The candidate naming the same emotion as `label` (so 'happy' matches 'happiness'); raises if none."""
     target = canonical(label)

@@ -12,7 +12,7 @@ import re
 import string
 from collections.abc import Sequence
 
-from unifer_ray.labels import DATASETS, SYNONYMS
+from unifer_ray.labels import DATASETS, SYNONYMS, dataset_of
 
 UNKNOWN = "unknown"  # what parse_paper returns when nothing matches (and the label metrics use for "no answer")
 
@@ -119,10 +119,7 @@ def _paper_dataset(dataset: str | None, candidates: Sequence[str]) -> str:
     else AffectNet's (the canonical taxonomy, the widest synonym table)."""
     if dataset in DATASETS:
         return dataset
-    for spec in DATASETS.values():
-        if list(spec.labels) == list(candidates):
-            return spec.key
-    return "affectnet"
+    return dataset_of(candidates) or "affectnet"
 
 
 def parse_paper(response: str | None, candidates: Sequence[str], dataset: str | None = None) -> str:

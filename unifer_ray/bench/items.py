@@ -7,21 +7,13 @@ from dataclasses import dataclass, field
 
 from unifer_ray import storage
 from unifer_ray.data.schema import FERBENCH_KEYS
-from unifer_ray.labels import DATASETS
+from unifer_ray.labels import dataset_of
 
 
 @dataclass
 class ItemRows:
     rows: list[dict] = field(default_factory=list)  # valid items, one dict each, with `id` and `dataset`
     errors: list[dict] = field(default_factory=list)  # {"source", "row", "id", "reason"}
-
-
-def dataset_of(candidate_labels: list[str]) -> str | None:
-    """The dataset whose label set, in order, is `candidate_labels`."""
-    for spec in DATASETS.values():
-        if list(spec.labels) == list(candidate_labels):
-            return spec.key
-    return None
 
 
 def _raw_items(path: str) -> list[tuple[int, object]]:

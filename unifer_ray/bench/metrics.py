@@ -23,8 +23,7 @@ import pyarrow.parquet as pq
 from sklearn.metrics import precision_recall_fscore_support
 
 from unifer_ray import storage
-from unifer_ray.bench.items import dataset_of
-from unifer_ray.labels import CANONICAL, DATASETS, canonical
+from unifer_ray.labels import CANONICAL, DATASETS, canonical, dataset_of
 from unifer_ray.parsing import UNKNOWN, is_format_compliant, parse_paper, parse_strict
 
 log = logging.getLogger(__name__)

@@ -113,7 +113,7 @@ def run_model(model: BenchModel, items: ItemRows, config: BenchConfig) -> ModelR
             EngineActor,
             fn_constructor_kwargs={"engine": model.engine.model_dump(), "sampling": model.sampling.model_dump(),
                                    "torch_threads": model.torch_threads},
-            batch_size=model.batch_size, concurrency=model.concurrency,
+            batch_size=model.batch_size, compute=ray.data.ActorPoolStrategy(size=model.concurrency),
             num_cpus=model.num_cpus, num_gpus=model.num_gpus,
         )
         ds = ds.map_batches(score_batch, fn_kwargs={"model": model.name}, batch_size=256, num_cpus=0.25)

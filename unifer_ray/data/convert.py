@@ -86,8 +86,7 @@ def convert_ferbench(
     }
 
 
-def _write_jsonl(path: str, records: list[dict]) -> str | None:
-    if not records:
-        return None
+def _write_jsonl(path: str, records: list[dict]) -> str:
+    # Written even when empty, so that a file left by an earlier run never speaks for this one.
     storage.write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return path
