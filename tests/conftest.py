@@ -14,7 +14,8 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def ray_cluster(s3_server):
+    """A local Ray cluster whose workers also reach the loopback S3 server (its variables are set before start)."""
     import ray
 
     ray.init(

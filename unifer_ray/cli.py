@@ -49,6 +49,13 @@ def _bench_score(args: argparse.Namespace) -> None:
     print(f"report: {args.out}")
 
 
+def _curate(args: argparse.Namespace) -> None:
+    from unifer_ray.curate.run import curate_from_file
+
+    stats = curate_from_file(args.what, args.config, section=args.section)
+    print(json.dumps(stats, indent=2, default=str))
+
+
 def _demo(args: argparse.Namespace) -> None:
     from unifer_ray.demo import run_demo
 
@@ -92,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--out", required=True)
     score.add_argument("--model", nargs="*", default=None, help="model names for reference-format files")
     score.set_defaults(func=_bench_score)
+
+    curate = sub.add_parser("curate", help="curate training sets with Ray Data").add_subparsers(dest="what", required=True)
+    for what, text in (("cot", "the chain-of-thought SFT set"), ("rlvr", "the verifiable-answer RL set")):
+        p = curate.add_parser(what, help=text)
+        p.add_argument("--config", required=True)
+        p.add_argument("--section", default=None, help=f"the config file's section (default: curate_{what})")
+        p.set_defaults(func=_curate)
 
     demo = sub.add_parser("demo", help="the whole system on the embedded default (CPU, synthetic faces)")
     demo.add_argument("--config", default=None, help="default: configs/tiny.yaml settings built in")

@@ -1,0 +1,24 @@
+"""Running a curation pipeline from a YAML file: what `unifer curate cot|rlvr` and jobs/curate.py call."""
+
+from __future__ import annotations
+
+from unifer_ray.config import load_config
+from unifer_ray.curate.config import CotConfig, RlvrConfig
+from unifer_ray.curate.cot import run_cot
+from unifer_ray.curate.rlvr import run_rlvr
+
+PIPELINES = {"cot": (CotConfig, run_cot), "rlvr": (RlvrConfig, run_rlvr)}
+SECTIONS = {"cot": "curate_cot", "rlvr": "curate_rlvr"}  # a config file's section of each pipeline
+
+
+def curate_from_file(what: str, config_path: str, section: str | None = None) -> dict:
+    """Load the `curate_cot:` / `curate_rlvr:` section (or `section`) of `config_path`, join or start Ray, run
+    the pipeline and return its stats."""
+    from unifer_ray.ray_utils import init_ray
+
+    if what not in PIPELINES:
+        raise ValueError(f"unknown curation pipeline {what!r}; expected one of {sorted(PIPELINES)}")
+    config_cls, run = PIPELINES[what]
+    config = load_config(config_path, config_cls, section=section or SECTIONS[what])
+    init_ray()
+    return run(config)

@@ -1,0 +1,74 @@
+"""The curation input: train-split FER samples as rows, one per image, with a stable id and a FERBench-style path."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from unifer_ray import storage
+from unifer_ray.curate.config import CurateSource
+from unifer_ray.data.convert import default_path_prefix
+from unifer_ray.data.sources import read_samples
+from unifer_ray.data.synthetic import ACTIONS_FILE, load_action_params
+
+log = logging.getLogger(__name__)
+
+
+def source_rows(source: CurateSource, *, with_action_params: bool = False) -> tuple[list[dict], list[dict]]:
+    """(rows, error records) of one source.
+
+    A row: `id` ("<dataset>:<image_path>", as FERBench items are keyed), `dataset`, `image_path`
+    ('/RAF-DB/aligned/x.jpg'), `image_uri` (where the pixels are), `label`, `candidate_labels`, `action_params`
+    (a JSON object of the synthetic face's actions, or "" when not asked for) and `error` ("").
+    Images held as bytes (FER2013's pixel CSV) are written below the dataset root first, as the FERBench
+    converter does, so that every item points to a file.
+    """
+    result = read_samples(source.dataset, source.root, source.split, labels=source.labels)
+    samples = result.samples[: source.limit] if source.limit else result.samples
+    actions: dict[str, dict] = {}
+    errors = list(result.errors)
+    if with_action_params:
+        if not os.path.isfile(os.path.join(source.root, ACTIONS_FILE)):
+            raise ValueError(f"the oracle teacher needs synthetic faces, but {source.root} has no {ACTIONS_FILE}")
+        actions = load_action_params(source.root, errors=errors)
+    prefix = (source.path_prefix if source.path_prefix is not None
+              else default_path_prefix(source.dataset, source.root)).rstrip("/")
+    rows = []
+    for sample in samples:
+        image_uri = sample.image
+        if isinstance(image_uri, bytes):
+            image_uri = storage.join(os.path.abspath(source.root), sample.rel_path)
+            if not storage.exists(image_uri):
+                storage.write_bytes(image_uri, sample.image)
+        image_path = f"{prefix}/{sample.rel_path}"
+        params = actions.get(sample.rel_path)
+        rows.append({
+            "id": f"{sample.dataset}:{image_path}",
+            "dataset": sample.dataset,
+            "image_path": image_path,
+            "image_uri": image_uri,
+            "label": sample.label,
+            "candidate_labels": list(sample.candidate_labels),
+            "action_params": json.dumps(params) if params is not None else "",
+            "error": "",
+        })
+    log.info("%s (%s): %d samples, %d errors, %d dropped", source.root, source.split, len(rows),
+             len(result.errors), len(result.dropped))
+    return rows, errors
+
+
+def all_source_rows(sources: list[CurateSource], *, with_action_params: bool = False) -> tuple[list[dict], list[dict]]:
+    """Rows and error records of every source, ids checked unique (two sources must not hold the same images)."""
+    rows: list[dict] = []
+    errors: list[dict] = []
+    seen: set[str] = set()
+    for source in sources:
+        part, part_errors = source_rows(source, with_action_params=with_action_params)
+        for row in part:
+            if row["id"] in seen:
+                raise ValueError(f"sample {row['id']} appears in two sources; each image must be listed once")
+            seen.add(row["id"])
+        rows += part
+        errors += part_errors
+    return rows, errors
