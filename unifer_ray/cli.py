@@ -56,6 +56,12 @@ def _curate(args: argparse.Namespace) -> None:
     print(json.dumps(stats, indent=2, default=str))
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from unifer_ray.serve.run import DEFAULT_SERVE_CONFIG, serve_model
+
+    serve_model(args.model, args.config or DEFAULT_SERVE_CONFIG)
+
+
 def _demo(args: argparse.Namespace) -> None:
     from unifer_ray.demo import run_demo
 
@@ -106,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", required=True)
         p.add_argument("--section", default=None, help=f"the config file's section (default: curate_{what})")
         p.set_defaults(func=_curate)
+
+    serve = sub.add_parser("serve", help="serve a model (OpenAI-compatible + /v1/fer) with Ray Serve; Ctrl-C stops")
+    serve.add_argument("--model", default=None, help="a model directory or s3:// prefix (default: the config's)")
+    serve.add_argument("--config", default=None, help="a Serve config file (default: configs/serve.yaml)")
+    serve.set_defaults(func=_serve)
 
     demo = sub.add_parser("demo", help="the whole system on the embedded default (CPU, synthetic faces)")
     demo.add_argument("--config", default=None, help="default: configs/tiny.yaml settings built in")

@@ -1,0 +1,173 @@
+"""What the Serve application is made from: one typed config, read from a Serve config file's application args.
+
+`configs/serve.yaml` is a regular Ray Serve config file (`serve run configs/serve.yaml`, `serve deploy ...`):
+its one application imports `unifer_ray.serve.app:build_app`, and the application's `args` are a `ServeConfig`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from unifer_ray.config import ConfigError, parse_config
+from unifer_ray.engines.spec import EngineSpec
+
+
+class BatchingConfig(BaseModel):
+    """Dynamic batching: an idle model replica waits up to `batch_wait_timeout_s` for requests to share its next
+    generate call; a busy one merges everything that arrived meanwhile into its next call (max_batch_size each)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(16, gt=0)
+    batch_wait_timeout_s: float = Field(0.05, ge=0)
+
+
+class AutoscalingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(1, ge=0)  # 0 scales to zero when idle (the first request then waits for a replica)
+    max_replicas: int = Field(1, gt=0)
+    target_ongoing_requests: float = Field(16, gt=0)  # per replica; above it Serve adds replicas
+
+    @model_validator(mode="after")
+    def _check_range(self) -> "AutoscalingConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        return self
+
+
+class ResourcesConfig(BaseModel):
+    """Each model replica's `ray_actor_options`: one replica holds one engine."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_cpus: float = Field(1, ge=0)
+    num_gpus: float = Field(0, ge=0)
+    # Node labels a replica must land on, e.g. {"unifer-role": "serve"} for the serving nodes of cluster/aws.yaml.
+    label_selector: dict[str, str] | None = None
+
+
+class IngressConfig(BaseModel):
+    """The HTTP ingress deployment: parses, checks and decodes requests on CPUs, in front of the model replicas."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: int = Field(1, gt=0)
+    num_cpus: float = Field(0.5, ge=0)
+    max_ongoing_requests: int = Field(256, gt=0)  # per replica; it only waits on the model replicas
+
+
+class LimitsConfig(BaseModel):
+    """What a request may hold. Anything beyond is refused with a 4xx before it reaches the model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_body_bytes: int = Field(8 * 1024 * 1024, gt=0)
+    max_image_bytes: int = Field(4 * 1024 * 1024, gt=0)  # one encoded image, after base64 decoding
+    max_image_pixels: int = Field(2048 * 2048, gt=0)  # checked from the header, before decoding
+    max_aspect_ratio: float = Field(100.0, ge=1)  # long side / short side (Qwen2.5-VL's processor fails above 200)
+    max_images: int = Field(4, gt=0)  # per request
+    max_text_chars: int = Field(16_000, gt=0)  # all text parts of a request together
+    max_tokens: int = Field(1024, gt=0)  # the largest max_tokens a request may ask for
+    default_max_tokens: int = Field(256, gt=0)  # when a request does not say
+    max_n: int = Field(8, gt=0)
+    # Images are read from base64 data URLs only. An http(s) URL is fetched only when it starts with one of these
+    # prefixes (each `scheme://host[:port]/path/`, ending in "/"), without following redirects.
+    allowed_image_url_prefixes: list[str] = Field(default_factory=list)
+    fetch_timeout_s: float = Field(5.0, gt=0)
+
+    @field_validator("allowed_image_url_prefixes")
+    @classmethod
+    def _check_prefixes(cls, prefixes: list[str]) -> list[str]:
+        for prefix in prefixes:
+            parts = urlsplit(prefix)
+            if parts.scheme not in ("http", "https") or not parts.hostname or not parts.path.endswith("/"):
+                raise ValueError(f"{prefix!r} is not an http(s)://host/path/ prefix ending in '/'")
+            if parts.username or parts.password or parts.query or parts.fragment:
+                raise ValueError(f"{prefix!r} must not hold credentials, a query or a fragment")
+        return prefixes
+
+    @model_validator(mode="after")
+    def _check_tokens(self) -> "LimitsConfig":
+        if self.default_max_tokens > self.max_tokens:
+            raise ValueError(f"default_max_tokens ({self.default_max_tokens}) exceeds max_tokens ({self.max_tokens})")
+        return self
+
+
+class FerConfig(BaseModel):
+    """`POST /v1/fer`: the FERBench prompt on an image resized as in the benchmark, greedy decoding."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_size: int = Field(224, gt=0)
+    max_new_tokens: int = Field(256, gt=0)
+
+
+class ServeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model_name: str = Field("unifer", min_length=1)  # the model id clients name, listed by /v1/models
+    engine: EngineSpec  # engine.model: a local model directory, or an s3:// prefix copied to local disk first
+    # the model deployment (Generator)
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    # Per model replica; more wait in the ingress. At least 4 x max_batch_size lets batches form while one runs.
+    max_ongoing_requests: int = Field(64, gt=0)
+    torch_threads: int = Field(1, gt=0)  # replicas share cores with other actors: never one thread per core
+    # The name of the variable holding the API key (never the key). When set, every /v1 route needs
+    # `Authorization: Bearer <key>`; the variable must be set where the app is built.
+    api_key_env: str | None = None
+    ingress: IngressConfig = Field(default_factory=IngressConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    fer: FerConfig = Field(default_factory=FerConfig)
+
+    @model_validator(mode="after")
+    def _check_queue(self) -> "ServeConfig":
+        if self.max_ongoing_requests < self.batching.max_batch_size:
+            raise ValueError(
+                f"max_ongoing_requests ({self.max_ongoing_requests}) is below batching.max_batch_size "
+                f"({self.batching.max_batch_size}): batches could never fill"
+            )
+        return self
+
+
+@dataclass
+class ServeFile:
+    """The parts of a Serve config file that `unifer serve` uses: where to listen, and the app's config."""
+
+    proxy_location: str
+    http_options: dict
+    app_name: str
+    route_prefix: str
+    config: ServeConfig
+
+
+def load_serve_file(path: str | Path) -> ServeFile:
+    """Read a Serve config file holding exactly one application whose args are a ServeConfig."""
+    from ray.serve.schema import ServeDeploySchema
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    schema = parse_config(data, ServeDeploySchema, source=f"{path} (Serve config file)")
+    if len(schema.applications) != 1:
+        raise ConfigError(f"{path}: applications: expected exactly one application, found {len(schema.applications)}")
+    app = schema.applications[0]
+    config = parse_config(app.args, ServeConfig, source=f"{path} [applications.0.args]")
+    return ServeFile(
+        proxy_location=schema.proxy_location.value,
+        http_options=schema.http_options.model_dump(exclude_unset=True),
+        app_name=app.name,
+        route_prefix=app.route_prefix or "/",
+        config=config,
+    )

@@ -1,0 +1,109 @@
+"""Starting the Serve application: `unifer serve`, and a running app for the demo, the tests and the benchmark."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from PIL import Image
+
+from unifer_ray.labels import CANONICAL
+from unifer_ray.serve.config import ServeConfig, load_serve_file
+
+DEFAULT_SERVE_CONFIG = Path(__file__).resolve().parent.parent.parent / "configs" / "serve.yaml"
+
+
+def with_model(config: ServeConfig, model: str | Path) -> ServeConfig:
+    return config.model_copy(update={"engine": config.engine.model_copy(update={"model": str(model)})})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_app(config: ServeConfig, *, host: str = "127.0.0.1", port: int | None = None,
+                name: str = "unifer", route_prefix: str = "/") -> Iterator[str]:
+    """Run the app on the connected Ray cluster and yield its base URL (http://host:port); Serve is shut down
+    on exit. The HTTP proxy listens on `host` (loopback by default) and `port` (a free one when None)."""
+    from ray import serve
+
+    from unifer_ray.serve.app import build_app
+
+    port = port or free_port()
+    serve.start(http_options={"host": host, "port": port})
+    try:
+        serve.run(build_app(config), name=name, route_prefix=route_prefix)
+        yield f"http://{host}:{port}{route_prefix.rstrip('/')}"
+    finally:
+        serve.shutdown()
+
+
+def serve_model(model: str | Path | None, config_path: str | Path = DEFAULT_SERVE_CONFIG) -> None:
+    """`unifer serve --model DIR --config FILE`: run the app from a Serve config file until Ctrl-C.
+
+    `model` (a local directory or an s3:// prefix) replaces the file's `engine.model`. Ray is joined at
+    RAY_ADDRESS, or started locally.
+    """
+    from ray import serve
+
+    from unifer_ray.ray_utils import init_ray
+    from unifer_ray.serve.app import build_app
+
+    file = load_serve_file(config_path)
+    config = file.config if model is None else with_model(file.config, model)
+    init_ray()
+    serve.start(proxy_location=file.proxy_location, http_options=file.http_options)
+    host, port = file.http_options.get("host", "0.0.0.0"), file.http_options.get("port", 8000)
+    app = build_app(config)
+    print(f"serving {config.model_name} ({config.engine.model}) at http://{host}:{port}{file.route_prefix.rstrip('/')}/v1",
+          flush=True)
+    try:
+        serve.run(app, name=file.app_name, route_prefix=file.route_prefix, blocking=True)
+    except KeyboardInterrupt:
+        serve.shutdown()
+
+
+def ask_served_model(model: str | Path, image: Image.Image, *, config_path: str | Path = DEFAULT_SERVE_CONFIG,
+                     candidate_labels: list[str] | tuple[str, ...] = CANONICAL) -> dict:
+    """Serve `model` on the connected (or a new local) Ray cluster, ask one FERBench question about `image`
+    through the OpenAI Python client, shut Serve down, and return what came back.
+
+    The image is resized as FERBench resizes it. Returns url, model, response (the text), label (parsed
+    strictly; None when unparsable) and latency_s (the request's round trip).
+    """
+    import openai
+
+    from unifer_ray.engines.openai_api import image_data_url
+    from unifer_ray.parsing import parse_strict
+    from unifer_ray.prompts import ferbench_prompt
+    from unifer_ray.ray_utils import init_ray
+
+    config = with_model(load_serve_file(config_path).config, model)
+    size = config.fer.image_size
+    image = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+    api_key = os.environ.get(config.api_key_env, "") if config.api_key_env else "unused"  # build_app checks it
+    init_ray()
+    with running_app(config) as base_url:
+        client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=api_key, max_retries=0)
+        start = time.perf_counter()
+        response = client.chat.completions.create(
+            model=config.model_name,
+            messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": image_data_url(image)}},
+                {"type": "text", "text": ferbench_prompt(candidate_labels)},
+            ]}],
+            max_tokens=config.fer.max_new_tokens,
+            temperature=0.0,
+        )
+        latency = time.perf_counter() - start
+        client.close()
+    text = response.choices[0].message.content or ""
+    return {"url": f"{base_url}/v1", "model": response.model, "response": text,
+            "label": parse_strict(text, list(candidate_labels)), "latency_s": latency}
