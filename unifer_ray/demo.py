@@ -111,6 +111,17 @@ def run_demo(config_path: str | None, out: str) -> None:
         return metrics, {"accuracy": last["accuracy"], "format_rate": last["format_rate"],
                          "note": ", ".join(f"{n}: {metrics[n]['overall']['accuracy']:.3f}" for n in models)}
 
+    def serve_one_request(model_dir: Path, files):
+        from unifer_ray.bench.items import read_items
+        from unifer_ray.data.images import load_image
+        from unifer_ray.serve.run import ask_served_model
+
+        item = read_items(files[0].path, image_root=files[0].image_root, limit=1).rows[0]
+        answer = ask_served_model(model_dir, load_image(item["image_uri"]), candidate_labels=item["candidate_labels"])
+        print(json.dumps({**answer, "true_label": item["true_label"]}, indent=2, default=str))
+        return answer, {"note": f"OpenAI client -> {answer['url']}: label {answer['label']!r} "
+                                f"(true {item['true_label']!r}) in {answer['latency_s']:.2f}s"}
+
     stages.run("synthetic data", synthetic)
     base_dir = stages.run("tiny model", lambda: (d := build_tiny_model(out_dir / "models" / "tiny-base", seed=config.seed),
                                                  {"note": str(d)}))
@@ -120,6 +131,7 @@ def run_demo(config_path: str | None, out: str) -> None:
     stages.run("curate RLVR", curate_rlvr, files)
     models = {"tiny-base": base_dir}
     stages.run("FERBench " + " vs ".join(models), ferbench, models, files)
+    stages.run("serve + one request", serve_one_request, list(models.values())[-1], files)
 
     report = out_dir / "report.json"
     report.write_text(json.dumps({"stages": stages.rows}, indent=2))
