@@ -1,0 +1,154 @@
+"""RLVR configuration: the `rlvr:` section of a YAML file."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from unifer_ray import storage
+from unifer_ray.engines.spec import EngineSpec
+from unifer_ray.train.config import OptimizerConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PromptData(_Strict):
+    paths: list[str] = Field(min_length=1)  # RLVR files or directories of them (.json/.jsonl/.parquet, local or s3://)
+    image_root: str | None = None  # items' image_path is read below this root (local or s3://)
+    image_size: int = Field(224, gt=0)  # images are resized to image_size², as in FERBench and SFT
+    shuffle: bool = True  # a seeded permutation per epoch; False keeps the file order
+
+
+class RolloutEngine(_Strict):
+    """A rollout worker's engine: EngineSpec's local-engine options. Its model is always the policy (the run's
+    `model`, then the weights the learners send)."""
+
+    engine: Literal["auto", "hf", "vllm"] = "auto"  # auto: vllm where it and a GPU exist, else hf
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_batch_size: int = Field(16, gt=0)  # hf: requests per forward pass
+    vllm_kwargs: dict[str, Any] = Field(default_factory=dict)  # extra keyword arguments for vllm.LLM
+
+    def spec(self, model: str) -> EngineSpec:
+        return EngineSpec(model=model, **self.model_dump())
+
+
+class RolloutConfig(_Strict):
+    """N actors, each one GenerationEngine; on GPUs each vLLM engine gets its own placement group."""
+
+    num_workers: int = Field(1, gt=0)
+    engine: RolloutEngine = RolloutEngine()
+    num_cpus: float = Field(1.0, ge=0)  # per worker (per bundle on GPUs)
+    num_gpus: int = Field(0, ge=0)  # per worker: a vLLM engine's tensor_parallel_size GPUs, one bundle each
+    torch_threads: int = Field(1, gt=0)  # CPU threads of the hf engine
+    max_replacements: int = Field(3, ge=0)  # dead workers replaced over the run before it fails
+
+    @model_validator(mode="after")
+    def _engine(self) -> "RolloutConfig":
+        tp = int(self.engine.vllm_kwargs.get("tensor_parallel_size", 1))
+        if self.num_gpus and self.engine.engine == "vllm" and self.num_gpus != tp:
+            raise ValueError(f"num_gpus {self.num_gpus} must equal the vLLM tensor_parallel_size {tp}")
+        return self
+
+
+class LearnerConfig(_Strict):
+    """M actors in one torch.distributed group (NCCL on GPU, gloo on CPU)."""
+
+    num_workers: int = Field(1, gt=0)
+    use_gpu: bool = False  # one GPU per learner
+    num_cpus: float = Field(1.0, gt=0)
+    torch_threads: int = Field(1, gt=0)  # CPU threads per learner (ignored on GPU)
+    strategy: Literal["deepspeed", "ddp"] = "deepspeed"
+    zero_stage: Literal[2, 3] = 2  # deepspeed only
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    gradient_checkpointing: bool = False
+    freeze_vision_tower: bool = False  # the vision blocks stay fixed (and are never synced); the merger trains
+    micro_batch_size: int = Field(4, gt=0)  # sequences per forward pass
+    optimizer: OptimizerConfig = OptimizerConfig(lr=1e-6, warmup_ratio=0.0)
+
+    @model_validator(mode="after")
+    def _precision(self) -> "LearnerConfig":
+        if self.precision == "bf16" and not self.use_gpu:
+            raise ValueError("precision: bf16 needs use_gpu (CPU training runs in fp32)")
+        return self
+
+    @property
+    def bf16(self) -> bool:
+        return self.precision == "bf16" or (self.precision == "auto" and self.use_gpu)
+
+
+class GRPOConfig(_Strict):
+    group_size: int = Field(8, ge=2)  # G completions per prompt; a group of one has no advantage
+    prompts_per_step: int = Field(8, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(1024, gt=0)  # completion length
+    max_prompt_tokens: int = Field(4096, gt=0)  # longer prompts are errors, never truncated
+    beta: float = Field(0.04, ge=0)  # KL weight; 0 skips the reference model entirely
+    clip_eps: float = Field(0.2, gt=0)  # ratio clipped to [1 - clip_eps, 1 + clip_eps_high]
+    clip_eps_high: float | None = Field(None, gt=0)  # DAPO's clip-higher; default clip_eps
+    updates_per_batch: int = Field(1, gt=0)  # optimizer steps on one batch (μ); >1 makes the clipping bite
+    scale_std: bool = True  # advantages (r - mean) / (std + eps); False: r - mean (Dr. GRPO)
+    std_eps: float = Field(1e-4, gt=0)
+    aggregation: Literal["grpo", "dr_grpo", "dapo"] = "grpo"
+
+    @property
+    def clip_high(self) -> float:
+        return self.clip_eps if self.clip_eps_high is None else self.clip_eps_high
+
+
+class RewardSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_]+$")  # the name in metrics
+    function: str | None = None  # a registered name or 'package.module:function'; default: `name`
+    weight: float = 1.0
+
+
+class SyncConfig(_Strict):
+    kind: Literal["object_store", "nccl"] = "object_store"
+    bucket_mb: int = Field(512, gt=0)  # nccl: parameters broadcast per bucket
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # nccl: auto sends the learner's parameter dtype
+
+
+DEFAULT_REWARDS = [RewardSpec(name="accuracy"), RewardSpec(name="format")]
+
+
+class RLVRConfig(_Strict):
+    model: str  # the starting policy (and the KL reference): a local Hugging Face directory, e.g. the SFT output
+    data: PromptData
+    output_dir: str  # the final policy, a Hugging Face directory (model + processor); local or s3://
+    checkpoint_dir: str  # checkpoints and `latest`; local or s3://
+    log_dir: str | None = None  # metrics.jsonl, samples.jsonl, errors.jsonl, tensorboard/ (local)
+
+    steps: int = Field(gt=0)  # training steps; one step = one batch of prompts × group_size
+    mode: Literal["sync", "one_step_off"] = "sync"
+    seed: int = 0
+    rollout: RolloutConfig = RolloutConfig()
+    learner: LearnerConfig = LearnerConfig()
+    grpo: GRPOConfig = GRPOConfig()
+    rewards: list[RewardSpec] = Field(default_factory=lambda: list(DEFAULT_REWARDS), min_length=1)
+    sync: SyncConfig = SyncConfig()
+
+    checkpoint_every: int = Field(50, gt=0)  # steps; the last step is always checkpointed
+    keep_checkpoints: int = Field(2, gt=0)
+    sample_log_every: int = Field(0, ge=0)  # write every completion of every k-th step to samples.jsonl (0: never)
+
+    @model_validator(mode="after")
+    def _check(self) -> "RLVRConfig":
+        if self.log_dir is None and storage.is_s3(self.checkpoint_dir):
+            raise ValueError("log_dir: required when checkpoint_dir is s3:// (TensorBoard writes local files)")
+        names = [r.name for r in self.rewards]
+        if len(set(names)) != len(names):
+            raise ValueError(f"rewards: names must be unique, got {names}")
+        if self.sync.kind == "nccl" and not (self.learner.use_gpu and self.rollout.num_gpus):
+            raise ValueError("sync.kind nccl needs GPU learners and GPU (vLLM) rollout workers; use object_store")
+        return self
+
+    @property
+    def metrics_dir(self) -> str:
+        return self.log_dir or storage.join(self.checkpoint_dir, "logs")
+
+    @property
+    def batch_size(self) -> int:
+        return self.grpo.prompts_per_step * self.grpo.group_size

@@ -1,0 +1,81 @@
+"""The GRPO objective: group-normalised advantages, the clipped ratio, the k3 KL estimator, loss aggregation.
+
+Aggregations (what one optimizer step minimises; `L_i` = completion i's tokens, `B` = completions in the batch):
+- `grpo`: the mean over completions of each completion's token mean, Σ_i Σ_t ℓ_it / (B · L_i);
+- `dr_grpo`: a constant normaliser, Σ_i Σ_t ℓ_it / (B · max_new_tokens), so long answers are not down-weighted;
+- `dapo`: the token mean over the whole batch, Σ_i Σ_t ℓ_it / Σ_i L_i.
+Each is a per-completion weight on its token-loss sum (`sequence_weights`), computed once for the global batch, so
+the loss is the same however the batch is sharded over learners and micro-batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+def group_advantages(rewards: np.ndarray, *, scale_std: bool, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """Advantages of rewards shaped (groups, G): r - mean(group), divided by (std(group) + eps) with `scale_std`.
+
+    The std is the sample standard deviation (n - 1). Also returns which groups' rewards are all equal: their
+    advantages are zero, so they teach nothing but the KL term.
+    """
+    rewards = np.asarray(rewards, dtype=np.float64)
+    if rewards.ndim != 2 or rewards.shape[1] < 2:
+        raise ValueError(f"rewards must be shaped (groups, G >= 2), got {rewards.shape}")
+    advantages = rewards - rewards.mean(axis=1, keepdims=True)
+    if scale_std:
+        advantages = advantages / (rewards.std(axis=1, ddof=1, keepdims=True) + eps)
+    all_equal = (rewards == rewards[:, :1]).all(axis=1)
+    return advantages, all_equal
+
+
+def sequence_weights(lengths: np.ndarray, aggregation: str, max_new_tokens: int) -> np.ndarray:
+    """The weight of each completion's token-loss sum in the batch loss (see the module docstring)."""
+    lengths = np.asarray(lengths, dtype=np.float64)
+    count = len(lengths)
+    if aggregation == "grpo":  # an empty completion has no token to weigh
+        return 1.0 / (count * np.maximum(lengths, 1.0))
+    if aggregation == "dr_grpo":
+        return np.full(count, 1.0 / (count * max_new_tokens))
+    if aggregation == "dapo":
+        return np.full(count, 1.0 / max(lengths.sum(), 1.0))
+    raise ValueError(f"unknown loss aggregation {aggregation!r}; expected grpo, dr_grpo or dapo")
+
+
+@dataclass
+class TokenLoss:
+    loss: torch.Tensor  # (B, T) per-token loss: clipped policy-gradient term + beta · KL
+    kl: torch.Tensor  # (B, T) k3 estimate of KL(policy || reference); zeros when beta = 0
+    clipped: torch.Tensor  # (B, T) bool: the clipped term was the smaller one (its gradient is zero)
+    ratio: torch.Tensor  # (B, T) π / π_old
+
+
+def token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor | None,
+               advantages: torch.Tensor, *, clip_low: float, clip_high: float, beta: float) -> TokenLoss:
+    """Per-token GRPO loss. `advantages` is (B,) or (B, 1); the log-probabilities are (B, T).
+
+    ℓ = -min(ρ A, clip(ρ, 1 - clip_low, 1 + clip_high) A) + β (exp(q - p) - (q - p) - 1), with ρ = exp(p - p_old),
+    p the policy's and q the reference's log-probability of the sampled token (the k3 estimator, ≥ 0).
+    """
+    advantages = advantages.reshape(-1, 1).to(logprobs.dtype)
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * advantages
+    loss = -torch.minimum(unclipped, clipped)
+    if beta > 0:
+        if ref_logprobs is None:
+            raise ValueError("beta > 0 needs the reference model's log-probabilities")
+        delta = ref_logprobs - logprobs
+        kl = torch.exp(delta) - delta - 1.0
+        loss = loss + beta * kl
+    else:
+        kl = torch.zeros_like(logprobs)
+    return TokenLoss(loss=loss, kl=kl, clipped=clipped < unclipped, ratio=ratio)
+
+
+def aggregate(loss: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ_i weights_i Σ_t mask_it loss_it: the batch loss, or this micro-batch's share of it."""
+    return (loss * mask * weights.reshape(-1, 1).to(loss.dtype)).sum()

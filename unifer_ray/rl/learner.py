@@ -1,0 +1,325 @@
+"""Learner actors: M Ray actors in one torch.distributed group compute log-probabilities and take GRPO steps.
+
+A sample reaches a learner as the rollout produced it: the prompt (image URI + problem text) and the completion's
+token ids. The learner rebuilds the prompt exactly as the engines build it (`chat_text`, left padding) and appends
+the sampled ids, so the log-probabilities are those of the tokens that were sampled, not of a re-tokenised text.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from unifer_ray.data.images import load_image
+from unifer_ray.engines.base import ChatRequest, SamplingParams
+from unifer_ray.engines.hf import HFEngine, chat_text
+from unifer_ray.models.loading import load_model_and_processor
+from unifer_ray.ray_utils import THREAD_ENV
+from unifer_ray.rl.checkpoint import readable_dir, writable_dir
+from unifer_ray.rl.config import GRPOConfig, LearnerConfig, RLVRConfig
+from unifer_ray.rl.distributed import DataParallel, free_port, join_process_group
+from unifer_ray.rl.grpo import aggregate, token_loss
+from unifer_ray.train.loop import prepare_model, seed_everything
+
+# Sums each learner returns from `train`; the group adds them up over ranks.
+SUMS = ("tokens", "kl", "entropy", "clipped", "loss", "gap", "gap_tokens")
+
+
+@dataclass
+class PolicyBatch:
+    """One micro-batch: prompts left-padded, completions right-padded after them, so every completion starts at
+    the same column and `logits_to_keep` covers exactly the completions."""
+
+    inputs: dict[str, torch.Tensor]  # the model's inputs but the embeddings (see completion_logprobs)
+    token_ids: torch.Tensor  # (B, P + C) the prompt and completion tokens, embedded as they are
+    completion_ids: torch.Tensor  # (B, C)
+    mask: torch.Tensor  # (B, C) 1.0 on completion tokens
+    advantages: torch.Tensor  # (B,)
+    weights: torch.Tensor  # (B,) sequence weights in the batch loss; 0 for replayed filler rows
+    rollout_logprobs: torch.Tensor | None  # (B, C) what the rollout engine reported, for the gap metric
+
+
+def policy_batch(processor: Any, rows: list[dict], *, image_size: int, device: torch.device) -> PolicyBatch:
+    """Rows with image_uri, problem, completion_ids, advantage, weight (and rollout_logprobs) → a PolicyBatch."""
+    requests = [ChatRequest.single_image(load_image(r["image_uri"], image_size), r["problem"]) for r in rows]
+    encoded = processor(text=[chat_text(processor, r) for r in requests], images=[r.images()[0] for r in requests],
+                        padding=True, padding_side="left", return_tensors="pt")
+    width = max(1, max(len(r["completion_ids"]) for r in rows))
+    ids = torch.full((len(rows), width), processor.tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width))
+    rollout = torch.zeros((len(rows), width))
+    for i, row in enumerate(rows):
+        n = len(row["completion_ids"])
+        ids[i, :n] = torch.tensor(row["completion_ids"], dtype=torch.long)
+        mask[i, :n] = 1.0
+        if row.get("rollout_logprobs") is not None:
+            rollout[i, :n] = torch.tensor(row["rollout_logprobs"])
+    token_ids = torch.cat([encoded["input_ids"], ids], dim=1)
+    # The model finds its image slots by token id. A sampled image/video placeholder is plain text to the engine that
+    # sampled it: it is embedded as itself, but blanked in the ids the model searches for slots.
+    placeholders = torch.isin(ids, torch.tensor([processor.image_token_id, processor.video_token_id])) & mask.bool()
+    inputs = dict(encoded)
+    blanked = ids.masked_fill(placeholders, processor.tokenizer.pad_token_id)
+    inputs["input_ids"] = torch.cat([encoded["input_ids"], blanked], dim=1)
+    inputs["attention_mask"] = torch.cat([encoded["attention_mask"], mask.long()], dim=1)
+    if "mm_token_type_ids" in encoded:  # completion tokens are text
+        inputs["mm_token_type_ids"] = torch.cat([encoded["mm_token_type_ids"], torch.zeros_like(ids)], dim=1)
+    has_rollout = all(r.get("rollout_logprobs") is not None for r in rows)
+    return PolicyBatch(
+        inputs={k: v.to(device) for k, v in inputs.items()},
+        token_ids=token_ids.to(device),
+        completion_ids=ids.to(device),
+        mask=mask.to(device),
+        advantages=torch.tensor([r["advantage"] for r in rows], dtype=torch.float32, device=device),
+        weights=torch.tensor([r["weight"] for r in rows], dtype=torch.float32, device=device),
+        rollout_logprobs=rollout.to(device) if has_rollout else None,
+    )
+
+
+def completion_logprobs(model: Any, batch: PolicyBatch, temperature: float, *,
+                        with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probabilities (B, C) of the completion tokens under softmax(logits / temperature), as sampled; and the
+    per-token entropy of that distribution (no gradient) when asked."""
+    width = batch.completion_ids.shape[1]
+    # Embedded here (every rank, every batch alike: under ZeRO-3 each module call is a collective).
+    embeddings = getattr(model, "module", model).get_input_embeddings()(batch.token_ids)
+    outputs = model(**batch.inputs, inputs_embeds=embeddings, use_cache=False, logits_to_keep=width + 1)
+    logits = outputs.logits[:, :-1].float() / temperature
+    logprobs_all = torch.log_softmax(logits, dim=-1)
+    logprobs = logprobs_all.gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = -(logprobs_all.exp() * logprobs_all).sum(-1)
+    return logprobs, entropy
+
+
+class LearnerWorker:
+    """One rank of the learner group (a Ray actor)."""
+
+    def __init__(self, learner: dict, grpo: dict, *, model_dir: str, image_size: int, rank: int, world_size: int,
+                 micro_batches: int, total_steps: int, seed: int):
+        self.config = LearnerConfig.model_validate(learner)
+        self.grpo = GRPOConfig.model_validate(grpo)
+        self.model_dir = model_dir
+        self.image_size = image_size
+        self.rank, self.world_size = rank, world_size
+        self.micro_batches, self.total_steps = micro_batches, total_steps
+        self.seed = seed
+
+    def address(self) -> tuple[str, int]:
+        return ray.util.get_node_ip_address(), free_port()
+
+    def setup(self, master_addr: str, master_port: int) -> None:
+        if not self.config.use_gpu:
+            torch.set_num_threads(self.config.torch_threads)
+        self.device = join_process_group(master_addr, master_port, self.rank, self.world_size, self.config.use_gpu)
+        seed_everything(self.seed + self.rank)
+        model, self.processor = load_model_and_processor(self.model_dir, dtype="float32", device=str(self.device))
+        prepare_model(model, self.config)
+        self.parallel = DataParallel(model, self.config, world_size=self.world_size,
+                                     micro_batches=self.micro_batches, total_steps=self.total_steps)
+        self.reference = None
+        if self.grpo.beta > 0:  # the frozen starting policy
+            dtype = "bfloat16" if self.config.bf16 else "float32"
+            self.reference, _ = load_model_and_processor(self.model_dir, dtype=dtype, device=str(self.device))
+            self.reference.requires_grad_(False)
+
+    def train(self, rows: list[dict]) -> dict:
+        """GRPO on this rank's rows: reference and old log-probabilities, then `updates_per_batch` optimizer steps.
+
+        Returns this rank's sums (SUMS) and timings; rows of weight 0 are fillers and count in no statistic.
+        """
+        grpo, mb = self.grpo, self.config.micro_batch_size
+        chunks = [rows[i : i + mb] for i in range(0, len(rows), mb)]
+        if len(chunks) > self.micro_batches:
+            raise ValueError(f"rank {self.rank}: {len(rows)} rows exceed {self.micro_batches} micro-batches of {mb}")
+        filler = [r | {"weight": 0.0} for r in chunks[0]]
+        chunks += [filler] * (self.micro_batches - len(chunks))  # every rank runs the same collectives
+        batches = [policy_batch(self.processor, chunk, image_size=self.image_size, device=self.device)
+                   for chunk in chunks]
+
+        started = time.perf_counter()
+        ref_logprobs = [None] * len(batches)
+        old_logprobs = [None] * len(batches)
+        with torch.no_grad():
+            if self.reference is not None:
+                ref_logprobs = [completion_logprobs(self.reference, b, grpo.temperature)[0] for b in batches]
+            if grpo.updates_per_batch > 1:  # with one update π_old is π itself (ratio 1, gradient unchanged)
+                old_logprobs = [completion_logprobs(self.parallel.model, b, grpo.temperature)[0] for b in batches]
+        logprob_s = time.perf_counter() - started
+
+        sums = dict.fromkeys(SUMS, 0.0)
+        grad_norms = []
+        started = time.perf_counter()
+        for update in range(grpo.updates_per_batch):
+            for j, batch in enumerate(batches):
+                def loss_fn(model, batch=batch, j=j):
+                    logprobs, entropy = completion_logprobs(model, batch, grpo.temperature, with_entropy=True)
+                    old = old_logprobs[j] if old_logprobs[j] is not None else logprobs.detach()
+                    terms = token_loss(logprobs, old, ref_logprobs[j], batch.advantages, clip_low=grpo.clip_eps,
+                                       clip_high=grpo.clip_high, beta=grpo.beta)
+                    return aggregate(terms.loss, batch.mask, batch.weights), (logprobs.detach(), entropy, terms)
+
+                logprobs, entropy, terms = self.parallel.micro_step(loss_fn, last=j == len(batches) - 1)
+                real = batch.mask * (batch.weights > 0).float().unsqueeze(1)  # fillers count in no statistic
+                sums["tokens"] += float(real.sum())
+                sums["kl"] += float((terms.kl.detach() * real).sum())
+                sums["entropy"] += float((entropy * real).sum())
+                sums["clipped"] += float((terms.clipped.float() * real).sum())
+                sums["loss"] += float(aggregate(terms.loss.detach(), batch.mask, batch.weights))
+                if update == 0 and batch.rollout_logprobs is not None:
+                    sums["gap"] += float(((logprobs - batch.rollout_logprobs).abs() * real).sum())
+                    sums["gap_tokens"] += float(real.sum())
+            grad_norms.append(self.parallel.step())
+        return {"sums": sums, "grad_norm": float(np.mean(grad_norms)), "lr": self.parallel.lr(),
+                "logprob_s": logprob_s, "train_s": time.perf_counter() - started}
+
+    def trainable_state(self) -> dict[str, torch.Tensor] | None:
+        """The trainable weights (rank 0; None elsewhere). Every rank is called: ZeRO-3 gathers collectively."""
+        return self.parallel.trainable_state(self.rank)
+
+    def init_weight_group(self, master_addr: str, master_port: int, world_size: int) -> None:
+        """NCCL sync, rank 0: join the group of this learner and every vLLM worker."""
+        from unifer_ray.rl.vllm_weights import NCCLSender
+
+        self.sender = NCCLSender(master_addr, master_port, world_size, self.device)
+
+    def weight_buckets(self, bucket_bytes: int, dtype: str) -> list[dict]:
+        from unifer_ray.rl.vllm_weights import plan_buckets
+
+        cast = {"auto": torch.bfloat16 if self.config.bf16 else None, "bfloat16": torch.bfloat16,
+                "float32": torch.float32}[dtype]
+        # Under ZeRO-3 a parameter is a local partition; ds_shape is its full shape.
+        params = [(name, tuple(getattr(p, "ds_shape", p.shape)), p.dtype)
+                  for name, p in self.parallel.trainable_parameters()]
+        return plan_buckets(params, bucket_bytes, cast)
+
+    def broadcast_weights(self, buckets: list[dict]) -> None:
+        """NCCL sync: every rank takes part in the ZeRO-3 gather of each bucket; rank 0 broadcasts it."""
+        params = dict(self.parallel.trainable_parameters())
+        for bucket in buckets:
+            named = {name: params[name] for name, _ in bucket["params"]}
+            with self.parallel.gathered(list(named.values())):
+                if self.rank == 0:
+                    self.sender.send(named, bucket)
+
+    def generate(self, items: list[dict], params: dict) -> list[list[str]] | None:
+        """Completions of the current weights (rank 0; None elsewhere), through the same engine code as the rollouts.
+
+        Every rank is called: under ZeRO-3 the trainable weights are first gathered into a full copy of the model.
+        """
+        if self.parallel.sharded:
+            state = self.parallel.trainable_state(self.rank)
+            if self.rank != 0:
+                return None
+            model, _ = load_model_and_processor(self.model_dir, device=str(self.device))
+            model.load_state_dict(state, strict=False)
+        elif self.rank != 0:
+            return None
+        else:
+            model = self.parallel.module
+        requests = [ChatRequest.single_image(load_image(i["image_uri"], self.image_size), i["problem"]) for i in items]
+        model.eval()
+        try:
+            groups = HFEngine(model, self.processor).generate(requests, SamplingParams.model_validate(params))
+        finally:
+            model.train()
+        return [[c.text for c in group] for group in groups]
+
+    def save(self, uri: str) -> None:
+        with writable_dir(uri) as directory:
+            self.parallel.save(directory, self.rank)
+
+    def load(self, uri: str) -> None:
+        with readable_dir(uri) as directory:
+            self.parallel.load(directory, self.rank)
+
+    def export(self, uri: str) -> None:
+        """The policy as a Hugging Face directory (model + processor) at `uri` (rank 0 writes)."""
+        state = self.parallel.full_state()  # collective under ZeRO-3
+        if self.rank != 0:
+            return
+        module = self.parallel.module
+        module.config.use_cache = True  # training turned the cache off; the exported model generates
+        try:
+            with writable_dir(uri) as directory:
+                module.save_pretrained(directory, state_dict=state)
+                self.processor.save_pretrained(directory)
+        finally:
+            module.config.use_cache = False
+
+
+class LearnerGroup:
+    """The M learner actors of a run, called together."""
+
+    def __init__(self, config: RLVRConfig, model_dir: str):
+        learner = config.learner
+        self.world_size = learner.num_workers
+        self.updates_per_batch = config.grpo.updates_per_batch
+        rows_per_rank = math.ceil(config.batch_size / self.world_size)
+        micro_batches = math.ceil(rows_per_rank / learner.micro_batch_size)
+        name = f"learner-{uuid.uuid4().hex[:8]}"
+        options = {"num_cpus": learner.num_cpus, "num_gpus": 1 if learner.use_gpu else 0,
+                   "runtime_env": {"env_vars": THREAD_ENV}}
+        self.workers = [
+            ray.remote(LearnerWorker).options(name=f"{name}-{rank}", **options).remote(
+                learner.model_dump(), config.grpo.model_dump(), model_dir=model_dir,
+                image_size=config.data.image_size, rank=rank, world_size=self.world_size,
+                micro_batches=micro_batches, total_steps=config.steps * config.grpo.updates_per_batch,
+                seed=config.seed)
+            for rank in range(self.world_size)
+        ]
+        master_addr, master_port = ray.get(self.workers[0].address.remote())
+        ray.get([w.setup.remote(master_addr, master_port) for w in self.workers])
+
+    def train(self, rows: list[dict]) -> dict:
+        """One GRPO step on the batch `rows` (each rank takes a contiguous share); the group's statistics."""
+        shares = [list(share) for share in np.array_split(np.asarray(rows, dtype=object), self.world_size)]
+        shares = [share or [rows[0] | {"weight": 0.0}] for share in shares]  # fewer rows than ranks
+        results = ray.get([w.train.remote(share) for w, share in zip(self.workers, shares)])
+        sums = {k: sum(r["sums"][k] for r in results) for k in SUMS}
+        tokens = max(sums["tokens"], 1.0)  # summed over the updates, like the other token sums
+        return {
+            "loss": sums["loss"] / self.updates_per_batch,
+            "kl": sums["kl"] / tokens,
+            "entropy": sums["entropy"] / tokens,
+            "clip_fraction": sums["clipped"] / tokens,
+            "rollout_logprob_gap": sums["gap"] / sums["gap_tokens"] if sums["gap_tokens"] else float("nan"),
+            "grad_norm": results[0]["grad_norm"],
+            "lr": results[0]["lr"],
+            "train_tokens": sums["tokens"] / self.updates_per_batch,
+            "time_logprob_s": max(r["logprob_s"] for r in results),
+            "time_train_s": max(r["train_s"] for r in results),
+        }
+
+    def trainable_state(self) -> ray.ObjectRef:
+        """A reference to rank 0's trainable weights: one object in the object store."""
+        refs = [w.trainable_state.remote() for w in self.workers]
+        ray.get(refs[1:])  # the other ranks only take part in the gather
+        ray.wait([refs[0]], fetch_local=False)
+        return refs[0]
+
+    def generate(self, items: list[dict], params: dict) -> list[list[str]]:
+        """Rank 0's completions of `items` with the current weights (evaluation and checks)."""
+        return ray.get([w.generate.remote(items, params) for w in self.workers])[0]
+
+    def save(self, uri: str) -> None:
+        ray.get([w.save.remote(uri) for w in self.workers])
+
+    def load(self, uri: str) -> None:
+        ray.get([w.load.remote(uri) for w in self.workers])
+
+    def export(self, uri: str) -> None:
+        ray.get([w.export.remote(uri) for w in self.workers])
+
+    def shutdown(self) -> None:
+        for worker in self.workers:
+            ray.kill(worker)

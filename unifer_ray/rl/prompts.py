@@ -1,0 +1,54 @@
+"""The prompts of each step: RLVR items read once through `read_rlvr`, then a seeded order per epoch.
+
+The items' text columns are small (the images stay in storage until a rollout worker loads them), so the driver
+holds them all; a step's batch is a pure function of (seed, step): the data position of a checkpoint is its step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from unifer_ray.data.training_sets import read_rlvr
+from unifer_ray.rl.config import PromptData
+
+COLUMNS = ("id", "dataset", "task", "image_uri", "problem", "solution", "answer", "source", "row")
+
+
+class PromptSource:
+    def __init__(self, config: PromptData, *, prompts_per_step: int, seed: int):
+        ds = read_rlvr(config.paths, config.image_root, keep_errors=True)
+        rows = ds.take_all()
+        self.errors = [{"source": r["source"], "row": r["row"], "id": r["id"], "reason": r["error"]}
+                       for r in rows if r["error"]]
+        # Ray Data's block order is not fixed: sort, so that the same files give the same epochs.
+        self.items = sorted(({k: r[k] for k in COLUMNS} for r in rows if not r["error"]),
+                            key=lambda r: (r["source"], r["row"]))
+        if len(self.items) < prompts_per_step:
+            raise ValueError(f"{config.paths}: {len(self.items)} valid RLVR items, fewer than prompts_per_step "
+                             f"{prompts_per_step} ({len(self.errors)} bad rows)")
+        self.prompts_per_step = prompts_per_step
+        self.shuffle = config.shuffle
+        self.seed = seed
+        self._epoch_order: tuple[int, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, index within the epoch) of the first prompt of `step`."""
+        return divmod(step * self.prompts_per_step, len(self.items))
+
+    def batch(self, step: int) -> list[dict]:
+        """The prompts of `step`: the next prompts_per_step items of the epochs' orders (an epoch's tail joins the
+        next epoch's head)."""
+        start = step * self.prompts_per_step
+        return [self.items[self._index(start + i)] for i in range(self.prompts_per_step)]
+
+    def _index(self, position: int) -> int:
+        epoch, offset = divmod(position, len(self.items))
+        if not self.shuffle:
+            return offset
+        if self._epoch_order is None or self._epoch_order[0] != epoch:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.items))
+            self._epoch_order = (epoch, order)
+        return int(self._epoch_order[1][offset])

@@ -1,0 +1,257 @@
+"""Rollout actors: N Ray actors, each one GenerationEngine (hf on CPU, vLLM on GPUs), generating G completions per
+prompt with token ids and log-probabilities, each batch tagged with the policy version of the weights it used.
+
+A worker that dies is replaced: the new actor starts from the starting checkpoint, the weight sync brings it to the
+current version (`restore`), and the dead worker's share of the batch is generated again with the same seed.
+A failed rollout therefore never reaches the rewards.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+from ray.util.placement_group import placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from unifer_ray.data.images import ImageError, load_image
+from unifer_ray.engines import ChatRequest, Completion, EngineSpec, SamplingParams, create_engine
+from unifer_ray.engines.hf import HFEngine, chat_text
+from unifer_ray.ray_utils import THREAD_ENV
+from unifer_ray.rl.config import RolloutConfig
+from unifer_ray.rl.vllm_weights import WEIGHT_RECEIVER
+
+log = logging.getLogger(__name__)
+
+
+class RolloutWorker:
+    """One engine (a Ray actor). `generate` loads each prompt's image itself; prompts whose image cannot be used,
+    or whose prompt exceeds max_prompt_tokens, come back as error records, never as completions."""
+
+    def __init__(self, engine: dict, *, image_size: int, max_prompt_tokens: int, torch_threads: int,
+                 tensor_parallel: bool):
+        import torch
+
+        torch.set_num_threads(torch_threads)
+        if tensor_parallel:
+            # vLLM's Ray executor places its workers in our placement group; it must see every GPU of it.
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        self.engine = create_engine(EngineSpec.model_validate(engine))
+        self.image_size = image_size
+        self.max_prompt_tokens = max_prompt_tokens
+        self.version = 0
+
+    def ready(self) -> int:
+        return self.version
+
+    def generate(self, items: list[dict], params: dict) -> dict:
+        requests, kept, errors = [], [], []
+        for index, item in enumerate(items):
+            try:
+                image = load_image(item["image_uri"], self.image_size)
+            except ImageError as exc:
+                errors.append(_error(item, f"image {item['image_uri']}: {exc}"))
+                continue
+            request = ChatRequest.single_image(image, item["problem"])
+            length = self._prompt_tokens(request)
+            if length > self.max_prompt_tokens:
+                errors.append(_error(item, f"prompt of {length} tokens exceeds max_prompt_tokens "
+                                           f"{self.max_prompt_tokens}"))
+                continue
+            requests.append(request)
+            kept.append(index)
+        started = time.perf_counter()
+        groups = self.engine.generate(requests, SamplingParams.model_validate(params)) if requests else []
+        return {"version": self.version, "kept": kept, "groups": groups, "errors": errors,
+                "seconds": time.perf_counter() - started}
+
+    def _prompt_tokens(self, request: ChatRequest) -> int:
+        processor = self.engine.processor
+        encoded = processor(text=[chat_text(processor, request)], images=request.images())
+        return len(encoded["input_ids"][0])
+
+    def load_weights(self, state: dict, version: int) -> float:
+        """Copy `state` (trainable weights by name) into the engine in place; the engine now serves `version`."""
+        started = time.perf_counter()
+        if isinstance(self.engine, HFEngine):
+            self.engine.load_state_dict(state)
+        else:
+            self.engine.llm.collective_rpc("unifer_load_weights", args=(state,))
+        self.version = version
+        return time.perf_counter() - started
+
+    def init_weight_group(self, master_addr: str, master_port: int, rank_offset: int, world_size: int) -> None:
+        """vLLM only: join the NCCL group of learner rank 0 and the engines (one rank per vLLM worker)."""
+        self.engine.llm.collective_rpc("unifer_init_weight_group",
+                                       args=(master_addr, master_port, rank_offset, world_size))
+
+    def receive_weights(self, buckets: list[dict], version: int) -> float:
+        """vLLM only: receive the broadcast buckets (one RPC to the engine's workers for the whole sync)."""
+        started = time.perf_counter()
+        self.engine.llm.collective_rpc("unifer_receive_weights", args=(buckets,))
+        self.version = version
+        return time.perf_counter() - started
+
+
+def _error(item: dict, reason: str) -> dict:
+    return {"source": item.get("source", ""), "row": item.get("row"), "id": item["id"], "reason": reason}
+
+
+@dataclass
+class _Share:
+    worker: int  # index of the worker generating it
+    items: list[dict]
+    params: dict
+    ref: ray.ObjectRef
+
+
+@dataclass
+class PendingRollout:
+    items: list[dict]
+    shares: list[_Share]
+
+
+@dataclass
+class Rollout:
+    """A generated batch: the prompts that made it, G completions each, and the version that produced each."""
+
+    items: list[dict]
+    completions: list[list[Completion]]
+    versions: list[int]
+    errors: list[dict]  # prompts dropped (unusable image, prompt too long)
+    generate_s: float  # the slowest worker's generation time
+    wait_s: float  # how long the controller waited for the batch after asking for it
+    replaced: int  # workers replaced while this batch was generated
+
+
+class RolloutGroup:
+    """The rollout actors of a run, serving `model` (the starting policy). On GPUs each worker is one vLLM engine in its own placement group (one bundle per
+    tensor-parallel GPU); on CPU each is an hf engine with `num_cpus`."""
+
+    def __init__(self, config: RolloutConfig, *, model: str, image_size: int, max_prompt_tokens: int):
+        self.config = config
+        self.tensor_parallel = int(config.engine.vllm_kwargs.get("tensor_parallel_size", 1))
+        vllm_kwargs = {"worker_extension_cls": WEIGHT_RECEIVER} | config.engine.vllm_kwargs
+        if self.tensor_parallel > 1:
+            vllm_kwargs.setdefault("distributed_executor_backend", "ray")
+        self.spec = config.engine.spec(model).model_copy(update={"vllm_kwargs": vllm_kwargs}).model_dump()
+        self.worker_kwargs = {"image_size": image_size, "max_prompt_tokens": max_prompt_tokens,
+                              "torch_threads": config.torch_threads, "tensor_parallel": self.tensor_parallel > 1}
+        self.name = f"rollout-{uuid.uuid4().hex[:8]}"  # actors are named <name>-<index>-<replacement>
+        self.replacements = 0
+        self.placement_groups = []
+        if config.num_gpus:
+            bundles = [{"CPU": config.num_cpus, "GPU": 1}] * config.num_gpus
+            self.placement_groups = [placement_group(bundles, strategy="PACK") for _ in range(config.num_workers)]
+            ray.get([pg.ready() for pg in self.placement_groups])
+        self.workers = [self._start(i) for i in range(config.num_workers)]
+        ray.get([w.ready.remote() for w in self.workers])
+        self.version = 0
+        self.restore: Callable[[int], None] | None = None  # set by the weight sync: bring worker i up to date
+        self._loads: list[tuple[int, ray.ObjectRef]] = []  # weight loads issued without waiting
+
+    def _start(self, index: int) -> ray.actor.ActorHandle:
+        options: dict = {"num_cpus": self.config.num_cpus, "runtime_env": {"env_vars": THREAD_ENV},
+                         "name": f"{self.name}-{index}-{self.replacements}"}
+        if self.placement_groups:
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                placement_group=self.placement_groups[index], placement_group_bundle_index=0,
+                placement_group_capture_child_tasks=True)
+            options["num_gpus"] = 0 if self.tensor_parallel > 1 else 1
+        return ray.remote(RolloutWorker).options(**options).remote(self.spec, **self.worker_kwargs)
+
+    @property
+    def ranks_per_worker(self) -> int:
+        """NCCL ranks of one engine: one per tensor-parallel GPU."""
+        return self.tensor_parallel
+
+    def submit(self, items: list[dict], params: SamplingParams, seed: int) -> PendingRollout:
+        """Start generating `params.n` completions per item, each worker a contiguous share with its own seed."""
+        shares = []
+        for index, rows in enumerate(np.array_split(np.arange(len(items)), len(self.workers))):
+            if len(rows) == 0:
+                continue
+            share_items = [items[i] for i in rows]
+            share_params = params.model_copy(update={"seed": seed + index}).model_dump()
+            ref = self.workers[index].generate.remote(share_items, share_params)
+            shares.append(_Share(index, share_items, share_params, ref))
+        return PendingRollout(items, shares)
+
+    def collect(self, pending: PendingRollout) -> Rollout:
+        """Wait for a submitted batch; a share whose worker died is generated again by its replacement."""
+        started = time.perf_counter()
+        replaced_before = self.replacements
+        self._settle(self._loads)
+        self._loads = []
+        items, completions, versions, errors, seconds = [], [], [], [], []
+        for share in pending.shares:
+            out = self._result(share)
+            for index, group in zip(out["kept"], out["groups"], strict=True):
+                items.append(share.items[index])
+                completions.append(group)
+                versions.append(out["version"])
+            errors += out["errors"]
+            seconds.append(out["seconds"])
+        return Rollout(items, completions, versions, errors, generate_s=max(seconds, default=0.0),
+                       wait_s=time.perf_counter() - started, replaced=self.replacements - replaced_before)
+
+    def generate(self, items: list[dict], params: SamplingParams, seed: int) -> Rollout:
+        return self.collect(self.submit(items, params, seed))
+
+    def _result(self, share: _Share) -> dict:
+        while True:
+            try:
+                return ray.get(share.ref)
+            except ray.exceptions.RayActorError as exc:
+                self._replace(share.worker, exc)
+                share.ref = self.workers[share.worker].generate.remote(share.items, share.params)
+
+    def load_weights(self, state: ray.ObjectRef, version: int, *, wait: bool) -> float:
+        """Every worker loads `state` (fetched once per worker from the object store); returns the slowest load's
+        seconds when waiting. Without waiting, the loads queue behind the workers' current generation and are
+        settled by the next `collect`."""
+        loads = [(i, w.load_weights.remote(state, version)) for i, w in enumerate(self.workers)]
+        self.version = version
+        if not wait:
+            self._loads += loads
+            return 0.0
+        return self._settle(loads)
+
+    def _settle(self, loads: list[tuple[int, ray.ObjectRef]]) -> float:
+        seconds = [0.0]
+        for index, ref in loads:
+            try:
+                seconds.append(ray.get(ref))
+            except ray.exceptions.RayActorError as exc:
+                self._replace(index, exc)  # the replacement is restored to the current version
+        return max(seconds)
+
+    def shutdown(self) -> None:
+        for worker in self.workers:
+            ray.kill(worker)
+        for group in self.placement_groups:
+            ray.util.remove_placement_group(group)
+
+    def _replace(self, index: int, cause: Exception) -> None:
+        while True:
+            if self.replacements >= self.config.max_replacements:
+                raise RuntimeError(f"rollout worker {index} died and all {self.config.max_replacements} "
+                                   f"replacements are used up: {cause}")
+            self.replacements += 1
+            log.warning("rollout worker %d died (%s); replacing it (replacement %d of %d)", index,
+                        type(cause).__name__, self.replacements, self.config.max_replacements)
+            ray.kill(self.workers[index])
+            self.workers[index] = self._start(index)
+            try:
+                ray.get(self.workers[index].ready.remote())
+                if self.restore is not None:
+                    self.restore(index)
+                return
+            except ray.exceptions.RayActorError as exc:
+                cause = exc

@@ -1,0 +1,181 @@
+"""The training loop every Ray Train worker runs: stream, collate, step, report, checkpoint, resume.
+
+Data: every worker streams the same seeded order of CoT rows (text only, cheap) and takes its own slice of each
+global micro-batch, then loads just its slice's images. A global batch is therefore the same rows whatever the
+number of workers, and a resumed run skips exactly the rows it already trained on: the data position is the step.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from unifer_ray.models.loading import load_model_and_processor
+from unifer_ray.train.collate import Batch, SFTCollator
+from unifer_ray.train.config import SFTConfig
+from unifer_ray.train.strategy import make_strategy
+
+COLUMNS = ("id", "image_uri", "question", "response", "source", "row")  # what a worker reads of a CoT row
+TRAIN_STATE = "train_state.json"  # the step (= data position) inside a checkpoint
+MODEL_DIR = "model"  # the exported Hugging Face model inside the final checkpoint
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    steps_per_epoch: int
+    total_steps: int
+
+    @classmethod
+    def of(cls, config: SFTConfig, num_rows: int) -> "StepPlan":
+        per_epoch = num_rows // config.global_batch_size  # the remainder of an epoch is dropped
+        if per_epoch == 0:
+            raise ValueError(f"{num_rows} training rows make no global batch of {config.global_batch_size} "
+                             "(micro_batch_size × num_workers × grad_accum_steps)")
+        total = per_epoch * config.epochs
+        return cls(per_epoch, min(total, config.max_steps) if config.max_steps else total)
+
+
+def prepare_model(model: torch.nn.Module, config: SFTConfig) -> None:
+    """Training mode, no KV cache; optionally a frozen vision tower and gradient checkpointing."""
+    model.train()
+    model.config.use_cache = False
+    if config.freeze_vision_tower:
+        for name, param in model.model.visual.named_parameters():
+            if not name.startswith("merger."):
+                param.requires_grad_(False)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def step_groups(shard, config: SFTConfig, *, epoch: int, skip_steps: int, rank: int,
+                world: int) -> Iterator[list[list[dict]]]:
+    """One epoch's optimizer steps from `skip_steps` on; each step is `grad_accum_steps` micro-batches of this
+    worker's rows. The order is seeded per epoch, the same on every worker and in every attempt."""
+    micro = config.micro_batch_size
+    batches = shard.iter_batches(batch_size=micro * world, batch_format="pyarrow", drop_last=True,
+                                 local_shuffle_buffer_size=config.shuffle_buffer,
+                                 local_shuffle_seed=config.seed + epoch)
+    group: list[list[dict]] = []
+    for index, batch in enumerate(batches):
+        if index < skip_steps * config.grad_accum_steps:
+            continue
+        group.append(batch.select(COLUMNS).slice(rank * micro, micro).to_pylist())
+        if len(group) == config.grad_accum_steps:
+            yield group
+            group = []
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def restore(strategy, checkpoint: ray.train.Checkpoint | None) -> int:
+    """Load the latest checkpoint's model, optimizer and scheduler; the step to continue from (0 when fresh)."""
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as directory:
+        strategy.load(Path(directory))
+        return json.loads((Path(directory) / TRAIN_STATE).read_text())["step"]
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    config = SFTConfig.model_validate(loop_config["sft"])
+    plan = StepPlan.of(config, loop_config["num_rows"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(config.torch_threads)
+    seed_everything(config.seed)
+
+    model, processor = load_model_and_processor(config.model, dtype="float32", device=str(device))
+    prepare_model(model, config)
+    strategy = make_strategy(model, config, plan.total_steps)
+    start_step = step = restore(strategy, ray.train.get_checkpoint())
+    collator = SFTCollator(processor, image_size=config.image_size, max_seq_len=config.max_seq_len)
+    shard = ray.train.get_dataset_shard("train")
+
+    records: list[dict] = []
+    errors: list[dict] = []
+    fallback: Batch | None = None  # a worker left with an empty micro-batch replays this one at weight zero
+    while step < plan.total_steps:
+        epoch, in_epoch = divmod(step, plan.steps_per_epoch)
+        for group in step_groups(shard, config, epoch=epoch, skip_steps=in_epoch, rank=rank, world=world):
+            started = time.perf_counter()
+            batches = [collator(rows) for rows in group]
+            errors += [error for batch in batches for error in batch.errors]
+            label_tokens, tokens, rows = all_reduce_sum(
+                [sum(b.num_label_tokens for b in batches), sum(b.num_tokens for b in batches),
+                 sum(len(b.ids) for b in batches)], device)
+            if label_tokens == 0:
+                raise RuntimeError(f"step {step + 1}: no usable row in the whole global batch; see the errors")
+            scale = strategy.loss_scale(int(label_tokens))
+            loss_sum = 0.0
+            for i, batch in enumerate(batches):
+                weight = scale
+                if not batch.ids:  # every collective must still meet: replay an earlier batch, without gradient
+                    if fallback is None:
+                        raise RuntimeError(f"rank {rank}: no usable row in its first micro-batch; see the errors")
+                    batch, weight = fallback, 0.0
+                fallback = batch
+                inputs = {k: v.to(device) for k, v in batch.inputs.items()}
+                loss = strategy.micro_step(inputs, weight, last=i == len(batches) - 1)
+                loss_sum += loss if weight else 0.0
+            grad_norm = strategy.optimizer_step()
+            (loss_sum,) = all_reduce_sum([loss_sum], device)
+            step += 1
+            seconds = time.perf_counter() - started
+            records.append({"step": step, "epoch": epoch, "loss": loss_sum / label_tokens, "lr": strategy.lr(),
+                            "grad_norm": grad_norm, "tokens_per_s": tokens / seconds, "rows": int(rows),
+                            "label_tokens": int(label_tokens), "step_time_s": seconds})
+
+            final = step == plan.total_steps
+            checkpoint_now = final or step % config.checkpoint_every == 0
+            if checkpoint_now or step % config.report_every == 0:
+                report = {"step": step, "total_steps": plan.total_steps, "start_step": start_step,
+                          "loss": float(np.mean([r["loss"] for r in records])), "records": records,
+                          "errors": errors}
+                if checkpoint_now:
+                    save_and_report(strategy, processor, report, rank=rank, export=final)
+                else:
+                    ray.train.report(report)
+                records, errors = [], []
+            if final or step % plan.steps_per_epoch == 0:
+                break
+
+
+def save_and_report(strategy, processor, report: dict, *, rank: int, export: bool) -> None:
+    """Save this worker's part of the training state (with `export`, also the Hugging Face model) and report it.
+
+    Ray Train merges the workers' directories into one checkpoint in storage_path.
+    """
+    with tempfile.TemporaryDirectory(prefix="sft-checkpoint-") as tmp:
+        directory = Path(tmp)
+        strategy.save(directory, rank)
+        state = strategy.export_state_dict() if export else None  # collective under ZeRO-3
+        if rank == 0:
+            (directory / TRAIN_STATE).write_text(json.dumps({"step": report["step"]}))
+            if export:
+                strategy.module.save_pretrained(directory / MODEL_DIR, state_dict=state)
+                processor.save_pretrained(directory / MODEL_DIR)
+        checkpoint = ray.train.Checkpoint.from_directory(tmp) if any(directory.iterdir()) else None
+        ray.train.report(report, checkpoint=checkpoint)

@@ -1,0 +1,91 @@
+"""Training metrics: per-step records to metrics.jsonl and TensorBoard, bad rows to errors.jsonl, a progress bar.
+
+Workers hand their records to `ray.train.report`; `MetricsLogger` runs in the Ray Train controller, which lives on
+the driver's node, so the driver can follow the same files for its progress bar.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ray.train import UserCallback
+
+METRICS_FILE = "metrics.jsonl"
+ERRORS_FILE = "errors.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+SCALARS = ("loss", "lr", "grad_norm", "tokens_per_s")
+
+
+class MetricsLogger(UserCallback):
+    """Appends every step record (tagged with the step the attempt started from) and every error record.
+
+    After a restart the steps since the last checkpoint are trained, and logged, again: the file is the history of
+    what ran; the last record of a step is the one that counts.
+    """
+
+    def __init__(self, log_dir: str):
+        self.log_dir = Path(log_dir)
+        self._tensorboard = None
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        report = metrics[0]  # every worker reports the same all-reduced numbers; rank 0's are the ones kept
+        with open(self.log_dir / METRICS_FILE, "a", encoding="utf-8") as f:
+            for record in report["records"]:
+                f.write(json.dumps(record | {"start_step": report["start_step"]}) + "\n")
+        errors = [error for worker in metrics for error in worker["errors"]]
+        if errors:
+            with open(self.log_dir / ERRORS_FILE, "a", encoding="utf-8") as f:
+                f.writelines(json.dumps(error) + "\n" for error in errors)
+        writer = self._writer()
+        for record in report["records"]:
+            for name in SCALARS:
+                writer.add_scalar(f"train/{name}", record[name], record["step"])
+        writer.flush()
+
+    def _writer(self):
+        if self._tensorboard is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tensorboard = SummaryWriter(str(self.log_dir / TENSORBOARD_DIR))
+        return self._tensorboard
+
+
+def last_record(log_dir: str | Path) -> dict | None:
+    path = Path(log_dir) / METRICS_FILE
+    if not path.exists():
+        return None
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return json.loads(lines[-1]) if lines else None
+
+
+def run_with_progress(fit: Callable[[], Any], log_dir: str | Path, total_steps: int, poll_s: float = 1.0) -> Any:
+    """Run `fit` (blocking) while a progress bar follows the metrics file; returns what `fit` returns."""
+    from tqdm import tqdm
+
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = fit()
+        except BaseException as exc:  # re-raised in the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name="sft-fit", daemon=True)
+    thread.start()
+    with tqdm(total=total_steps, desc="sft", unit="step") as bar:
+        while thread.is_alive():
+            thread.join(poll_s)
+            record = last_record(log_dir)
+            if record is not None and record["step"] != bar.n:
+                bar.n = record["step"]
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                tok_s=f"{record['tokens_per_s']:.0f}")
+                bar.refresh()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]

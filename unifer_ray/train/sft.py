@@ -1,0 +1,103 @@
+"""`unifer sft`: cold-start SFT as one Ray Train run, ending with the model as a Hugging Face directory.
+
+    CoT set (Ray Data, seeded shuffle) → TorchTrainer workers (DeepSpeed ZeRO or DDP) → checkpoints in storage_path
+    → the final checkpoint's model/ copied to output_dir
+
+A rerun with the same run_name and storage_path resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from unifer_ray import storage
+from unifer_ray.data.training_sets import read_cot
+from unifer_ray.ray_utils import THREAD_ENV
+from unifer_ray.train.config import SFTConfig
+from unifer_ray.train.loop import COLUMNS, MODEL_DIR, StepPlan, train_loop_per_worker
+from unifer_ray.train.metrics import ERRORS_FILE, METRICS_FILE, MetricsLogger, run_with_progress
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SFTResult:
+    model_dir: str  # the exported Hugging Face directory (output_dir)
+    steps: int
+    loss: float  # mean training loss over the last reported steps
+    seconds: float
+    checkpoint: str  # the final checkpoint in storage_path
+    metrics_path: str
+    errors_path: str
+
+
+def training_rows(config: SFTConfig) -> ray.data.Dataset:
+    """The CoT rows workers read, shuffled once with the run's seed and held in the object store."""
+    ds = read_cot(config.data, config.image_root).select_columns(list(COLUMNS))
+    return ds.random_shuffle(seed=config.seed).materialize()
+
+
+def copy_tree(local_dir: str | Path, target: str) -> None:
+    """Copy a local directory to `target` (local or s3://), file by file, each write atomic."""
+    local_dir = Path(local_dir)
+    for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+        storage.write_bytes(storage.join(target, path.relative_to(local_dir).as_posix()), path.read_bytes())
+
+
+def run_sft(config: SFTConfig, *, progress: bool = True) -> SFTResult:
+    started = time.perf_counter()
+    rows = training_rows(config)
+    num_rows = rows.count()
+    plan = StepPlan.of(config, num_rows)
+    log.info("SFT: %d rows, %d steps of %d rows (%d per epoch), %s on %d worker(s)", num_rows, plan.total_steps,
+             config.global_batch_size, plan.steps_per_epoch, config.strategy, config.num_workers)
+
+    fs, storage_dir = storage.filesystem(config.storage_path)
+    execution = DataConfig.default_ingest_options()
+    execution.preserve_order = True  # every worker, every attempt: the same order of rows
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"sft": config.model_dump(), "num_rows": num_rows},
+        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
+                                     resources_per_worker={"CPU": config.cpus_per_worker}),
+        run_config=RunConfig(
+            name=config.run_name,
+            storage_path=storage_dir,
+            storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints,
+                                               checkpoint_score_attribute="loss", checkpoint_score_order="min"),
+            callbacks=[MetricsLogger(config.metrics_dir)],
+            worker_runtime_env={"env_vars": THREAD_ENV},
+        ),
+        datasets={"train": rows},
+        # Not split: each worker takes its slice of every global batch (see train/loop.py).
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=execution),
+    )
+    result = run_with_progress(trainer.fit, config.metrics_dir, plan.total_steps) if progress else trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"SFT run {config.run_name} ended without a checkpoint")
+
+    with result.checkpoint.as_directory() as directory:
+        exported = Path(directory) / MODEL_DIR
+        if not exported.is_dir():
+            raise RuntimeError(f"the final checkpoint {result.checkpoint.path} holds no {MODEL_DIR}/ directory")
+        copy_tree(exported, config.output_dir)
+    metrics = result.metrics or {}
+    return SFTResult(
+        model_dir=config.output_dir,
+        steps=int(metrics.get("step", plan.total_steps)),
+        loss=float(metrics.get("loss", float("nan"))),
+        seconds=time.perf_counter() - started,
+        checkpoint=result.checkpoint.path,
+        metrics_path=os.path.join(config.metrics_dir, METRICS_FILE),
+        errors_path=os.path.join(config.metrics_dir, ERRORS_FILE),
+    )
