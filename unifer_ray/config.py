@@ -25,15 +25,20 @@ def parse_config(data: object, cls: type[T], source: str = "config") -> T:
         raise ConfigError(f"{source}: {problems}") from None
 
 
-def load_config(path: str | Path, cls: type[T], section: str | None = None) -> T:
-    """Load `cls` from a YAML file, or from one top-level `section` of it (one file can hold every stage)."""
+def read_yaml(path: str | Path) -> object:
+    """The parsed YAML of a config file; a missing file or bad YAML is a ConfigError naming the file."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+
+
+def load_config(path: str | Path, cls: type[T], section: str | None = None) -> T:
+    """Load `cls` from a YAML file, or from one top-level `section` of it (one file can hold every stage)."""
+    data = read_yaml(path)
     if section is not None:
         if not isinstance(data, dict) or section not in data:
             raise ConfigError(f"{path}: has no '{section}' section")

@@ -10,10 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from unifer_ray.config import ConfigError, parse_config
+from unifer_ray.config import ConfigError, parse_config, read_yaml
 from unifer_ray.engines.spec import EngineSpec
 
 
@@ -153,12 +152,7 @@ def load_serve_file(path: str | Path) -> ServeFile:
     from ray.serve.schema import ServeDeploySchema
 
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    data = read_yaml(path)
     schema = parse_config(data, ServeDeploySchema, source=f"{path} (Serve config file)")
     if len(schema.applications) != 1:
         raise ConfigError(f"{path}: applications: expected exactly one application, found {len(schema.applications)}")
