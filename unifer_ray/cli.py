@@ -56,6 +56,18 @@ def _curate(args: argparse.Namespace) -> None:
     print(json.dumps(stats, indent=2, default=str))
 
 
+def _rlvr(args: argparse.Namespace) -> None:
+    from unifer_ray.config import load_config
+    from unifer_ray.ray_utils import init_ray
+    from unifer_ray.rl.config import RLVRConfig
+    from unifer_ray.rl.controller import run_rlvr
+
+    config = load_config(args.config, RLVRConfig, section=args.section)
+    init_ray()
+    result = run_rlvr(config, resume=args.resume)
+    print(result)
+
+
 def _serve(args: argparse.Namespace) -> None:
     from unifer_ray.serve.run import DEFAULT_SERVE_CONFIG, serve_model
 
@@ -112,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", required=True)
         p.add_argument("--section", default=None, help=f"the config file's section (default: curate_{what})")
         p.set_defaults(func=_curate)
+
+    rlvr = sub.add_parser("rlvr", help="GRPO with rollout and learner actors exchanging weights")
+    rlvr.add_argument("--config", required=True)
+    rlvr.add_argument("--section", default="rlvr")
+    rlvr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    rlvr.set_defaults(func=_rlvr)
 
     serve = sub.add_parser("serve", help="serve a model (OpenAI-compatible + /v1/fer) with Ray Serve; Ctrl-C stops")
     serve.add_argument("--model", default=None, help="a model directory or s3:// prefix (default: the config's)")

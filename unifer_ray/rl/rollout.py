@@ -131,8 +131,10 @@ class Rollout:
 
 
 class RolloutGroup:
-    """The rollout actors of a run, serving `model` (the starting policy). On GPUs each worker is one vLLM engine in its own placement group (one bundle per
-    tensor-parallel GPU); on CPU each is an hf engine with `num_cpus`."""
+    """The rollout actors of a run, serving `model` (the starting policy) and then the weights they are sent.
+
+    On GPUs each worker is one vLLM engine in its own placement group (one bundle per tensor-parallel GPU); on CPU
+    each is an hf engine with `num_cpus`."""
 
     def __init__(self, config: RolloutConfig, *, model: str, image_size: int, max_prompt_tokens: int):
         self.config = config

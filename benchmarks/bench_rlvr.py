@@ -1,0 +1,95 @@
+"""RLVR step time on the tiny config: the weight sync's share of a step, and `one_step_off` vs `sync` steps/s.
+
+Both runs use the same config (the `rlvr:` section of configs/tiny.yaml by default), model, data, batch and seeds;
+only `mode` differs. The first step of each run (actor warm-up) is left out of the timings. Figures come from the
+runs' own metrics.jsonl (time/step_s, time/sync_s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np
+
+from unifer_ray.config import ConfigError, parse_config, read_yaml
+from unifer_ray.data.synthetic import write_synthetic_datasets
+from unifer_ray.labels import DATASETS
+from unifer_ray.models.tiny import build_tiny_model
+from unifer_ray.prompts import ferbench_prompt
+from unifer_ray.ray_utils import init_ray
+from unifer_ray.rl.config import RLVRConfig
+from unifer_ray.rl.controller import run_rlvr
+from unifer_ray.rl.metrics import read_records
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_rlvr_items(data_root: Path, path: Path) -> None:
+    """The released RLVR format for the synthetic train images: the FERBench question, the label as solution."""
+    with open(path, "w") as f:
+        for spec in DATASETS.values():
+            for line in (data_root / spec.name / "synthetic_actions.jsonl").read_text().splitlines():
+                record = json.loads(line)
+                if record["split"] == "train":
+                    f.write(json.dumps({"image_path": f"/{spec.name}/{record['rel_path']}",
+                                        "problem": ferbench_prompt(spec.labels),
+                                        "solution": f"<answer>{record['label']}</answer>"}) + "\n")
+
+
+def run(section: dict, tmp: Path, mode: str, steps: int) -> list[dict]:
+    out = tmp / mode
+    config = parse_config(section | {"mode": mode, "steps": steps, "output_dir": str(out / "model"),
+                                     "checkpoint_dir": str(out / "checkpoints"), "log_dir": str(out / "logs"),
+                                     "checkpoint_every": steps, "sample_log_every": 0}, RLVRConfig)
+    run_rlvr(config)
+    return read_records(out / "logs")[1:]  # without the warm-up step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", default=str(REPO / "configs" / "tiny.yaml"))
+    parser.add_argument("--section", default="rlvr")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--num-cpus", type=float, default=4)
+    args = parser.parse_args()
+    data = read_yaml(args.config)
+    if not isinstance(data, dict) or args.section not in data:
+        raise ConfigError(f"{args.config}: has no '{args.section}' section")
+    section = data[args.section]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        write_synthetic_datasets(tmp / "data", train_per_class=4, test_per_class=1, seed=0)
+        write_rlvr_items(tmp / "data", tmp / "rlvr.jsonl")
+        model_dir = build_tiny_model(tmp / "tiny", seed=0)
+        section = section | {"model": str(model_dir),
+                             "data": section.get("data", {}) | {"paths": [str(tmp / "rlvr.jsonl")],
+                                                                "image_root": str(tmp / "data")}}
+        init_ray(num_cpus=args.num_cpus)
+        sync = run(section, tmp, "sync", args.steps)
+        overlap = run(section, tmp, "one_step_off", args.steps)
+
+    def mean(records: list[dict], key: str) -> float:
+        return float(np.mean([r[key] for r in records]))
+
+    print(f"\nRLVR on the tiny config ({args.config} [{args.section}]), {args.steps - 1} timed steps per mode")
+    for mode, records in (("sync", sync), ("one_step_off", overlap)):
+        print(f"{mode:>12}: step {mean(records, 'time/step_s'):.3f}s; generate {mean(records, 'time/generate_s'):.3f}s"
+              f" (waited {mean(records, 'time/generate_wait_s'):.3f}s), logprob {mean(records, 'time/logprob_s'):.3f}s,"
+              f" train {mean(records, 'time/train_s'):.3f}s, sync {mean(records, 'time/sync_s'):.4f}s")
+    sync_share = mean(sync, "time/sync_s") / mean(sync, "time/step_s")
+    print(f"weight sync: {1000 * mean(sync, 'time/sync_s'):.1f} ms per step = {100 * sync_share:.2f}% of the step time")
+    sync_rate = len(sync) / sum(r["time/step_s"] for r in sync)
+    overlap_rate = len(overlap) / sum(r["time/step_s"] for r in overlap)
+    print(f"steps/s: sync {sync_rate:.3f}, one_step_off {overlap_rate:.3f} -> {overlap_rate / sync_rate:.2f}x "
+          f"(version lag at most {max(r['version_lag/max'] for r in overlap)})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+"""RLVR on real Ray actors with the real tiny model: weight sync, a rollout actor killed mid-run, --resume after a
+stop, and the job submitted with `ray job submit` to a head node started for the test."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import torch
+import yaml
+
+from unifer_ray.curate.config import CurateSource
+from unifer_ray.curate.rlvr import make_tasks
+from unifer_ray.curate.samples import source_rows
+from unifer_ray.config import parse_config
+from unifer_ray.engines import ChatRequest, SamplingParams
+from unifer_ray.engines.hf import HFEngine
+from unifer_ray.models.loading import load_model_and_processor
+from unifer_ray.rl.checkpoint import latest
+from unifer_ray.rl.config import RLVRConfig, SyncConfig
+from unifer_ray.rl.controller import run_rlvr
+from unifer_ray.rl.learner import LearnerGroup
+from unifer_ray.rl.metrics import read_records
+from unifer_ray.rl.prompts import PromptSource
+from unifer_ray.rl.rewards import accuracy_reward, format_reward
+from unifer_ray.rl.rollout import RolloutGroup
+from unifer_ray.rl.weight_sync import WeightSync
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPTS, GROUP = 2, 4
+
+
+def write_rlvr_set(synthetic_root: Path, path: Path) -> Path:
+    """RLVR items (the released format) for the synthetic RAF-DB train images, one multiple-choice question each."""
+    rows, errors = source_rows(CurateSource(dataset="rafdb", root=str(synthetic_root / "RAF-DB")))
+    assert not errors
+    rng = np.random.default_rng(0)
+    with open(path, "w") as f:
+        for row in rows:
+            [task] = make_tasks(row["label"], row["candidate_labels"], ["mc"], rng)
+            f.write(json.dumps({"image_path": row["image_path"], "problem": task["problem"],
+                                "solution": task["solution"], "id": row["id"], "task": "mc"}) + "\n")
+    return path
+
+
+def rl_config(tmp: Path, model_dir: Path, synthetic_root: Path, **changes) -> dict:
+    data = write_rlvr_set(synthetic_root, tmp / "rlvr.jsonl")
+    config = {
+        "model": str(model_dir),
+        "data": {"paths": [str(data)], "image_root": str(synthetic_root), "image_size": 56},
+        "output_dir": str(tmp / "model"), "checkpoint_dir": str(tmp / "checkpoints"), "log_dir": str(tmp / "logs"),
+        "steps": 2, "seed": 0,
+        "rollout": {"num_workers": 1, "engine": {"engine": "hf", "max_batch_size": 8}, "num_cpus": 1},
+        "learner": {"num_workers": 1, "num_cpus": 1, "strategy": "ddp", "micro_batch_size": 8,
+                    "optimizer": {"lr": 1e-3, "warmup_ratio": 0.0}},
+        "grpo": {"group_size": GROUP, "prompts_per_step": PROMPTS, "max_new_tokens": 12, "beta": 0.04},
+        "checkpoint_every": 1, "sample_log_every": 1,
+    }
+    for key, value in changes.items():
+        config[key] = config[key] | value if isinstance(value, dict) else value
+    return config
+
+
+# ---------------------------------------------------------------- weight sync
+
+
+def test_object_store_sync_moves_trained_weights_into_the_rollouts(ray_cluster, tmp_path, tiny_model_dir,
+                                                                  synthetic_root):
+    config = parse_config(rl_config(tmp_path, tiny_model_dir, synthetic_root,
+                                    learner={"freeze_vision_tower": True, "optimizer": {"lr": 1e-2}},
+                                    grpo={"beta": 0.0}), RLVRConfig)
+    items = PromptSource(config.data, prompts_per_step=PROMPTS, seed=0).batch(0)
+    learners = LearnerGroup(config, str(tiny_model_dir))
+    rollouts = RolloutGroup(config.rollout, model=str(tiny_model_dir), image_size=56, max_prompt_tokens=4096)
+    try:
+        greedy = SamplingParams(max_new_tokens=12, temperature=0.0)
+        before = rollouts.generate(items, greedy, seed=0)
+        assert before.versions == [0, 0]
+        assert [[c.text for c in g] for g in before.completions] == learners.generate(items, greedy.model_dump())
+
+        sampled = rollouts.generate(items, SamplingParams(n=GROUP, max_new_tokens=12, temperature=1.0, logprobs=True),
+                                    seed=1)
+        rows = [{"image_uri": item["image_uri"], "problem": item["problem"], "completion_ids": c.token_ids,
+                 "rollout_logprobs": c.logprobs, "advantage": 1.0 if k % 2 else -1.0, "weight": 1 / (PROMPTS * GROUP)}
+                for item, group in zip(sampled.items, sampled.completions) for k, c in enumerate(group)]
+        stats = learners.train(rows)
+        # The learner rebuilt each prompt and scored the sampled ids: the same log-probabilities the engine reported.
+        assert stats["rollout_logprob_gap"] < 1e-4
+        assert stats["grad_norm"] > 0
+
+        sync = WeightSync.create(SyncConfig(), learners, rollouts)
+        timings = sync.push(1)
+        after = rollouts.generate(items, greedy, seed=0)
+        assert after.versions == [1, 1]
+        texts = [[c.text for c in g] for g in after.completions]
+        assert texts != [[c.text for c in g] for g in before.completions], "the rollout output changed"
+        assert texts == learners.generate(items, greedy.model_dump()), "and it is the learner's greedy output"
+        assert timings["sync_s"] >= timings["sync_load_s"] > 0
+
+        # Only trainable weights travel: the frozen vision blocks stay out, the merger and the language model go.
+        state = ray.get(sync.state)
+        assert not any(name.startswith("model.visual.blocks") for name in state)
+        assert any(name.startswith("model.visual.merger") for name in state) and "lm_head.weight" in state
+    finally:
+        rollouts.shutdown()
+        learners.shutdown()
+
+
+# ---------------------------------------------------------------- a killed rollout actor, then --resume
+
+def length_reward(completions, solutions, **_):
+    """A custom reward that random completions differ on, so that the tiny random model's weights move."""
+    return [len(c) / 100 for c in completions]
+
+
+STOP = {"calls": 0, "after": 3}  # stop_at_step_4 raises on its fourth call (step 4) while "after" is set
+
+
+def stop_at_step_4(completions, solutions, **_):
+    """A zero-weight reward that stops the run during step 4 (the last checkpoint is step 2's): a crash."""
+    STOP["calls"] += 1
+    if STOP["after"] is not None and STOP["calls"] > STOP["after"]:
+        raise RuntimeError("stopped by the test")
+    return [0.0] * len(completions)
+
+
+def kill_rollout_actors_after_step(log_dir: Path, step: int, killed: list[str]) -> None:
+    """Once `step` is logged, ray.kill every live rollout actor (the run's only worker, mid-run)."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if any(r["step"] >= step for r in read_records(log_dir)):
+            for actor in ray.util.list_named_actors():
+                if actor.startswith("rollout-"):
+                    ray.kill(ray.get_actor(actor))
+                    killed.append(actor)
+            return
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def stopped_run(ray_cluster, tmp_path_factory, tiny_model_dir, synthetic_root):
+    """A 4-step run whose rollout actor is killed after step 1 and which stops during step 4."""
+    tmp = tmp_path_factory.mktemp("rlvr_stop")
+    config = rl_config(tmp, tiny_model_dir, synthetic_root, steps=4, checkpoint_every=2,
+                       rewards=[{"name": "accuracy"}, {"name": "format"},
+                                {"name": "length", "function": f"{__name__}:length_reward"},
+                                {"name": "stop", "function": f"{__name__}:stop_at_step_4", "weight": 0.0}])
+    killed: list[str] = []
+    killer = threading.Thread(target=kill_rollout_actors_after_step, args=(tmp / "logs", 1, killed))
+    STOP.update(calls=0, after=3)
+    killer.start()
+    with pytest.raises(RuntimeError, match="stopped by the test"):
+        run_rlvr(parse_config(config, RLVRConfig))
+    killer.join()
+    return tmp, config, killed
+
+
+def test_a_killed_rollout_actor_is_replaced_and_no_step_trains_on_fabricated_rewards(stopped_run):
+    tmp, config, killed = stopped_run
+    assert killed, "a rollout actor was killed mid-run"
+    records = read_records(tmp / "logs")
+    assert [r["step"] for r in records] == [1, 2, 3]  # every planned step before the stop ran
+    assert sum(r["rollout_replacements"] for r in records) >= 1
+    assert all(r["samples"] == PROMPTS * GROUP and r["prompts"] == PROMPTS for r in records)
+    # Every scored sample is a real completion of the engine, and its reward is what the functions say of it.
+    samples = read_records(tmp / "logs", "samples.jsonl")
+    assert len(samples) == 3 * PROMPTS * GROUP
+    texts = [s["completion"] for s in samples]
+    answers = [s["answer"] for s in samples]
+    assert all(s["tokens"] > 0 for s in samples)
+    assert [s["rewards"]["accuracy"] for s in samples] == accuracy_reward(texts, answers, answers=answers)
+    assert [s["rewards"]["format"] for s in samples] == format_reward(texts, answers)
+    assert [s["rewards"]["length"] for s in samples] == length_reward(texts, answers)
+    assert [s["reward"] for s in samples] == pytest.approx(
+        [sum(s["rewards"][k] for k in ("accuracy", "format", "length")) for s in samples])
+    assert all(r["grad_norm"] > 0 for r in records)  # the policy really trained
+    assert [s["version"] for s in samples] == [v for v in (0, 1, 2) for _ in range(PROMPTS * GROUP)]
+
+
+def test_resume_continues_at_the_right_step_and_policy_version(stopped_run, tiny_model_dir):
+    tmp, config, _ = stopped_run
+    _, state = latest(config["checkpoint_dir"])
+    assert (state.step, state.version) == (2, 2)  # the stop came during step 4: step 2 is the latest checkpoint
+    with pytest.raises(ValueError, match="pass --resume"):
+        run_rlvr(parse_config(config, RLVRConfig))
+
+    STOP["after"] = None
+    result = run_rlvr(parse_config(config, RLVRConfig), resume=True)
+    assert (result.steps, result.policy_version) == (4, 4)
+    resumed = [r for r in read_records(tmp / "logs") if r["attempt"] == 2]
+    assert [(r["step"], r["policy_version"]) for r in resumed] == [(3, 3), (4, 4)]
+    assert resumed[0]["rollout_logprob_gap"] < 1e-4  # rollouts and learners hold the same (checkpoint) weights
+
+    # Step 3 ran again from the checkpoint: the same prompts (batch 2), the same version-2 weights and the same
+    # seed, so exactly the completions the first attempt generated before the stop.
+    samples = read_records(tmp / "logs", "samples.jsonl")
+    first, again = ([s for s in samples if s["step"] == 3 and s["attempt"] == attempt] for attempt in (0, 2))
+    items = PromptSource(parse_config(config, RLVRConfig).data, prompts_per_step=PROMPTS, seed=0).batch(2)
+    assert [s["id"] for s in again] == [item["id"] for item in items for _ in range(GROUP)]
+    assert {s["version"] for s in again} == {2}
+    assert [s["completion"] for s in again] == [s["completion"] for s in first]
+
+    exported, _ = load_model_and_processor(result.model_dir)
+    base, _ = load_model_and_processor(tiny_model_dir)
+    assert exported.state_dict().keys() == base.state_dict().keys()
+    assert not torch.equal(exported.state_dict()["lm_head.weight"], base.state_dict()["lm_head.weight"])
+
+
+# ---------------------------------------------------------------- ray job submit to a head node
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+HEAD_PORTS = ("port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+              "runtime-env-agent-port", "metrics-export-port", "ray-client-server-port", "node-manager-port",
+              "object-manager-port")
+
+
+@pytest.fixture
+def head_node(tmp_path):
+    """`ray start --head --block` on loopback with its own ports and temp dir; SIGTERM to that process stops exactly
+    the processes it started (`ray stop` would stop every Ray process of the machine)."""
+    ports = {name: free_port() for name in HEAD_PORTS}
+    temp_dir = Path("/tmp") / f"rlvr-head-{os.getpid()}-{ports['port']}"  # short: Ray's socket paths are limited
+    env = os.environ | {"RAY_AUTH_MODE": "token", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    args = ["ray", "start", "--head", "--block", "--num-cpus", "4", "--node-ip-address", "127.0.0.1",
+            "--dashboard-host", "127.0.0.1", "--include-dashboard", "true", "--disable-usage-stats",
+            "--temp-dir", str(temp_dir)] + [arg for name, port in ports.items() for arg in (f"--{name}", str(port))]
+    with open(tmp_path / "head.log", "w") as log:
+        head = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        yield f"http://127.0.0.1:{ports['dashboard-port']}", env
+    finally:
+        head.send_signal(signal.SIGTERM)
+        head.wait(timeout=120)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def ray_cli(env: dict, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(["ray", *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def test_job_submitted_to_a_head_node_runs_rlvr(head_node, tmp_path, tiny_model_dir, synthetic_root):
+    address, env = head_node
+    config = rl_config(tmp_path, tiny_model_dir, synthetic_root, mode="one_step_off",
+                       learner={"num_workers": 2, "num_cpus": 0.5, "strategy": "deepspeed", "micro_batch_size": 4})
+    (tmp_path / "rlvr.yaml").write_text(yaml.safe_dump({"rlvr": config}))
+
+    deadline = time.monotonic() + 120  # the dashboard's job agent comes up a little after the head
+    while True:
+        submitted = ray_cli(env, "job", "submit", "--address", address, "--submission-id", "rlvr-test", "--no-wait",
+                            "--working-dir", ".", "--", "python", "jobs/rlvr.py", "--config",
+                            str(tmp_path / "rlvr.yaml"))
+        if submitted.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert submitted.returncode == 0, submitted.stderr[-2000:]
+    logs = ray_cli(env, "job", "logs", "--address", address, "--follow", "rlvr-test", timeout=480).stdout
+    status = ray_cli(env, "job", "status", "--address", address, "--log-color", "false", "rlvr-test").stdout
+    assert "Job 'rlvr-test' succeeded" in status, logs[-3000:]
+
+    records = read_records(tmp_path / "logs")
+    assert [(r["step"], r["policy_version"]) for r in records] == [(1, 1), (2, 2)]
+    for record in records:
+        assert record["samples"] == PROMPTS * GROUP
+        for key in ("reward/mean", "reward/accuracy/mean", "reward/format/mean", "accuracy", "format_rate", "kl",
+                    "entropy", "clip_fraction", "response_length/mean", "version_lag/mean", "time/generate_s",
+                    "time/logprob_s", "time/train_s", "time/sync_s", "tokens_per_s/generate"):
+            assert np.isfinite(record[key]), key
+    # one_step_off: step 2 trained on samples of version 0, generated while step 1 trained.
+    assert [r["version_lag/max"] for r in records] == [0, 1]
+    assert (tmp_path / "logs" / "tensorboard").is_dir()
+    assert latest(config["checkpoint_dir"])[1].step == 2
+    model, processor = load_model_and_processor(config["output_dir"])  # FERBench loads the export unchanged
+    assert HFEngine(model, processor).generate([ChatRequest([{"role": "user", "content": "hi"}])],
+                                               SamplingParams(max_new_tokens=4))[0][0].token_ids
