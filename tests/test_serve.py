@@ -32,7 +32,7 @@ from unifer_ray.parsing import parse_strict
 from unifer_ray.prompts import ferbench_prompt
 from unifer_ray.serve.config import ServeConfig, load_serve_file
 from unifer_ray.serve.generator import Job, generate_groups
-from unifer_ray.serve.model_dir import local_model_dir
+from unifer_ray.models.model_dir import local_model_dir
 from unifer_ray.serve.protocol import think_text
 from unifer_ray.serve.run import running_app
 

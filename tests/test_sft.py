@@ -6,17 +6,19 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoProcessor
 
 from unifer_ray.config import ConfigError, load_config, parse_config
 from unifer_ray.curate.oracle import oracle_response, row_rng
 from unifer_ray.labels import DATASETS
+from unifer_ray.models.loading import load_model_and_processor
 from unifer_ray.prompts import ferbench_prompt
 from unifer_ray.train.collate import IGNORE, SFTCollator
 from unifer_ray.train.config import SFTConfig
 from unifer_ray.train.loop import StepPlan
 from unifer_ray.train.optim import warmup_cosine
-from unifer_ray.train.strategy import deepspeed_config
+from unifer_ray.train.strategy import deepspeed_config, token_loss_sum
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -63,6 +65,15 @@ def test_only_the_assistant_response_is_unmasked(processor, synthetic_root):
     assert batch.num_label_tokens == int((labels != IGNORE).sum())
 
 
+def test_loss_sum_on_the_kept_logits_equals_the_full_loss(processor, tiny_model_dir, synthetic_root):
+    model, _ = load_model_and_processor(tiny_model_dir)
+    batch = SFTCollator(processor, image_size=56, max_seq_len=2048)(cot_rows(synthetic_root)[5:8])
+    with torch.no_grad():
+        mean = model(**batch.inputs).loss  # transformers' own shifted mean over the labelled tokens
+        total = token_loss_sum(model, batch.inputs)
+    assert total.item() == pytest.approx(mean.item() * batch.num_label_tokens, rel=1e-5)
+
+
 def test_bad_rows_become_error_records_and_the_rest_trains(processor, synthetic_root):
     good = cot_rows(synthetic_root)[:3]
     missing = {**good[0], "id": "missing", "row": 7, "image_uri": str(synthetic_root / "no_such.jpg")}
@@ -98,6 +109,7 @@ def test_step_plan_counts_whole_global_batches():
     assert config.global_batch_size == 12
     assert StepPlan.of(config, 100) == StepPlan(steps_per_epoch=8, total_steps=24)
     assert StepPlan.of(config.model_copy(update={"max_steps": 10}), 100).total_steps == 10
+    assert StepPlan.of(config.model_copy(update={"max_steps": 50}), 100).total_steps == 50  # beyond 3 epochs
     with pytest.raises(ValueError, match="11 training rows make no global batch of 12"):
         StepPlan.of(config, 11)
 

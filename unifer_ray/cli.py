@@ -68,6 +68,23 @@ def _rlvr(args: argparse.Namespace) -> None:
     print(result)
 
 
+def _sft(args: argparse.Namespace) -> None:
+    from unifer_ray.config import load_config
+    from unifer_ray.ray_utils import init_ray
+    from unifer_ray.train.config import SFTConfig
+    from unifer_ray.train.sft import run_sft
+
+    config = load_config(args.config, SFTConfig, section=args.section)
+    init_ray()
+    print(run_sft(config))
+
+
+def _pipeline(args: argparse.Namespace) -> None:
+    from unifer_ray.pipeline import run_pipeline_file
+
+    run_pipeline_file(args.config, stages=args.stages)
+
+
 def _serve(args: argparse.Namespace) -> None:
     from unifer_ray.serve.run import DEFAULT_SERVE_CONFIG, serve_model
 
@@ -81,6 +98,8 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from unifer_ray.pipeline import STAGES
+
     parser = argparse.ArgumentParser(prog="unifer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -125,11 +144,23 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--section", default=None, help=f"the config file's section (default: curate_{what})")
         p.set_defaults(func=_curate)
 
+    sft = sub.add_parser("sft", help="cold-start SFT on the CoT set with Ray Train (DeepSpeed or DDP)")
+    sft.add_argument("--config", required=True)
+    sft.add_argument("--section", default="sft")
+    sft.set_defaults(func=_sft)
+
     rlvr = sub.add_parser("rlvr", help="GRPO with rollout and learner actors exchanging weights")
     rlvr.add_argument("--config", required=True)
     rlvr.add_argument("--section", default="rlvr")
     rlvr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     rlvr.set_defaults(func=_rlvr)
+
+    pipeline = sub.add_parser("pipeline", help="curate -> SFT -> RLVR -> FERBench -> Serve from one config file")
+    pipeline.add_argument("--config", required=True)
+    pipeline.add_argument("--stages", nargs="+", default=None,
+                          choices=STAGES,
+                          help="run only these stages (default: the file's pipeline.stages)")
+    pipeline.set_defaults(func=_pipeline)
 
     serve = sub.add_parser("serve", help="serve a model (OpenAI-compatible + /v1/fer) with Ray Serve; Ctrl-C stops")
     serve.add_argument("--model", default=None, help="a model directory or s3:// prefix (default: the config's)")

@@ -26,7 +26,12 @@ def resolve_engine(spec: EngineSpec) -> str:
 
 
 def create_engine(spec: EngineSpec) -> GenerationEngine:
+    """The engine `spec` names; a local engine's s3:// model is copied to local disk first."""
     kind = resolve_engine(spec)
+    if kind in ("hf", "vllm"):
+        from unifer_ray.models.model_dir import local_model_dir
+
+        spec = spec.model_copy(update={"model": local_model_dir(spec.model)})
     if kind == "hf":
         from unifer_ray.engines.hf import HFEngine
 

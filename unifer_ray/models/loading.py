@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel
 
+from unifer_ray.models.model_dir import local_model_dir
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -32,9 +34,9 @@ def load_model_and_processor(
 ) -> tuple[PreTrainedModel, Any]:
     """The model (in eval mode, on `device`) and its processor, with left padding for batched generation.
 
-    Only local directories are read; nothing is downloaded.
+    `path` is a local directory, or an s3:// prefix copied to local disk once; nothing is downloaded from a hub.
     """
-    path = Path(path)
+    path = Path(local_model_dir(str(path)))
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist (models are loaded from local directories only)")
     if not (path / "config.json").is_file():

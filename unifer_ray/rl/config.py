@@ -115,7 +115,7 @@ DEFAULT_REWARDS = [RewardSpec(name="accuracy"), RewardSpec(name="format")]
 
 
 class RLVRConfig(_Strict):
-    model: str  # the starting policy (and the KL reference): a local Hugging Face directory, e.g. the SFT output
+    model: str  # the starting policy (and the KL reference): a Hugging Face directory (local or s3://), e.g. the SFT output
     data: PromptData
     output_dir: str  # the final policy, a Hugging Face directory (model + processor); local or s3://
     checkpoint_dir: str  # checkpoints and `latest`; local or s3://

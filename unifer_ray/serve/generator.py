@@ -13,7 +13,6 @@ from ray import serve
 
 from unifer_ray.engines import ChatRequest, Completion, GenerationEngine, SamplingParams, create_engine
 from unifer_ray.serve.config import ServeConfig
-from unifer_ray.serve.model_dir import local_model_dir
 
 
 class GenerationFailed(RuntimeError):
@@ -67,9 +66,7 @@ class Generator:
         self.model_name = config.model_name
         self.max_batch_size = config.batching.max_batch_size
         # One engine call is at most one Serve batch: the engine must not split it further.
-        spec = config.engine.model_copy(
-            update={"model": local_model_dir(config.engine.model), "max_batch_size": self.max_batch_size}
-        )
+        spec = config.engine.model_copy(update={"max_batch_size": self.max_batch_size})
         self.engine = create_engine(spec)
         self.engine_lock = asyncio.Lock()
         self.waiting: list[tuple[Job, asyncio.Future]] = []

@@ -70,10 +70,10 @@ def serve_model(model: str | Path | None, config_path: str | Path = DEFAULT_SERV
         serve.shutdown()
 
 
-def ask_served_model(model: str | Path, image: Image.Image, *, config_path: str | Path = DEFAULT_SERVE_CONFIG,
+def ask_served_model(config: ServeConfig, image: Image.Image, *,
                      candidate_labels: list[str] | tuple[str, ...] = CANONICAL) -> dict:
-    """Serve `model` on the connected (or a new local) Ray cluster, ask one FERBench question about `image`
-    through the OpenAI Python client, shut Serve down, and return what came back.
+    """Serve the app of `config` on the connected (or a new local) Ray cluster, ask one FERBench question about
+    `image` through the OpenAI Python client, shut Serve down, and return what came back.
 
     The image is resized as FERBench resizes it. Returns url, model, response (the text), label (parsed
     strictly; None when unparsable) and latency_s (the request's round trip).
@@ -85,7 +85,6 @@ def ask_served_model(model: str | Path, image: Image.Image, *, config_path: str 
     from unifer_ray.prompts import ferbench_prompt
     from unifer_ray.ray_utils import init_ray
 
-    config = with_model(load_serve_file(config_path).config, model)
     size = config.fer.image_size
     image = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
     api_key = os.environ.get(config.api_key_env, "") if config.api_key_env else "unused"  # build_app checks it

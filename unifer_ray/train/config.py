@@ -21,6 +21,10 @@ class OptimizerConfig(BaseModel):
     warmup_ratio: float = Field(0.03, ge=0, lt=1)  # share of the optimizer steps spent warming up
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     max_grad_norm: float = Field(1.0, gt=0)  # gradients are clipped to this global norm
+    # The vision tower (blocks and merger) trains at lr × vision_lr_ratio. A randomly initialised tower trained at
+    # the full rate collapses its image tokens into one shared vector the language model uses as context; slower,
+    # it keeps the per-image information while the language model learns to read it.
+    vision_lr_ratio: float = Field(1.0, ge=0)
 
 
 class SFTConfig(BaseModel):
@@ -50,7 +54,7 @@ class SFTConfig(BaseModel):
     micro_batch_size: int = Field(1, gt=0)  # rows per worker per forward pass
     grad_accum_steps: int = Field(1, gt=0)
     epochs: int = Field(1, gt=0)
-    max_steps: int | None = Field(None, gt=0)  # stop after this many optimizer steps (default: all epochs)
+    max_steps: int | None = Field(None, gt=0)  # optimizer steps to run, overriding epochs (data repeats)
     image_size: int = Field(224, gt=0)  # images are resized to image_size × image_size, as in FERBench
     max_seq_len: int = Field(4096, gt=0)  # longer rows are skipped as errors, never truncated
     shuffle_buffer: int = Field(10_000, gt=0)  # rows in each epoch's seeded local shuffle

@@ -2,7 +2,9 @@
 
 Data: every worker streams the same seeded order of CoT rows (text only, cheap) and takes its own slice of each
 global micro-batch, then loads just its slice's images. A global batch is therefore the same rows whatever the
-number of workers, and a resumed run skips exactly the rows it already trained on: the data position is the step.
+number of workers (while shuffle_buffer holds the whole set: Ray Data's local shuffle starts each new shuffled
+generation at a batch boundary, and the batch size is micro_batch_size × workers), and a resumed run skips exactly
+the rows it already trained on: the data position is the step.
 """
 
 from __future__ import annotations
@@ -42,8 +44,7 @@ class StepPlan:
         if per_epoch == 0:
             raise ValueError(f"{num_rows} training rows make no global batch of {config.global_batch_size} "
                              "(micro_batch_size × num_workers × grad_accum_steps)")
-        total = per_epoch * config.epochs
-        return cls(per_epoch, min(total, config.max_steps) if config.max_steps else total)
+        return cls(per_epoch, config.max_steps or per_epoch * config.epochs)
 
 
 def prepare_model(model: torch.nn.Module, config: SFTConfig) -> None:
@@ -97,6 +98,44 @@ def restore(strategy, checkpoint: ray.train.Checkpoint | None) -> int:
         return json.loads((Path(directory) / TRAIN_STATE).read_text())["step"]
 
 
+class Stepper:
+    """One optimizer step over this worker's micro-batches, with the global token count for the loss."""
+
+    def __init__(self, strategy, collator: SFTCollator, device: torch.device, rank: int):
+        self.strategy, self.collator, self.device, self.rank = strategy, collator, device, rank
+        self.fallback: Batch | None = None  # a worker left with an empty micro-batch replays this one, unweighted
+
+    def __call__(self, group: list[list[dict]], step: int) -> tuple[dict, list[dict]]:
+        """The step's record (loss, lr, grad norm, tokens/s...) and the rows it had to drop."""
+        started = time.perf_counter()
+        batches = [self.collator(rows) for rows in group]
+        label_tokens, tokens, rows = all_reduce_sum(
+            [sum(b.num_label_tokens for b in batches), sum(b.num_tokens for b in batches),
+             sum(len(b.ids) for b in batches)], self.device)
+        if label_tokens == 0:
+            raise RuntimeError(f"step {step}: no usable row in the whole global batch; see the errors")
+        scale = self.strategy.loss_scale(int(label_tokens))
+        lr = self.strategy.lr()  # this step's: DeepSpeed schedules the next one inside the last micro-step
+        loss_sum = 0.0
+        for i, batch in enumerate(batches):
+            weight = scale
+            if not batch.ids:  # every collective must still meet: replay an earlier batch, without gradient
+                if self.fallback is None:
+                    raise RuntimeError(f"rank {self.rank}: no usable row in its first micro-batch; see the errors")
+                batch, weight = self.fallback, 0.0
+            self.fallback = batch
+            inputs = {k: v.to(self.device) for k, v in batch.inputs.items()}
+            loss = self.strategy.micro_step(inputs, weight, last=i == len(batches) - 1)
+            loss_sum += loss if weight else 0.0
+        grad_norm = self.strategy.optimizer_step()
+        (loss_sum,) = all_reduce_sum([loss_sum], self.device)
+        seconds = time.perf_counter() - started
+        record = {"step": step, "loss": loss_sum / label_tokens, "lr": lr, "grad_norm": grad_norm,
+                  "tokens_per_s": tokens / seconds, "rows": int(rows), "label_tokens": int(label_tokens),
+                  "step_time_s": seconds}
+        return record, [error for batch in batches for error in batch.errors]
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     config = SFTConfig.model_validate(loop_config["sft"])
     plan = StepPlan.of(config, loop_config["num_rows"])
@@ -111,42 +150,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
     prepare_model(model, config)
     strategy = make_strategy(model, config, plan.total_steps)
     start_step = step = restore(strategy, ray.train.get_checkpoint())
-    collator = SFTCollator(processor, image_size=config.image_size, max_seq_len=config.max_seq_len)
+    stepper = Stepper(strategy, SFTCollator(processor, image_size=config.image_size, max_seq_len=config.max_seq_len),
+                      device, rank)
     shard = ray.train.get_dataset_shard("train")
 
     records: list[dict] = []
     errors: list[dict] = []
-    fallback: Batch | None = None  # a worker left with an empty micro-batch replays this one at weight zero
     while step < plan.total_steps:
         epoch, in_epoch = divmod(step, plan.steps_per_epoch)
         for group in step_groups(shard, config, epoch=epoch, skip_steps=in_epoch, rank=rank, world=world):
-            started = time.perf_counter()
-            batches = [collator(rows) for rows in group]
-            errors += [error for batch in batches for error in batch.errors]
-            label_tokens, tokens, rows = all_reduce_sum(
-                [sum(b.num_label_tokens for b in batches), sum(b.num_tokens for b in batches),
-                 sum(len(b.ids) for b in batches)], device)
-            if label_tokens == 0:
-                raise RuntimeError(f"step {step + 1}: no usable row in the whole global batch; see the errors")
-            scale = strategy.loss_scale(int(label_tokens))
-            loss_sum = 0.0
-            for i, batch in enumerate(batches):
-                weight = scale
-                if not batch.ids:  # every collective must still meet: replay an earlier batch, without gradient
-                    if fallback is None:
-                        raise RuntimeError(f"rank {rank}: no usable row in its first micro-batch; see the errors")
-                    batch, weight = fallback, 0.0
-                fallback = batch
-                inputs = {k: v.to(device) for k, v in batch.inputs.items()}
-                loss = strategy.micro_step(inputs, weight, last=i == len(batches) - 1)
-                loss_sum += loss if weight else 0.0
-            grad_norm = strategy.optimizer_step()
-            (loss_sum,) = all_reduce_sum([loss_sum], device)
             step += 1
-            seconds = time.perf_counter() - started
-            records.append({"step": step, "epoch": epoch, "loss": loss_sum / label_tokens, "lr": strategy.lr(),
-                            "grad_norm": grad_norm, "tokens_per_s": tokens / seconds, "rows": int(rows),
-                            "label_tokens": int(label_tokens), "step_time_s": seconds})
+            record, dropped = stepper(group, step)
+            records.append(record | {"epoch": epoch})
+            errors += dropped
 
             final = step == plan.total_steps
             checkpoint_now = final or step % config.checkpoint_every == 0
@@ -161,6 +177,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 records, errors = [], []
             if final or step % plan.steps_per_epoch == 0:
                 break
+        else:
+            raise RuntimeError(f"epoch {epoch} ran out of rows at step {step}; {plan.steps_per_epoch} steps expected")
+
+
+def checkpoint_dir_name(step: int) -> str:
+    """A checkpoint's directory in storage_path, named by its step.
+
+    A worker killed while the checkpoint of step s is being written leaves a directory Ray Train never registered,
+    so never prunes. The next attempt resumes from an earlier step and writes step s again: with the name fixed by
+    the step, that write replaces the leftover, and the directory is pruned like any other checkpoint.
+    """
+    return f"checkpoint_{step:08d}"
 
 
 def save_and_report(strategy, processor, report: dict, *, rank: int, export: bool) -> None:
@@ -178,4 +206,4 @@ def save_and_report(strategy, processor, report: dict, *, rank: int, export: boo
                 strategy.module.save_pretrained(directory / MODEL_DIR, state_dict=state)
                 processor.save_pretrained(directory / MODEL_DIR)
         checkpoint = ray.train.Checkpoint.from_directory(tmp) if any(directory.iterdir()) else None
-        ray.train.report(report, checkpoint=checkpoint)
+        ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(report["step"]))

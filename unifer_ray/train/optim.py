@@ -20,12 +20,15 @@ def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_ratio: 
 def build_optimizer(
     model: torch.nn.Module, config: OptimizerConfig, total_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over the trainable parameters; no weight decay on biases and norms (1-D tensors)."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
-    ]
+    """AdamW over the trainable parameters: the language model at lr, the vision tower at lr × vision_lr_ratio;
+    no weight decay on biases and norms (1-D tensors). The language model's group comes first (its lr is logged)."""
+    vision = {id(p) for p in model.model.visual.parameters()}
+    groups = []
+    for in_vision, lr in ((False, config.lr), (True, config.lr * config.vision_lr_ratio)):
+        params = [p for p in model.parameters() if p.requires_grad and (id(p) in vision) == in_vision]
+        groups += [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay, "lr": lr},
+                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr": lr}]
+    groups = [g for g in groups if g["params"]]
     optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
     warmup = math.ceil(config.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

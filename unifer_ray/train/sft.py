@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ class SFTResult:
     steps: int
     loss: float  # mean training loss over the last reported steps
     seconds: float
-    checkpoint: str  # the final checkpoint in storage_path
+    checkpoint: str  # the final checkpoint: a directory (local or s3://) in storage_path/run_name
     metrics_path: str
     errors_path: str
 
@@ -97,7 +98,7 @@ def run_sft(config: SFTConfig, *, progress: bool = True) -> SFTResult:
         steps=int(metrics.get("step", plan.total_steps)),
         loss=float(metrics.get("loss", float("nan"))),
         seconds=time.perf_counter() - started,
-        checkpoint=result.checkpoint.path,
+        checkpoint=storage.join(config.storage_path, config.run_name, posixpath.basename(result.checkpoint.path)),
         metrics_path=os.path.join(config.metrics_dir, METRICS_FILE),
         errors_path=os.path.join(config.metrics_dir, ERRORS_FILE),
     )

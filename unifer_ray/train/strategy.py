@@ -28,10 +28,16 @@ TORCH_STATE = "torch_state.pt"  # DDP's model, optimizer and scheduler inside a 
 
 
 def token_loss_sum(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed next-token cross-entropy over the labelled tokens (labels are -100 elsewhere)."""
+    """Summed next-token cross-entropy over the labelled tokens (labels are -100 elsewhere).
+
+    Logits are computed only from the position before the batch's first labelled token on: the prompt's positions
+    (system and user turns, image tokens) need none, and a 150k-word vocabulary makes them the largest tensor.
+    """
     labels = inputs["labels"]
-    logits = model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False).logits
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+    first = max(1, int((labels != IGNORE).int().argmax(dim=1).min()))
+    keep = labels.shape[1] - first + 1  # positions first-1 … end; position p predicts token p+1
+    logits = model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False, logits_to_keep=keep).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, first:].flatten(),
                            ignore_index=IGNORE, reduction="sum")
 
 

@@ -1,4 +1,4 @@
-"""The model a replica loads, as a local directory: engines read local checkpoints, clusters keep them in S3."""
+"""A model as a local directory: engines and trainers read local checkpoints, clusters keep them in S3."""
 
 from __future__ import annotations
 

@@ -1,0 +1,224 @@
+"""The whole post-training pipeline, one stage after the other, each the same code its own job runs:
+
+    curate CoT → curate RLVR → SFT → RLVR → FERBench (base vs SFT vs RLVR) → Serve
+
+Every stage reads its section of one YAML file (`curate_cot`, `curate_rlvr`, `sft`, `rlvr`) and the `pipeline`
+section says how the models are benchmarked and served. Stages hand over through the paths those sections name:
+the SFT section's `data` is the CoT set's `out_dir/items`, RLVR's `model` is SFT's `output_dir`, and so on — the
+pipeline checks that they line up before it starts. `unifer demo` and `jobs/pipeline.py` both run this.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from unifer_ray import storage
+from unifer_ray.bench.config import BenchConfig, BenchFile, BenchModel
+from unifer_ray.config import ConfigError, parse_config, read_yaml
+from unifer_ray.curate.config import CotConfig, RlvrConfig
+from unifer_ray.rl.config import RLVRConfig
+from unifer_ray.train.config import SFTConfig
+
+STAGES = ("curate_cot", "curate_rlvr", "sft", "rlvr", "bench", "serve")
+
+
+class ServeStage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    config: str | None = None  # the Serve config file (default: the package's configs/serve.yaml); its engine.model
+    # becomes the final model
+    # request: start the app, send one FERBench question through the OpenAI client, shut it down (the demo);
+    # deploy: leave the app running on the cluster, as `serve run` would (a cluster job).
+    mode: Literal["request", "deploy"] = "request"
+    image_size: int | None = Field(None, gt=0)  # replaces the file's fer.image_size: the size the model trained at
+
+
+class PipelineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    stages: list[Literal[STAGES]] = Field(default_factory=lambda: list(STAGES), min_length=1)  # type: ignore[valid-type]
+    ferbench: list[BenchFile] = Field(min_length=1)  # the test files every model is benchmarked on
+    bench_model: BenchModel  # how each model is benchmarked; its name and engine.model are set per model
+    bench_out_dir: str  # FERBench results and report, local or s3://
+    report_dir: str  # the pipeline's report: report.md, report.json and plots (local)
+    serve: ServeStage = ServeStage()
+
+
+class StageTable:
+    """Times each stage and keeps one line of result per stage, for the closing table and the report."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    def run(self, name: str, fn, *args, **kwargs):
+        print(f"\n=== {name} ===", flush=True)
+        start = time.perf_counter()
+        result, summary = fn(*args, **kwargs)
+        self.rows.append({"stage": name, "seconds": round(time.perf_counter() - start, 1), **summary})
+        return result
+
+    def text(self) -> str:
+        keys = [k for k in ("accuracy", "format_rate") if any(k in r for r in self.rows)]
+        lines = [f"{'stage':<30} {'seconds':>8} " + " ".join(f"{k:>11}" for k in keys) + "  result"]
+        for r in self.rows:
+            cells = " ".join(f"{r[k]:>11.3f}" if k in r else f"{'':>11}" for k in keys)
+            lines.append(f"{r['stage']:<30} {r['seconds']:>8.1f} {cells}  {r.get('note', '')}")
+        lines.append(f"{'total':<30} {sum(r['seconds'] for r in self.rows):>8.1f}")
+        return "\n".join(lines)
+
+
+class Pipeline:
+    """The stage configs of one file, checked to hand over to each other."""
+
+    def __init__(self, sections: dict, *, source: str):
+        def section(name: str, cls):
+            if name not in sections:
+                raise ConfigError(f"{source}: has no '{name}' section")
+            return parse_config(sections[name], cls, source=f"{source} [{name}]")
+
+        self.config: PipelineConfig = section("pipeline", PipelineConfig)
+        wanted = set(self.config.stages)
+        self.cot = section("curate_cot", CotConfig) if "curate_cot" in wanted else None
+        self.rlvr_set = section("curate_rlvr", RlvrConfig) if "curate_rlvr" in wanted else None
+        self.sft = section("sft", SFTConfig) if wanted & {"sft", "bench"} else None
+        self.rlvr = section("rlvr", RLVRConfig) if wanted & {"rlvr", "bench", "serve"} else None
+        self._check_handover(source)
+
+    def _check_handover(self, source: str) -> None:
+        def same(a: str, b: str) -> bool:
+            return a.rstrip("/") == b.rstrip("/")
+
+        links = []
+        if self.cot and self.sft:
+            links.append(("sft.data", self.sft.data, storage.join(self.cot.out_dir, "items")))
+        if self.rlvr_set and self.rlvr:
+            links.append(("rlvr.data.paths", self.rlvr.data.paths, storage.join(self.rlvr_set.out_dir, "items")))
+        if self.sft and self.rlvr:
+            links.append(("rlvr.model", [self.rlvr.model], self.sft.output_dir))
+        for name, paths, expected in links:
+            if not any(same(p, expected) for p in paths):
+                raise ConfigError(f"{source}: {name} is {paths}, but the stage before writes {expected}")
+
+    def models(self) -> dict[str, str]:
+        """The models the bench stage compares, in pipeline order."""
+        named = {}
+        if self.sft:
+            named["base"] = self.sft.model
+            named["sft"] = self.sft.output_dir
+        if self.rlvr:
+            named.setdefault("base", self.rlvr.model)
+            named["rlvr"] = self.rlvr.output_dir
+        return named
+
+    def run(self, stages: StageTable, *, model_prefix: str = "") -> dict:
+        """Run the configured stages; returns what the report needs."""
+        from unifer_ray.bench.pipeline import bench_and_score
+        from unifer_ray.curate.cot import run_cot
+        from unifer_ray.curate.rlvr import run_rlvr as run_rlvr_curation
+        from unifer_ray.rl.controller import run_rlvr
+        from unifer_ray.train.sft import run_sft
+
+        config = self.config
+        outcome: dict = {}
+
+        def curate_cot():
+            stats = run_cot(self.cot)
+            return stats, {"note": f"{stats['kept']} CoT traces kept of {stats['generated']} generated"}
+
+        def curate_rlvr():
+            stats = run_rlvr_curation(self.rlvr_set)
+            return stats, {"note": f"{stats['items']} RLVR items, {stats['excluded_ferbench']} FERBench images excluded"}
+
+        def sft():
+            result = run_sft(self.sft)
+            return result, {"note": f"{result.steps} steps, final loss {result.loss:.4f} -> {result.model_dir}"}
+
+        def rlvr():
+            result = run_rlvr(self.rlvr)
+            return result, {"note": f"{result.steps} steps, policy version {result.policy_version} -> {result.model_dir}"}
+
+        def bench():
+            models = [config.bench_model.model_copy(update={
+                "name": f"{model_prefix}{name}", "engine": config.bench_model.engine.model_copy(update={"model": path})})
+                for name, path in self.models().items()]
+            _, scored = bench_and_score(BenchConfig(files=config.ferbench, models=models, out_dir=config.bench_out_dir))
+            metrics = {m.name: scored[m.name] for m in models}  # pipeline order: base, SFT, RLVR
+            last = metrics[models[-1].name]["overall"]
+            return metrics, {"accuracy": last["accuracy"], "format_rate": last["format_rate"],
+                             "note": ", ".join(f"{m.name}: {metrics[m.name]['overall']['accuracy']:.3f}" for m in models)}
+
+        def serve():
+            return serve_final_model(self.models()[list(self.models())[-1]], config.ferbench[0], config.serve)
+
+        steps = {"curate_cot": ("curate CoT", curate_cot), "curate_rlvr": ("curate RLVR", curate_rlvr),
+                 "sft": ("SFT (Ray Train)", sft), "rlvr": ("RLVR (GRPO)", rlvr),
+                 "bench": ("FERBench base vs SFT vs RLVR", bench), "serve": ("Serve + one request", serve)}
+        for stage in STAGES:
+            if stage in config.stages:
+                title, fn = steps[stage]
+                outcome[stage] = stages.run(title, fn)
+        return outcome
+
+
+def serve_final_model(model: str, file: BenchFile, serve: ServeStage) -> tuple[dict | None, dict]:
+    """Serve `model`: one OpenAI-client request about the first FERBench item (request), or leave it running
+    (deploy)."""
+    from unifer_ray.serve.config import load_serve_file
+    from unifer_ray.serve.run import DEFAULT_SERVE_CONFIG, ask_served_model, with_model
+
+    served = load_serve_file(serve.config or DEFAULT_SERVE_CONFIG)
+    config = with_model(served.config, model)
+    if serve.image_size:
+        config = config.model_copy(update={"fer": config.fer.model_copy(update={"image_size": serve.image_size})})
+    if serve.mode == "deploy":
+        from ray import serve as ray_serve
+
+        from unifer_ray.serve.app import build_app
+
+        ray_serve.start(proxy_location=served.proxy_location, http_options=served.http_options)
+        ray_serve.run(build_app(config), name=served.app_name, route_prefix=served.route_prefix)
+        return None, {"note": f"{model} deployed as Serve app {served.app_name!r} at {served.route_prefix}"}
+
+    from unifer_ray.bench.items import read_items
+    from unifer_ray.data.images import load_image
+
+    item = read_items(file.path, image_root=file.image_root, limit=1).rows[0]
+    answer = ask_served_model(config, load_image(item["image_uri"]), candidate_labels=item["candidate_labels"])
+    print(json.dumps({**answer, "true_label": item["true_label"]}, indent=2, default=str))
+    return answer, {"note": f"OpenAI client -> {answer['url']}: label {answer['label']!r} "
+                            f"(true {item['true_label']!r}) in {answer['latency_s']:.2f}s"}
+
+
+def write_report(pipeline: Pipeline, stages: StageTable, outcome: dict) -> Path:
+    """report.md, report.json and the plots in the pipeline's report_dir."""
+    from unifer_ray.pipeline_report import write_pipeline_report
+
+    return write_pipeline_report(Path(pipeline.config.report_dir), stages.rows, outcome.get("bench"),
+                                 sft_log=pipeline.sft.metrics_dir if pipeline.sft else None,
+                                 rlvr_log=pipeline.rlvr.metrics_dir if pipeline.rlvr else None)
+
+
+def run_pipeline_file(config_path: str, stages: list[str] | None = None) -> Path:
+    """`unifer pipeline` / `jobs/pipeline.py`: the stages of one config file (all of its `pipeline.stages`, or
+    those named), on the Ray cluster at RAY_ADDRESS or a local one; returns the report's path."""
+    from unifer_ray.ray_utils import init_ray
+
+    sections = read_yaml(config_path) or {}
+    if not isinstance(sections, dict):
+        raise ConfigError(f"{config_path}: expected a mapping of stage sections")
+    if stages is not None:
+        sections.setdefault("pipeline", {})["stages"] = stages
+    pipeline = Pipeline(sections, source=config_path)
+    table = StageTable()
+    init_ray()
+    outcome = pipeline.run(table)
+    report = write_report(pipeline, table, outcome)
+    print("\n=== stages ===")
+    print(table.text())
+    print(f"\nreport: {report}")
+    return report
