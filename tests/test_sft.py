@@ -16,9 +16,9 @@ from unifer_ray.models.loading import load_model_and_processor
 from unifer_ray.prompts import ferbench_prompt
 from unifer_ray.train.collate import IGNORE, SFTCollator
 from unifer_ray.train.config import SFTConfig
-from unifer_ray.train.loop import StepPlan
+from unifer_ray.parallel import deepspeed_config
+from unifer_ray.train.loop import StepPlan, parallel_settings, token_loss_sum
 from unifer_ray.train.optim import warmup_cosine
-from unifer_ray.train.strategy import deepspeed_config, token_loss_sum
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -134,7 +134,7 @@ def test_the_paper_setting_config_is_valid():
     assert (config.micro_batch_size, config.grad_accum_steps, config.global_batch_size) == (1, 4, 16)
     assert (config.epochs, config.image_size) == (2, 224)
     assert all(uri.startswith("s3://") for uri in (config.storage_path, config.output_dir, *config.data))
-    ds = deepspeed_config(config)
+    ds = deepspeed_config(parallel_settings(config, total_steps=100))
     assert ds["train_batch_size"] == 16 and ds["gradient_accumulation_steps"] == 4
     assert ds["train_micro_batch_size_per_gpu"] == 1
     assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"] is True

@@ -106,7 +106,9 @@ def run_model(model: BenchModel, items: ItemRows, config: BenchConfig) -> ModelR
     start = time.perf_counter()
     if todo:
         log.info("%s: %d items to run, %d already finished", model.name, len(todo), len(scored))
-        ds = ray.data.from_items(todo)
+        # Blocks of exactly batch_size rows: each engine call then gets a full batch, never a small remainder
+        # of blocks that straddle a batch boundary.
+        ds = ray.data.from_items(todo).repartition(target_num_rows_per_block=model.batch_size, strict=True)
         ds = ds.map_batches(load_image_batch, fn_kwargs={"size": model.image_size},
                             batch_size=config.load_batch_size, num_cpus=config.load_num_cpus)
         ds = ds.map_batches(
@@ -116,9 +118,10 @@ def run_model(model: BenchModel, items: ItemRows, config: BenchConfig) -> ModelR
             batch_size=model.batch_size, compute=ray.data.ActorPoolStrategy(size=model.concurrency),
             num_cpus=model.num_cpus, num_gpus=model.num_gpus,
         )
-        ds = ds.map_batches(score_batch, fn_kwargs={"model": model.name}, batch_size=256, num_cpus=0.25)
+        # Scoring and writing ask for the same resources, so Ray Data fuses them into one task per block.
+        ds = ds.map_batches(score_batch, fn_kwargs={"model": model.name}, batch_size=None, num_cpus=0.25)
         fs, path = storage.filesystem(shards)
-        ds.write_parquet(path, filesystem=fs)
+        ds.write_parquet(path, filesystem=fs, ray_remote_args={"num_cpus": 0.25})
     seconds = time.perf_counter() - start
 
     scored, failed = _latest_by_id(_read_shards(shards))

@@ -8,6 +8,8 @@ the sampled ids, so the log-probabilities are those of the tokens that were samp
 from __future__ import annotations
 
 import math
+import os
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -16,15 +18,16 @@ from typing import Any
 import numpy as np
 import ray
 import torch
+import torch.distributed as dist
 
 from unifer_ray.data.images import load_image
 from unifer_ray.engines.base import ChatRequest, SamplingParams
 from unifer_ray.engines.hf import HFEngine, chat_text
 from unifer_ray.models.loading import load_model_and_processor
+from unifer_ray.parallel import DataParallel, ParallelSettings
 from unifer_ray.ray_utils import THREAD_ENV
 from unifer_ray.rl.checkpoint import readable_dir, writable_dir
 from unifer_ray.rl.config import GRPOConfig, LearnerConfig, RLVRConfig
-from unifer_ray.rl.distributed import DataParallel, free_port, join_process_group
 from unifer_ray.rl.grpo import aggregate, token_loss
 from unifer_ray.train.loop import prepare_model, seed_everything
 
@@ -101,6 +104,29 @@ def completion_logprobs(model: Any, batch: PolicyBatch, temperature: float, *,
     return logprobs, entropy
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def join_process_group(master_addr: str, master_port: int, rank: int, world_size: int, use_gpu: bool) -> torch.device:
+    """Join the learners' group (NCCL on GPU, gloo on CPU); returns this learner's device.
+
+    Ray Train sets up SFT's group; RL's learners are long-lived actors the controller calls step by step, so they
+    join theirs themselves.
+    """
+    # DeepSpeed reads the usual launcher variables.
+    os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK="0")
+    device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")  # Ray shows each learner its own GPU
+    if use_gpu:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if use_gpu else "gloo", init_method=f"tcp://{master_addr}:{master_port}",
+                            rank=rank, world_size=world_size)
+    return device
+
+
 class LearnerWorker:
     """One rank of the learner group (a Ray actor)."""
 
@@ -124,8 +150,11 @@ class LearnerWorker:
         seed_everything(self.seed + self.rank)
         model, self.processor = load_model_and_processor(self.model_dir, dtype="float32", device=str(self.device))
         prepare_model(model, self.config)
-        self.parallel = DataParallel(model, self.config, world_size=self.world_size,
-                                     micro_batches=self.micro_batches, total_steps=self.total_steps)
+        config = self.config
+        self.parallel = DataParallel(model, ParallelSettings(
+            strategy=config.strategy, zero_stage=config.zero_stage, use_gpu=config.use_gpu, bf16=config.bf16,
+            micro_batch_size=config.micro_batch_size, micro_batches=self.micro_batches, world_size=self.world_size,
+            optimizer=config.optimizer, total_steps=self.total_steps))
         self.reference = None
         if self.grpo.beta > 0:  # the frozen starting policy
             dtype = "bfloat16" if self.config.bf16 else "float32"
@@ -184,7 +213,7 @@ class LearnerWorker:
 
     def trainable_state(self) -> dict[str, torch.Tensor] | None:
         """The trainable weights (rank 0; None elsewhere). Every rank is called: ZeRO-3 gathers collectively."""
-        return self.parallel.trainable_state(self.rank)
+        return self.parallel.trainable_state()
 
     def init_weight_group(self, master_addr: str, master_port: int, world_size: int) -> None:
         """NCCL sync, rank 0: join the group of this learner and every vLLM worker."""
@@ -217,7 +246,7 @@ class LearnerWorker:
         Every rank is called: under ZeRO-3 the trainable weights are first gathered into a full copy of the model.
         """
         if self.parallel.sharded:
-            state = self.parallel.trainable_state(self.rank)
+            state = self.parallel.trainable_state()
             if self.rank != 0:
                 return None
             model, _ = load_model_and_processor(self.model_dir, device=str(self.device))
@@ -236,11 +265,11 @@ class LearnerWorker:
 
     def save(self, uri: str) -> None:
         with writable_dir(uri) as directory:
-            self.parallel.save(directory, self.rank)
+            self.parallel.save(directory)
 
     def load(self, uri: str) -> None:
         with readable_dir(uri) as directory:
-            self.parallel.load(directory, self.rank)
+            self.parallel.load(directory)
 
     def export(self, uri: str) -> None:
         """The policy as a Hugging Face directory (model + processor) at `uri` (rank 0 writes)."""

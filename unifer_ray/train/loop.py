@@ -22,11 +22,12 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from unifer_ray.models.loading import load_model_and_processor
-from unifer_ray.train.collate import Batch, SFTCollator
+from unifer_ray.parallel import DataParallel, ParallelSettings
+from unifer_ray.train.collate import IGNORE, Batch, SFTCollator
 from unifer_ray.train.config import SFTConfig
-from unifer_ray.train.strategy import make_strategy
 
 COLUMNS = ("id", "image_uri", "question", "response", "source", "row")  # what a worker reads of a CoT row
 TRAIN_STATE = "train_state.json"  # the step (= data position) inside a checkpoint
@@ -59,6 +60,13 @@ def prepare_model(model: torch.nn.Module, config: SFTConfig) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def parallel_settings(config: SFTConfig, total_steps: int) -> ParallelSettings:
+    return ParallelSettings(strategy=config.strategy, zero_stage=config.zero_stage, use_gpu=config.use_gpu,
+                            bf16=config.bf16, micro_batch_size=config.micro_batch_size,
+                            micro_batches=config.grad_accum_steps, world_size=config.num_workers,
+                            optimizer=config.optimizer, total_steps=total_steps)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -89,20 +97,35 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
-def restore(strategy, checkpoint: ray.train.Checkpoint | None) -> int:
-    """Load the latest checkpoint's model, optimizer and scheduler; the step to continue from (0 when fresh)."""
+def token_loss_sum(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed next-token cross-entropy over the labelled tokens (labels are -100 elsewhere).
+
+    Logits are computed only from the position before the batch's first labelled token on: the prompt's positions
+    (system and user turns, image tokens) need none, and a 150k-word vocabulary makes them the largest tensor.
+    """
+    labels = inputs["labels"]
+    first = max(1, int((labels != IGNORE).int().argmax(dim=1).min()))
+    keep = labels.shape[1] - first + 1  # positions first-1 … end; position p predicts token p+1
+    logits = model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False, logits_to_keep=keep).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, first:].flatten(),
+                           ignore_index=IGNORE, reduction="sum")
+
+
+def restore(parallel: DataParallel, checkpoint: ray.train.Checkpoint | None) -> int:
+    """Load the latest checkpoint's weights, optimizer and scheduler; the step to continue from (0 when fresh)."""
     if checkpoint is None:
         return 0
     with checkpoint.as_directory() as directory:
-        strategy.load(Path(directory))
+        parallel.load(Path(directory))
         return json.loads((Path(directory) / TRAIN_STATE).read_text())["step"]
 
 
 class Stepper:
-    """One optimizer step over this worker's micro-batches, with the global token count for the loss."""
+    """One optimizer step over this worker's micro-batches: the loss is the mean over every labelled token of the
+    global batch (all workers, all micro-batches), whatever the number of workers."""
 
-    def __init__(self, strategy, collator: SFTCollator, device: torch.device, rank: int):
-        self.strategy, self.collator, self.device, self.rank = strategy, collator, device, rank
+    def __init__(self, parallel: DataParallel, collator: SFTCollator, device: torch.device, rank: int):
+        self.parallel, self.collator, self.device, self.rank = parallel, collator, device, rank
         self.fallback: Batch | None = None  # a worker left with an empty micro-batch replays this one, unweighted
 
     def __call__(self, group: list[list[dict]], step: int) -> tuple[dict, list[dict]]:
@@ -114,20 +137,24 @@ class Stepper:
              sum(len(b.ids) for b in batches)], self.device)
         if label_tokens == 0:
             raise RuntimeError(f"step {step}: no usable row in the whole global batch; see the errors")
-        scale = self.strategy.loss_scale(int(label_tokens))
-        lr = self.strategy.lr()  # this step's: DeepSpeed schedules the next one inside the last micro-step
+        lr = self.parallel.lr()  # this step's: DeepSpeed schedules the next one inside the last micro-step
         loss_sum = 0.0
         for i, batch in enumerate(batches):
-            weight = scale
+            weight = 1.0 / label_tokens  # the micro-batch's share of the global batch's mean token loss
             if not batch.ids:  # every collective must still meet: replay an earlier batch, without gradient
                 if self.fallback is None:
                     raise RuntimeError(f"rank {self.rank}: no usable row in its first micro-batch; see the errors")
                 batch, weight = self.fallback, 0.0
             self.fallback = batch
             inputs = {k: v.to(self.device) for k, v in batch.inputs.items()}
-            loss = self.strategy.micro_step(inputs, weight, last=i == len(batches) - 1)
+
+            def loss_fn(model, inputs=inputs, weight=weight):
+                loss = token_loss_sum(model, inputs)
+                return loss * weight, loss.item()
+
+            loss = self.parallel.micro_step(loss_fn, last=i == len(batches) - 1)
             loss_sum += loss if weight else 0.0
-        grad_norm = self.strategy.optimizer_step()
+        grad_norm = self.parallel.step()
         (loss_sum,) = all_reduce_sum([loss_sum], self.device)
         seconds = time.perf_counter() - started
         record = {"step": step, "loss": loss_sum / label_tokens, "lr": lr, "grad_norm": grad_norm,
@@ -148,9 +175,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     model, processor = load_model_and_processor(config.model, dtype="float32", device=str(device))
     prepare_model(model, config)
-    strategy = make_strategy(model, config, plan.total_steps)
-    start_step = step = restore(strategy, ray.train.get_checkpoint())
-    stepper = Stepper(strategy, SFTCollator(processor, image_size=config.image_size, max_seq_len=config.max_seq_len),
+    parallel = DataParallel(model, parallel_settings(config, plan.total_steps))
+    start_step = step = restore(parallel, ray.train.get_checkpoint())
+    stepper = Stepper(parallel, SFTCollator(processor, image_size=config.image_size, max_seq_len=config.max_seq_len),
                       device, rank)
     shard = ray.train.get_dataset_shard("train")
 
@@ -171,7 +198,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                           "loss": float(np.mean([r["loss"] for r in records])), "records": records,
                           "errors": errors}
                 if checkpoint_now:
-                    save_and_report(strategy, processor, report, rank=rank, export=final)
+                    save_and_report(parallel, processor, report, rank=rank, export=final)
                 else:
                     ray.train.report(report)
                 records, errors = [], []
@@ -191,19 +218,19 @@ def checkpoint_dir_name(step: int) -> str:
     return f"checkpoint_{step:08d}"
 
 
-def save_and_report(strategy, processor, report: dict, *, rank: int, export: bool) -> None:
+def save_and_report(parallel: DataParallel, processor, report: dict, *, rank: int, export: bool) -> None:
     """Save this worker's part of the training state (with `export`, also the Hugging Face model) and report it.
 
     Ray Train merges the workers' directories into one checkpoint in storage_path.
     """
     with tempfile.TemporaryDirectory(prefix="sft-checkpoint-") as tmp:
         directory = Path(tmp)
-        strategy.save(directory, rank)
-        state = strategy.export_state_dict() if export else None  # collective under ZeRO-3
+        parallel.save(directory)
+        state = parallel.full_state() if export else None  # collective under ZeRO-3
         if rank == 0:
             (directory / TRAIN_STATE).write_text(json.dumps({"step": report["step"]}))
             if export:
-                strategy.module.save_pretrained(directory / MODEL_DIR, state_dict=state)
+                parallel.module.save_pretrained(directory / MODEL_DIR, state_dict=state)
                 processor.save_pretrained(directory / MODEL_DIR)
-        checkpoint = ray.train.Checkpoint.from_directory(tmp) if any(directory.iterdir()) else None
+        checkpoint = ray.train.Checkpoint.from_directory(tmp)  # every rank saved its part (at least its RNG state)
         ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(report["step"]))

@@ -1,0 +1,204 @@
+"""Data parallelism for SFT and RL: a model wrapped by DeepSpeed ZeRO (stage 2 or 3) or torch DDP.
+
+The process group exists before the wrapper is built: Ray Train sets up SFT's workers' group, RL's learners join
+theirs (rl/learner.py). One convention for gradients: the loss that `micro_step` back-propagates is the micro-batch's
+share of the global batch loss (the global loss is the sum of the shares over every rank and micro-batch). Both
+wrappers average gradients over the ranks, so the share is multiplied by the world size (and DeepSpeed is told not
+to divide by its accumulation steps): the gradient is that of the global loss whatever the number of ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+
+from unifer_ray.train.config import OptimizerConfig
+from unifer_ray.train.optim import build_optimizer
+
+DEEPSPEED_TAG = "deepspeed"  # DeepSpeed's sub-directory inside a checkpoint
+TORCH_STATE = "torch_state.pt"  # DDP's trainable weights, optimizer and scheduler inside a checkpoint
+RNG_FILE = "rng_rank{rank}.pt"  # each rank's random state inside a checkpoint
+
+
+@dataclass(frozen=True)
+class ParallelSettings:
+    strategy: Literal["deepspeed", "ddp"]
+    zero_stage: int  # deepspeed only
+    use_gpu: bool
+    bf16: bool
+    micro_batch_size: int  # rows per forward pass
+    micro_batches: int  # forward passes per optimizer step, the same on every rank (gradient accumulation)
+    world_size: int
+    optimizer: OptimizerConfig
+    total_steps: int  # optimizer steps of the run, for the learning-rate schedule
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batch_size * self.micro_batches * self.world_size
+
+
+def deepspeed_config(settings: ParallelSettings) -> dict[str, Any]:
+    """DeepSpeed's config; optimizer and scheduler are ours (passed to deepspeed.initialize)."""
+    zero: dict[str, Any] = {"stage": settings.zero_stage, "contiguous_gradients": True,
+                            "overlap_comm": settings.use_gpu}
+    if settings.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True  # export gathers the full weights on rank 0
+    return {
+        "train_micro_batch_size_per_gpu": settings.micro_batch_size,
+        "gradient_accumulation_steps": settings.micro_batches,
+        "train_batch_size": settings.global_batch_size,
+        "gradient_clipping": settings.optimizer.max_grad_norm,
+        "bf16": {"enabled": settings.bf16},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # torch's AdamW, on CPU and GPU alike
+        "steps_per_print": 2**31 - 1,  # our own metrics say it
+        "wall_clock_breakdown": False,
+    }
+
+
+class DataParallel:
+    """`micro_step` runs one micro-batch's forward and backward; `step` ends the optimizer step.
+
+    Every rank runs `settings.micro_batches` micro-steps per step (a rank short of rows replays one at weight zero,
+    so that every collective meets). DDP autocasts to bf16 when asked; DeepSpeed holds the model in bf16 itself.
+    """
+
+    def __init__(self, model: torch.nn.Module, settings: ParallelSettings):
+        self.settings = settings
+        self.rank = dist.get_rank()
+        self.module = model
+        self.device = next(model.parameters()).device
+        optimizer, self.scheduler = build_optimizer(model, settings.optimizer, settings.total_steps)
+        self.engine = None
+        if settings.strategy == "deepspeed":
+            import deepspeed
+
+            self.engine, _, _, self.scheduler = deepspeed.initialize(
+                model=model, optimizer=optimizer, lr_scheduler=self.scheduler, config=deepspeed_config(settings),
+                dist_init_required=False)
+            self.model = self.engine
+            self.module = self.engine.module
+        else:
+            self.optimizer = optimizer
+            if settings.world_size > 1:
+                device_ids = [self.device] if self.device.type == "cuda" else None
+                self.model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+            else:
+                self.model = model
+
+    @property
+    def sharded(self) -> bool:
+        """ZeRO-3: each rank holds only a partition of every parameter."""
+        return self.engine is not None and self.engine.zero_optimization_stage() == 3
+
+    def micro_step(self, loss_fn: Callable[[torch.nn.Module], tuple[torch.Tensor, Any]], *, last: bool) -> Any:
+        """Forward (`loss_fn(model)` → the micro-batch's share of the global batch loss, and anything else) and
+        backward; returns the anything else. `last`: the step's last micro-batch, where gradients are reduced."""
+        world = self.settings.world_size
+        if self.engine is not None:
+            loss, extra = loss_fn(self.engine)
+            self.engine.set_gradient_accumulation_boundary(last)
+            self.engine.backward(loss * world, scale_wrt_gas=False)
+            self.engine.step()  # clips, steps and schedules at the boundary only
+            return extra
+        no_sync = getattr(self.model, "no_sync", None)  # DDP all-reduces in the last micro-batch's backward only
+        context = contextlib.nullcontext() if last or no_sync is None else no_sync()
+        with context:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.settings.bf16):
+                loss, extra = loss_fn(self.model)
+            (loss * world).backward()
+        return extra
+
+    def step(self) -> float:
+        """Clip, step, schedule; the gradient norm before clipping."""
+        if self.engine is not None:  # the step itself happened in the last micro_step
+            norm = self.engine.get_global_grad_norm()
+            return float(norm) if norm is not None else float("nan")
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.settings.optimizer.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def lr(self) -> float:
+        """The learning rate of the next step (the language model's)."""
+        return self.scheduler.get_last_lr()[0]
+
+    @contextlib.contextmanager
+    def gathered(self, params: list[torch.nn.Parameter]):
+        """Full parameters inside the block (collective under ZeRO-3: every rank enters it)."""
+        if self.sharded:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                yield
+        else:
+            yield
+
+    def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(name, p) for name, p in self.module.named_parameters() if p.requires_grad]
+
+    def trainable_state(self) -> dict[str, torch.Tensor] | None:
+        """The trainable weights on CPU at rank 0 (None elsewhere); collective under ZeRO-3."""
+        named = self.trainable_parameters()
+        with self.gathered([p for _, p in named]):
+            if self.rank != 0:
+                return None
+            return {name: p.detach().to("cpu", copy=True) for name, p in named}
+
+    def full_state(self) -> dict[str, torch.Tensor] | None:
+        """Every weight, for save_pretrained (collective under ZeRO-3; rank 0 gets it)."""
+        if self.sharded:
+            return self.engine._zero3_consolidated_16bit_state_dict()
+        return self.module.state_dict()
+
+    def save(self, directory: Path) -> None:
+        """This rank's part of the training state into a local directory (collective under DeepSpeed).
+
+        The frozen weights are not saved: a resumed run loads them with the starting model.
+        """
+        directory.mkdir(parents=True, exist_ok=True)
+        torch.save(_rng_state(), directory / RNG_FILE.format(rank=self.rank))
+        if self.engine is not None:
+            self.engine.save_checkpoint(str(directory), tag=DEEPSPEED_TAG)  # each rank its optimizer partition
+        elif self.rank == 0:  # replicas are identical: one copy is the whole state
+            trainable = {name for name, _ in self.trainable_parameters()}
+            model = {k: v for k, v in self.module.state_dict().items() if k in trainable}
+            torch.save({"model": model, "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict()}, directory / TORCH_STATE)
+
+    def load(self, directory: Path) -> None:
+        """The training state `save` wrote, into the model built from the starting checkpoint."""
+        if self.engine is not None:
+            path, _ = self.engine.load_checkpoint(str(directory), tag=DEEPSPEED_TAG)
+            if path is None:
+                raise FileNotFoundError(f"{directory}: no DeepSpeed checkpoint '{DEEPSPEED_TAG}' to resume from")
+        else:
+            state = torch.load(directory / TORCH_STATE, map_location=self.device, weights_only=True)
+            unexpected = self.module.load_state_dict(state["model"], strict=False).unexpected_keys
+            if unexpected:
+                raise KeyError(f"{directory / TORCH_STATE}: weights not in the model: {unexpected[:5]}")
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        rng = directory / RNG_FILE.format(rank=self.rank)
+        if rng.exists():  # a run resumed on more ranks than it saved: the new ranks keep their seeds
+            _set_rng_state(torch.load(rng, weights_only=False))
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
