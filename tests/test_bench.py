@@ -7,7 +7,7 @@ import json
 import pytest
 
 from unifer_ray.bench.config import BenchConfig, BenchFile, BenchModel
-from unifer_ray.bench.runner import run_bench
+from unifer_ray.bench.runner import run_bench, warn_if_the_pool_fills_the_cluster
 from unifer_ray.data.convert import convert_ferbench
 from unifer_ray.engines.spec import EngineSpec
 from unifer_ray.labels import DATASETS
@@ -78,3 +78,14 @@ def test_bench_all_four_datasets_two_models(ray_cluster, tiny_model_dir, synthet
     assert metrics["tiny-a"]["overall"]["n"] == 20
     board = (tmp_path / "out" / "report" / "leaderboard.md").read_text()
     assert "tiny-a" in board and "tiny-b" in board
+
+
+def test_a_pool_that_takes_every_cpu_is_warned_about(ray_cluster, tiny_model_dir, synthetic_root, ferbench_files,
+                                                     tmp_path, caplog):
+    # The session cluster has 4 CPUs: 3 actors of 1 CPU leave 1 for loading; 4 leave none.
+    config = BenchConfig(files=[BenchFile(path=str(ferbench_files[0]), image_root=str(synthetic_root))],
+                         models=[_model(tiny_model_dir)], out_dir=str(tmp_path))
+    assert not warn_if_the_pool_fills_the_cluster(_model(tiny_model_dir, concurrency=3), config)
+    with caplog.at_level("WARNING", logger="unifer_ray.bench.runner"):
+        assert warn_if_the_pool_fills_the_cluster(_model(tiny_model_dir, concurrency=4), config)
+    assert "4 engine actors x 1 CPUs = 4 of the cluster's 4 CPUs" in caplog.text

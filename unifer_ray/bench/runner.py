@@ -98,6 +98,22 @@ def _write_jsonl(uri: str, rows: list[dict]) -> None:
     storage.write_text(uri, "".join(json.dumps(r, default=str) + "\n" for r in rows))
 
 
+def warn_if_the_pool_fills_the_cluster(model: BenchModel, config: BenchConfig) -> bool:
+    """Warn (and return True) when the engine actors ask for every CPU the cluster has now.
+
+    The image-loading tasks then get no CPU, and on a cluster that cannot add nodes Ray Data waits forever while
+    reporting only backpressure; an autoscaling cluster adds a node instead, so this is a warning, not an error.
+    """
+    cpus = ray.cluster_resources().get("CPU", 0.0)
+    pool = model.concurrency * model.num_cpus
+    if pool + config.load_num_cpus <= cpus:
+        return False
+    log.warning("%s: %d engine actors x %g CPUs = %g of the cluster's %g CPUs leave less than load_num_cpus=%g for "
+                "image loading; unless the cluster adds nodes the run cannot progress (lower concurrency or num_cpus)",
+                model.name, model.concurrency, model.num_cpus, pool, cpus, config.load_num_cpus)
+    return True
+
+
 def run_model(model: BenchModel, items: ItemRows, config: BenchConfig) -> ModelRun:
     model_dir = storage.join(config.out_dir, "results", model.name)
     shards = storage.join(model_dir, "shards")
@@ -106,9 +122,8 @@ def run_model(model: BenchModel, items: ItemRows, config: BenchConfig) -> ModelR
     start = time.perf_counter()
     if todo:
         log.info("%s: %d items to run, %d already finished", model.name, len(todo), len(scored))
-        # Blocks of exactly batch_size rows: each engine call then gets a full batch, never a small remainder
-        # of blocks that straddle a batch boundary.
-        ds = ray.data.from_items(todo).repartition(target_num_rows_per_block=model.batch_size, strict=True)
+        warn_if_the_pool_fills_the_cluster(model, config)
+        ds = ray.data.from_items(todo)
         ds = ds.map_batches(load_image_batch, fn_kwargs={"size": model.image_size},
                             batch_size=config.load_batch_size, num_cpus=config.load_num_cpus)
         ds = ds.map_batches(
