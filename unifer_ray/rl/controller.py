@@ -149,6 +149,7 @@ def run_steps(config: RLVRConfig, state: RunState, prompts: PromptSource, reward
     pending = None
     for step in range(state.step, config.steps):
         step_started = time.perf_counter()
+        replacements = rollouts.replacements
         if pending is None:
             pending = rollouts.submit(prompts.batch(step), sampling, rollout_seed(config.seed, step))
         rollout = rollouts.collect(pending)
@@ -177,7 +178,7 @@ def run_steps(config: RLVRConfig, state: RunState, prompts: PromptSource, reward
             "time/step_s": step_s,
             "tokens_per_s/generate": generated / rollout.generate_s if rollout.generate_s else 0.0,
             "tokens_per_s/train": stats["train_tokens"] / train_s if train_s else 0.0,
-            "rollout_replacements": rollout.replaced, "prompt_errors": len(rollout.errors),
+            "rollout_replacements": rollouts.replacements - replacements, "prompt_errors": len(rollout.errors),
         }
         run_log.step(record)
         if config.sample_log_every and state.step % config.sample_log_every == 0:

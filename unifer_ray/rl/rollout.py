@@ -108,6 +108,7 @@ class _Share:
     worker: int  # index of the worker generating it
     items: list[dict]
     params: dict
+    actor: ray.actor.ActorHandle  # the worker's actor when the share was (re)submitted
     ref: ray.ObjectRef
 
 
@@ -127,7 +128,6 @@ class Rollout:
     errors: list[dict]  # prompts dropped (unusable image, prompt too long)
     generate_s: float  # the slowest worker's generation time
     wait_s: float  # how long the controller waited for the batch after asking for it
-    replaced: int  # workers replaced while this batch was generated
 
 
 class RolloutGroup:
@@ -181,14 +181,14 @@ class RolloutGroup:
                 continue
             share_items = [items[i] for i in rows]
             share_params = params.model_copy(update={"seed": seed + index}).model_dump()
-            ref = self.workers[index].generate.remote(share_items, share_params)
-            shares.append(_Share(index, share_items, share_params, ref))
+            actor = self.workers[index]
+            shares.append(_Share(index, share_items, share_params, actor,
+                                 actor.generate.remote(share_items, share_params)))
         return PendingRollout(items, shares)
 
     def collect(self, pending: PendingRollout) -> Rollout:
         """Wait for a submitted batch; a share whose worker died is generated again by its replacement."""
         started = time.perf_counter()
-        replaced_before = self.replacements
         self._settle(self._loads)
         self._loads = []
         items, completions, versions, errors, seconds = [], [], [], [], []
@@ -201,7 +201,7 @@ class RolloutGroup:
             errors += out["errors"]
             seconds.append(out["seconds"])
         return Rollout(items, completions, versions, errors, generate_s=max(seconds, default=0.0),
-                       wait_s=time.perf_counter() - started, replaced=self.replacements - replaced_before)
+                       wait_s=time.perf_counter() - started)
 
     def generate(self, items: list[dict], params: SamplingParams, seed: int) -> Rollout:
         return self.collect(self.submit(items, params, seed))
@@ -211,8 +211,10 @@ class RolloutGroup:
             try:
                 return ray.get(share.ref)
             except ray.exceptions.RayActorError as exc:
-                self._replace(share.worker, exc)
-                share.ref = self.workers[share.worker].generate.remote(share.items, share.params)
+                if self.workers[share.worker] is share.actor:  # else a weight load already found it dead
+                    self._replace(share.worker, exc)
+                share.actor = self.workers[share.worker]
+                share.ref = share.actor.generate.remote(share.items, share.params)
 
     def load_weights(self, state: ray.ObjectRef, version: int, *, wait: bool) -> float:
         """Every worker loads `state` (fetched once per worker from the object store); returns the slowest load's
