@@ -3,6 +3,12 @@
 Both runs use the same config (the `rlvr:` section of configs/tiny.yaml by default), model, data, batch and seeds;
 only `mode` differs. The first step of each run (actor warm-up) is left out of the timings. Figures come from the
 runs' own metrics.jsonl (time/step_s, time/sync_s).
+
+By default the policy is a fresh random-init tiny model on a small synthetic set: every completion runs to
+max_new_tokens, so generation outweighs training. `--from-demo DIR` starts from a demo's SFT model and RLVR set
+instead (`unifer demo --out DIR` first), the balance of the real RLVR stage:
+
+    python benchmarks/bench_rlvr.py --from-demo runs/demo
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ def main() -> None:
     parser.add_argument("--section", default="rlvr")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--num-cpus", type=float, default=4)
+    parser.add_argument("--from-demo", metavar="DIR", help="the SFT model and RLVR set of `unifer demo --out DIR`")
     args = parser.parse_args()
     data = read_yaml(args.config)
     if not isinstance(data, dict) or args.section not in data:
@@ -65,12 +72,16 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        write_synthetic_datasets(tmp / "data", train_per_class=4, test_per_class=1, seed=0)
-        write_rlvr_items(tmp / "data", tmp / "rlvr.jsonl")
-        model_dir = build_tiny_model(tmp / "tiny", seed=0)
+        if args.from_demo:
+            demo = Path(args.from_demo)
+            model_dir, items, data_root = demo / "models" / "tiny-sft", demo / "curate" / "rlvr" / "items", demo / "data"
+        else:
+            data_root, items = tmp / "data", tmp / "rlvr.jsonl"
+            write_synthetic_datasets(data_root, train_per_class=4, test_per_class=1, seed=0)
+            write_rlvr_items(data_root, items)
+            model_dir = build_tiny_model(tmp / "tiny", seed=0)
         section = section | {"model": str(model_dir),
-                             "data": section.get("data", {}) | {"paths": [str(tmp / "rlvr.jsonl")],
-                                                                "image_root": str(tmp / "data")}}
+                             "data": section.get("data", {}) | {"paths": [str(items)], "image_root": str(data_root)}}
         init_ray(num_cpus=args.num_cpus)
         sync = run(section, tmp, "sync", args.steps)
         overlap = run(section, tmp, "one_step_off", args.steps)
@@ -78,7 +89,9 @@ def main() -> None:
     def mean(records: list[dict], key: str) -> float:
         return float(np.mean([r[key] for r in records]))
 
-    print(f"\nRLVR on the tiny config ({args.config} [{args.section}]), {args.steps - 1} timed steps per mode")
+    policy = f"the SFT model of {args.from_demo}" if args.from_demo else "a random-init tiny model"
+    print(f"\nRLVR on the tiny config ({args.config} [{args.section}]) from {policy}, {args.steps - 1} timed steps "
+          "per mode")
     for mode, records in (("sync", sync), ("one_step_off", overlap)):
         print(f"{mode:>12}: step {mean(records, 'time/step_s'):.3f}s; generate {mean(records, 'time/generate_s'):.3f}s"
               f" (waited {mean(records, 'time/generate_wait_s'):.3f}s), logprob {mean(records, 'time/logprob_s'):.3f}s,"

@@ -13,12 +13,14 @@ from datasets import load_dataset
 
 from unifer_ray import storage
 from unifer_ray.config import parse_config
-from unifer_ray.curate.config import CotConfig, RlvrConfig
+from unifer_ray.curate.config import CotConfig, CurateSource, RlvrConfig
 from unifer_ray.curate.cot import run_cot
 from unifer_ray.curate.ledger import done_ids
 from unifer_ray.curate.rlvr import run_rlvr
+from unifer_ray.curate.samples import source_rows
 from unifer_ray.data.convert import convert_ferbench
 from unifer_ray.data.sources import read_samples
+from unifer_ray.data.synthetic import write_synthetic_datasets
 from unifer_ray.data.training_sets import read_cot, read_rlvr
 from unifer_ray.parsing import parse_strict
 
@@ -30,6 +32,26 @@ def _labels(root: Path, *datasets: tuple[str, str]) -> dict[str, tuple[str, list
         for s in read_samples(key, root / name, "train").samples:
             out[f"/{name}/{s.rel_path}"] = (s.label, s.candidate_labels)
     return out
+
+
+def test_a_fraction_of_a_source_is_stable_nested_and_keeps_every_class(tmp_path):
+    # AffectNet keeps one folder per class: the first N ids would all be class 0, a hashed fraction is not.
+    write_synthetic_datasets(tmp_path, train_per_class=40, test_per_class=1, datasets=["affectnet"])
+    root = str(tmp_path / "AffectNet")
+
+    def ids(fraction: float) -> list[str]:
+        rows, errors = source_rows(CurateSource(dataset="affectnet", root=root, fraction=fraction))
+        assert not errors
+        return [r["id"] for r in rows]
+
+    everything, half, fifth = ids(1.0), ids(0.5), ids(0.2)
+    assert len(everything) == 8 * 40
+    assert ids(0.5) == half, "the same ids on every run"
+    assert set(fifth) < set(half) < set(everything)
+    labels = {r["id"]: r["label"] for r in source_rows(CurateSource(dataset="affectnet", root=root))[0]}
+    per_class = Counter(labels[i] for i in half)
+    assert len(per_class) == 8 and all(10 <= n <= 30 for n in per_class.values()), per_class
+    assert 0.4 < len(half) / len(everything) < 0.6 and 0.1 < len(fifth) / len(everything) < 0.3
 
 
 def _oracle_config(sources: list[dict], out_dir: str, **overrides) -> CotConfig:

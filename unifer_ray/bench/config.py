@@ -46,5 +46,4 @@ class BenchConfig(BaseModel):
     files: list[BenchFile] = Field(min_length=1)
     models: list[BenchModel] = Field(min_length=1)
     out_dir: str  # local or s3://
-    load_batch_size: int = Field(32, gt=0)  # rows per image-decoding task
-    load_num_cpus: float = Field(0.5, gt=0)
+    load_num_cpus: float = Field(0.5, gt=0)  # per image-decoding task (one per engine batch)

@@ -123,9 +123,12 @@ def run_model(model: BenchModel, items: ItemRows, config: BenchConfig) -> ModelR
     if todo:
         log.info("%s: %d items to run, %d already finished", model.name, len(todo), len(scored))
         warn_if_the_pool_fills_the_cluster(model, config)
-        ds = ray.data.from_items(todo)
-        ds = ds.map_batches(load_image_batch, fn_kwargs={"size": model.image_size},
-                            batch_size=config.load_batch_size, num_cpus=config.load_num_cpus)
+        # One block per engine batch, decoded by one task: every engine call gets a full batch, never the small
+        # remainder of blocks that straddle a batch boundary (built here, so no repartition task needs a CPU).
+        blocks = [pa.Table.from_pylist(todo[i : i + model.batch_size]) for i in range(0, len(todo), model.batch_size)]
+        ds = ray.data.from_arrow(blocks)
+        ds = ds.map_batches(load_image_batch, fn_kwargs={"size": model.image_size}, batch_size=None,
+                            num_cpus=config.load_num_cpus)
         ds = ds.map_batches(
             EngineActor,
             fn_constructor_kwargs={"engine": model.engine.model_dump(), "sampling": model.sampling.model_dump(),

@@ -27,6 +27,9 @@ class CurateSource(_Strict):
     # image_path below the directory that holds the dataset roots under these names.
     path_prefix: str | None = None
     limit: int | None = Field(None, gt=0)  # the first N samples by id (smoke runs)
+    # A stable share of the samples, drawn by a hash of each id (so every class keeps its share, and the same ids
+    # are drawn on every run): e.g. a small cold-start CoT set from images whose labels all feed the RLVR set.
+    fraction: float = Field(1.0, gt=0.0, le=1.0)
 
     @field_validator("dataset")
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -36,15 +37,18 @@ def source_rows(source: CurateSource, *, with_action_params: bool = False) -> tu
               else default_path_prefix(source.dataset, source.root)).rstrip("/")
     rows = []
     for sample in samples:
+        image_path = f"{prefix}/{sample.rel_path}"
+        sample_id = f"{sample.dataset}:{image_path}"
+        if not in_fraction(sample_id, source.fraction):
+            continue
         image_uri = sample.image
         if isinstance(image_uri, bytes):
             image_uri = storage.join(os.path.abspath(source.root), sample.rel_path)
             if not storage.exists(image_uri):
                 storage.write_bytes(image_uri, sample.image)
-        image_path = f"{prefix}/{sample.rel_path}"
         params = actions.get(sample.rel_path)
         rows.append({
-            "id": f"{sample.dataset}:{image_path}",
+            "id": sample_id,
             "dataset": sample.dataset,
             "image_path": image_path,
             "image_uri": image_uri,
@@ -56,6 +60,14 @@ def source_rows(source: CurateSource, *, with_action_params: bool = False) -> tu
     log.info("%s (%s): %d samples, %d errors, %d dropped", source.root, source.split, len(rows),
              len(result.errors), len(result.dropped))
     return rows, errors
+
+
+def in_fraction(sample_id: str, fraction: float) -> bool:
+    """Whether `sample_id` falls in the stable `fraction` of ids: its hash, read as a number in [0, 1)."""
+    if fraction >= 1.0:
+        return True
+    digest = hashlib.blake2b(sample_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < fraction
 
 
 def all_source_rows(sources: list[CurateSource], *, with_action_params: bool = False) -> tuple[list[dict], list[dict]]:
