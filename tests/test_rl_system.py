@@ -27,7 +27,7 @@ from unifer_ray.engines import ChatRequest, SamplingParams
 from unifer_ray.engines.hf import HFEngine
 from unifer_ray.models.loading import load_model_and_processor
 from unifer_ray.rl.checkpoint import latest
-from unifer_ray.rl.config import RLVRConfig, SyncConfig
+from unifer_ray.rl.config import PromptData, RLVRConfig, SyncConfig
 from unifer_ray.rl.controller import run_rlvr
 from unifer_ray.rl.learner import LearnerGroup
 from unifer_ray.rl.metrics import read_records
@@ -69,6 +69,21 @@ def rl_config(tmp: Path, model_dir: Path, synthetic_root: Path, **changes) -> di
     for key, value in changes.items():
         config[key] = config[key] | value if isinstance(value, dict) else value
     return config
+
+
+def test_the_prompt_order_is_the_same_however_the_shards_are_named(ray_cluster, tmp_path, synthetic_root):
+    """A second curation run writes the same items under new shard names: the same epochs follow."""
+    lines = write_rlvr_set(synthetic_root, tmp_path / "one.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "zz_000000.jsonl").write_text("".join(lines[: len(lines) // 2]))
+    (tmp_path / "shards" / "aa_000001.jsonl").write_text("".join(lines[len(lines) // 2 :]))
+
+    def order(path: Path) -> list[str]:
+        data = PromptData(paths=[str(path)], image_root=str(synthetic_root), image_size=56)
+        source = PromptSource(data, prompts_per_step=PROMPTS, seed=0)
+        return [item["id"] for step in range(len(source)) for item in source.batch(step)]
+
+    assert order(tmp_path / "one.jsonl") == order(tmp_path / "shards")
 
 
 # ---------------------------------------------------------------- weight sync

@@ -20,9 +20,10 @@ class PromptSource:
         rows = ds.take_all()
         self.errors = [{"source": r["source"], "row": r["row"], "id": r["id"], "reason": r["error"]}
                        for r in rows if r["error"]]
-        # Ray Data's block order is not fixed: sort, so that the same files give the same epochs.
+        # Ray Data's block order is not fixed, and a curation run names its shards afresh: sort by item id first,
+        # so that the same items give the same epochs.
         self.items = sorted(({k: r[k] for k in COLUMNS} for r in rows if not r["error"]),
-                            key=lambda r: (r["source"], r["row"]))
+                            key=lambda r: (r["id"], r["source"], r["row"]))
         if len(self.items) < prompts_per_step:
             raise ValueError(f"{config.paths}: {len(self.items)} valid RLVR items, fewer than prompts_per_step "
                              f"{prompts_per_step} ({len(self.errors)} bad rows)")
