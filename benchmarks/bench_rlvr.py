@@ -100,7 +100,7 @@ def main() -> None:
     print(f"weight sync: {1000 * mean(sync, 'time/sync_s'):.1f} ms per step = {100 * sync_share:.2f}% of the step time")
     sync_rate = len(sync) / sum(r["time/step_s"] for r in sync)
     overlap_rate = len(overlap) / sum(r["time/step_s"] for r in overlap)
-    print(f"steps/s: sync {sync_rate:.3f}, one_step_off {overlap_rate:.3f} -> {overlap_rate / sync_rate:.2f}x "
+    print(f"steps/s: sync {sync_rate:.3f}, one_step_off {overlap_rate:.3f} -> {overlap_rate / sync_rate:.3f}x "
           f"(version lag at most {max(r['version_lag/max'] for r in overlap)})")
 
 
