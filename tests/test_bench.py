@@ -53,12 +53,58 @@ def test_bench_counts_add_up_with_bad_items(ray_cluster, tiny_model_dir, synthet
     assert {e.get("row") for e in errors if e.get("row")} == {9, 10}  # the two bad lines name their line numbers
     results = [json.loads(line) for line in open(run.results_path)]
     assert len(results) == 6 and all(r["status"] == "scored" and r["model"] == "tiny" for r in results)
+    assert all(r["engine"] == "hf" for r in results)
     assert all(r["latency_s"] > 0 and r["num_tokens"] > 0 for r in results)
     assert {r["id"] for r in results} == {f"rafdb:{g['image_path']}" for g in good}
 
     # A rerun skips the finished items and retries only the failed ones (which fail again).
     (rerun,) = run_bench(config)
     assert rerun.generated == 2 and (rerun.scored, rerun.errors) == (6, 4)
+
+
+def test_bench_on_vllm_keeps_every_item(ray_cluster, tiny_model_dir, synthetic_root, ferbench_files, tmp_path):
+    """FERBench through ray.data.llm's vLLM processor: bad items and a prompt longer than the model's context are
+    error rows with their reasons, the rest is scored by vLLM, and the answers are the in-process engine's."""
+    good = json.loads(ferbench_files[1].read_text())[:12]
+    (synthetic_root / "corrupt.jpg").write_bytes(b"this is not a jpeg")
+    bad_lines = [
+        json.dumps({**good[0], "image_path": "/FERPlus/does_not_exist.png"}),  # missing file
+        json.dumps({**good[0], "image_path": "/corrupt.jpg"}),  # corrupt image
+        json.dumps({**good[1], "image_path": "/x.png", "true_label": "boredom"}),  # label outside candidates
+        '{"image_path": "/y.png", "true_label": ',  # malformed JSON line
+        json.dumps({**good[2], "image_path": good[3]["image_path"], "prompt": "why " * 600}),  # longer than context
+    ]
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("\n".join([json.dumps(g) for g in good[:3]] + bad_lines + [json.dumps(g) for g in good[4:]]) + "\n")
+    engine = EngineSpec(engine="vllm", model=str(tiny_model_dir), vllm_kwargs={"max_model_len": 512})
+    model = BenchModel(name="tiny-vllm", engine=engine, sampling={"max_new_tokens": 12}, image_size=56,
+                       batch_size=4, max_concurrent_batches=2)
+    config = BenchConfig(files=[BenchFile(path=str(mixed), image_root=str(synthetic_root))], models=[model],
+                         out_dir=str(tmp_path / "out"))
+
+    (run,) = run_bench(config)
+    assert run.items == 16 and (run.scored, run.errors) == (11, 5)
+    errors = {e["id"]: e["reason"] for e in (json.loads(line) for line in open(run.errors_path))}
+    reasons = " | ".join(errors.values())
+    assert "does_not_exist.png" in reasons and "not a decodable image" in reasons
+    assert "boredom" in reasons and "malformed JSON" in reasons
+    assert "maximum context length is 512" in errors[f"ferplus:{good[3]['image_path']}"]
+    results = [json.loads(line) for line in open(run.results_path)]
+    assert len(results) == 11 and all(r["engine"] == "vllm 0.29.0" and r["num_tokens"] > 0 for r in results)
+
+    # The same items through the in-process vLLM engine give the same responses.
+    from unifer_ray.data.images import load_image
+    from unifer_ray.engines import ChatRequest, SamplingParams
+    from unifer_ray.engines.vllm_engine import VLLMEngine
+
+    by_id = {f"ferplus:{g['image_path']}": g for g in good}
+    ids = sorted(r["id"] for r in results)
+    requests = [ChatRequest.single_image(load_image(str(synthetic_root) + by_id[i]["image_path"], 56), by_id[i]["prompt"])
+                for i in ids]
+    local = VLLMEngine(engine)
+    expected = [group[0].text for group in local.generate(requests, SamplingParams(max_new_tokens=12))]
+    local.close()
+    assert [next(r["response"] for r in results if r["id"] == i) for i in ids] == expected
 
 
 def test_bench_all_four_datasets_two_models(ray_cluster, tiny_model_dir, synthetic_root, ferbench_files, tmp_path):

@@ -7,6 +7,7 @@ import re
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from unifer_ray.engines.base import SamplingParams
+from unifer_ray.engines.batch import EngineWorkers
 from unifer_ray.engines.spec import EngineSpec
 
 
@@ -19,18 +20,13 @@ class BenchFile(BaseModel):
     limit: int | None = Field(None, gt=0)  # the first N valid items only (smoke runs)
 
 
-class BenchModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class BenchModel(EngineWorkers):
+    """One model of the benchmark: its engine, decoding, and the workers that run it (batch_size, concurrency...)."""
 
     name: str  # the model's name in results and the leaderboard
     engine: EngineSpec
     sampling: SamplingParams = SamplingParams(max_new_tokens=512)
     image_size: int = Field(224, gt=0)  # the paper resizes every image to 224×224
-    batch_size: int = Field(16, gt=0)  # rows per inference call
-    concurrency: int = Field(1, gt=0)  # engine actors in the pool
-    num_cpus: float = Field(1.0, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
-    torch_threads: int = Field(1, gt=0)
 
     @field_validator("name")
     @classmethod

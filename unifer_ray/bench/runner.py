@@ -16,14 +16,15 @@ from unifer_ray import storage
 from unifer_ray.bench.config import BenchConfig, BenchModel
 from unifer_ray.bench.items import ItemRows, read_items
 from unifer_ray.data.images import load_image_batch
-from unifer_ray.engines.ray_actor import EngineActor
+from unifer_ray.engines.batch import add_generation
 from unifer_ray.parsing import is_format_compliant, parse_paper, parse_strict
 
 log = logging.getLogger(__name__)
 
 RESULT_COLUMNS = (
     "id", "model", "dataset", "image_path", "true_label", "candidate_labels", "response", "parsed_strict",
-    "parsed_paper", "correct_strict", "correct_paper", "format_ok", "latency_s", "num_tokens", "status", "error",
+    "parsed_paper", "correct_strict", "correct_paper", "format_ok", "latency_s", "num_tokens", "engine", "status",
+    "error",
 )
 
 
@@ -62,7 +63,7 @@ def score_batch(batch: dict[str, np.ndarray], *, model: str) -> dict[str, np.nda
         cols["correct_paper"].append(paper == batch["true_label"][i])
         cols["format_ok"].append(False if failed else is_format_compliant(text))
         cols["status"].append("error" if failed else "scored")
-    out = {k: batch[k] for k in ("id", "dataset", "image_path", "true_label", "latency_s", "num_tokens", "error")}
+    out = {k: batch[k] for k in ("id", "dataset", "image_path", "true_label", "latency_s", "num_tokens", "engine", "error")}
     out["candidate_labels"] = _object_array([[str(c) for c in cands] for cands in batch["candidate_labels"]])
     out["model"] = np.full(n, model, dtype=object)
     out.update({k: _object_array(v) for k, v in cols.items()})
@@ -129,13 +130,7 @@ def run_model(model: BenchModel, items: ItemRows, config: BenchConfig) -> ModelR
         ds = ray.data.from_arrow(blocks)
         ds = ds.map_batches(load_image_batch, fn_kwargs={"size": model.image_size}, batch_size=None,
                             num_cpus=config.load_num_cpus)
-        ds = ds.map_batches(
-            EngineActor,
-            fn_constructor_kwargs={"engine": model.engine.model_dump(), "sampling": model.sampling.model_dump(),
-                                   "torch_threads": model.torch_threads},
-            batch_size=model.batch_size, compute=ray.data.ActorPoolStrategy(size=model.concurrency),
-            num_cpus=model.num_cpus, num_gpus=model.num_gpus,
-        )
+        ds = add_generation(ds, model.engine, model.sampling, model)
         # Scoring and writing ask for the same resources, so Ray Data fuses them into one task per block.
         ds = ds.map_batches(score_batch, fn_kwargs={"model": model.name}, batch_size=None, num_cpus=0.25)
         fs, path = storage.filesystem(shards)

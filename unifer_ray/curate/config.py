@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from unifer_ray.data.sources import LAYOUTS
 from unifer_ray.engines.base import SamplingParams
+from unifer_ray.engines.batch import EngineWorkers
 from unifer_ray.engines.spec import EngineSpec
 from unifer_ray.labels import dataset_spec
 
@@ -47,11 +48,7 @@ def sources_under(data_root: str, datasets: tuple[str, ...] = ("rafdb", "ferplus
             for key in datasets]
 
 
-class _Workers(_Strict):
-    batch_size: int = Field(16, gt=0)  # rows per teacher call
-    concurrency: int = Field(1, gt=0)  # teacher actors in the pool
-    num_cpus: float = Field(1.0, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
+class _Workers(EngineWorkers):
     image_size: int = Field(224, gt=0)  # images are decoded and resized to image_size² before the teacher
 
 
@@ -67,13 +64,12 @@ class OracleTeacherConfig(_Workers):
 
 
 class EngineTeacherConfig(_Workers):
-    """A model behind the GenerationEngine interface: hf on CPU, vLLM on GPUs, in an actor pool."""
+    """A local model: vLLM through ray.data.llm's processor (CPU or GPU), or the hf engine in an actor pool."""
 
     kind: Literal["engine"] = "engine"
     name: str
     engine: EngineSpec
     sampling: SamplingParams = SamplingParams(max_new_tokens=512, temperature=0.8, top_p=0.95)  # n is set from k
-    torch_threads: int = Field(1, gt=0)
 
     @field_validator("engine")
     @classmethod

@@ -1,8 +1,9 @@
 """Teachers behind one interface: a Ray Data stage that adds `responses` (k candidate traces per row).
 
-- `engine`: any GenerationEngine (hf on CPU, vLLM on GPUs) in an actor pool — the EngineActor of FERBench;
-- `openai`: an OpenAI-compatible API through the openai engine, the same actor; the SDK retries, and at most
-  concurrency × max_concurrency requests are in flight;
+- `engine`: a local model through FERBench's generation stage (engines/batch.py): vLLM on ray.data.llm's processor,
+  or the hf engine in an actor pool;
+- `openai`: an OpenAI-compatible API through the same stage (the openai engine's actors); the SDK retries, and at
+  most concurrency × max_concurrency requests are in flight;
 - `oracle`: the rule-based teacher of synthetic faces (curate/oracle.py).
 Every teacher reads the row's `prompt` (with the label hint when asked) and never sees anything else of the label.
 """
@@ -13,7 +14,7 @@ import ray
 
 from unifer_ray.curate.config import EngineTeacherConfig, OpenAITeacherConfig, OracleTeacherConfig
 from unifer_ray.curate.oracle import OracleTeacher
-from unifer_ray.engines.ray_actor import EngineActor
+from unifer_ray.engines.batch import add_generation
 from unifer_ray.prompts import ferbench_prompt
 
 EVIDENCE_INSTRUCTION = (
@@ -38,12 +39,8 @@ def add_teacher(
     ds: ray.data.Dataset, teacher: OracleTeacherConfig | EngineTeacherConfig | OpenAITeacherConfig, k: int
 ) -> ray.data.Dataset:
     """`ds` (rows with `prompt`, `image`, `error`, ...) → the same rows with `responses`: k traces each."""
-    workers = {"batch_size": teacher.batch_size, "compute": ray.data.ActorPoolStrategy(size=teacher.concurrency),
-               "num_cpus": teacher.num_cpus, "num_gpus": teacher.num_gpus}
     if isinstance(teacher, OracleTeacherConfig):
         return ds.map_batches(OracleTeacher, fn_constructor_kwargs={
-            "n": k, "wrong_rate": teacher.wrong_rate, "seed": teacher.seed}, **workers)
-    sampling = teacher.sampling.model_copy(update={"n": k}).model_dump()
-    threads = teacher.torch_threads if isinstance(teacher, EngineTeacherConfig) else 1
-    return ds.map_batches(EngineActor, fn_constructor_kwargs={
-        "engine": teacher.engine.model_dump(), "sampling": sampling, "torch_threads": threads}, **workers)
+            "n": k, "wrong_rate": teacher.wrong_rate, "seed": teacher.seed}, batch_size=teacher.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=teacher.concurrency), num_cpus=teacher.num_cpus)
+    return add_generation(ds, teacher.engine, teacher.sampling.model_copy(update={"n": k}), teacher)

@@ -1,28 +1,30 @@
-"""One generation interface, three engines: hf (transformers), vllm (GPU), openai (HTTP API models)."""
+"""One generation interface, three engines: vllm (the default, CPU or GPU), hf (the reference), openai (HTTP)."""
 
 from __future__ import annotations
 
 from unifer_ray.engines.base import ChatRequest, Completion, GenerationEngine, SamplingParams
 from unifer_ray.engines.spec import EngineSpec
 
-__all__ = ["ChatRequest", "Completion", "EngineSpec", "GenerationEngine", "SamplingParams", "create_engine", "resolve_engine"]
-
-
-def _vllm_importable() -> bool:
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        return False
-    return True
+__all__ = ["ChatRequest", "Completion", "EngineSpec", "GenerationEngine", "SamplingParams", "create_engine", "engine_label", "resolve_engine"]
 
 
 def resolve_engine(spec: EngineSpec) -> str:
-    """The engine a spec names; `auto` is vllm where vLLM and a CUDA GPU are present, else hf."""
+    """The engine a spec names; `auto` is vllm wherever vLLM imports (its CPU or GPU build), else hf."""
     if spec.engine != "auto":
         return spec.engine
-    import torch
+    from unifer_ray.engines.vllm_env import vllm_version
 
-    return "vllm" if torch.cuda.is_available() and _vllm_importable() else "hf"
+    return "vllm" if vllm_version() is not None else "hf"
+
+
+def engine_label(spec: EngineSpec) -> str:
+    """What generated a result row: `vllm 0.29.0`, `hf` or `openai`."""
+    kind = resolve_engine(spec)
+    if kind == "vllm":
+        from unifer_ray.engines.vllm_env import vllm_version
+
+        return f"vllm {vllm_version()}"
+    return kind
 
 
 def create_engine(spec: EngineSpec) -> GenerationEngine:

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 class EngineSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    engine: Literal["auto", "hf", "vllm", "openai"] = "auto"  # auto: vllm where it and a GPU exist, else hf
+    engine: Literal["auto", "hf", "vllm", "openai"] = "auto"  # auto: vllm wherever it is installed, else hf
     model: str  # hf/vllm: a local model directory; openai: the served model's name
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_batch_size: int = Field(16, gt=0)  # hf: requests per forward pass
@@ -19,5 +19,6 @@ class EngineSpec(BaseModel):
     api_key_env: str = "OPENAI_API_KEY"  # the name of the variable holding the key, never the key
     max_concurrency: int = Field(8, gt=0)
     timeout_s: float = Field(120.0, gt=0)
-    # vllm: extra keyword arguments for vllm.LLM (tensor_parallel_size, gpu_memory_utilization, max_model_len...)
+    # vllm: extra keyword arguments for vllm.LLM / ray.data.llm's engine_kwargs (tensor_parallel_size,
+    # gpu_memory_utilization, max_model_len, enable_prefix_caching...); they override DEFAULT_LLM_KWARGS
     vllm_kwargs: dict[str, Any] = Field(default_factory=dict)

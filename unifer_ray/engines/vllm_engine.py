@@ -1,4 +1,8 @@
-"""Generation with vLLM (GPU): the same chat prompts as the hf engine, images as multi-modal data."""
+"""Generation with vLLM 0.29 in this process: the CPU build here, the GPU build that Ray's LLM stack pins on clusters.
+
+FERBench and curation batches do not come through here: they run vLLM inside `ray.data.llm`'s engine stage
+(`engines/batch.py`). This class serves the callers that hold an engine themselves (RL rollout actors, tests).
+"""
 
 from __future__ import annotations
 
@@ -10,31 +14,51 @@ from transformers import AutoProcessor
 from unifer_ray.engines.base import ChatRequest, Completion, GenerationEngine, SamplingParams
 from unifer_ray.engines.hf import chat_text
 from unifer_ray.engines.spec import EngineSpec
+from unifer_ray.engines.vllm_env import CPU_BUILD_HINT, apply_vllm_env
+
+# Log-probabilities after temperature and top-p, i.e. of the distribution the tokens were sampled from: what
+# importance sampling against the learner needs (vLLM's default is the raw logits' log-softmax).
+DEFAULT_LLM_KWARGS = {"logprobs_mode": "processed_logprobs", "limit_mm_per_prompt": {"image": 1}}
+
+
+def vllm_llm_kwargs(spec: EngineSpec) -> dict:
+    """Keyword arguments for `vllm.LLM` / `engine_kwargs` of a spec: our defaults, then the spec's own."""
+    return {"dtype": spec.dtype, **DEFAULT_LLM_KWARGS, **spec.vllm_kwargs}
+
+
+def sampling_params(params: SamplingParams, seed: int | None):
+    """vLLM's sampling parameters for one request; the k-th of its n samples gets seed + k (vLLM's own rule)."""
+    import vllm
+
+    return vllm.SamplingParams(
+        n=params.n,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        max_tokens=params.max_new_tokens,
+        seed=seed,
+        logprobs=0 if params.logprobs else None,  # 0: only the sampled token's log-probability
+    )
 
 
 class VLLMEngine(GenerationEngine):
     """`vllm.LLM.generate` over all requests at once (vLLM batches and schedules them itself).
 
-    With a seed, request i gets seed + i * n and vLLM gives its k-th sample seed + i * n + k, so no two samples
-    share a seed. Log-probabilities are what vLLM reports for the sampled tokens: by default (logprobs_mode
-    "raw_logprobs") they are taken before temperature; set `logprobs_mode: processed_logprobs` in `vllm_kwargs`
-    to get them after temperature and top-p.
+    With a seed, request i gets seed + i * n and its k-th sample seed + i * n + k, so no two samples share a seed.
+    Greedy decoding with n > 1 gives n equal completions. Token ids include the end-of-turn token when the model
+    emitted one, and texts are decoded without special tokens, as the hf engine reports them.
     """
 
     def __init__(self, spec: EngineSpec):
+        apply_vllm_env()
         try:
             import vllm
         except ImportError as exc:
-            raise ImportError(
-                "engine 'vllm' needs the vllm package and a CUDA GPU (pip install 'unifer-ray[vllm]'); "
-                "on machines without them use engine 'hf' (or 'auto', which picks hf there)"
-            ) from exc
+            raise ImportError(f"engine 'vllm' needs the vllm package ({exc}). {CPU_BUILD_HINT}; "
+                              "elsewhere use engine 'hf' (or 'auto', which picks hf there)") from exc
         if not Path(spec.model).is_dir():
             raise FileNotFoundError(f"model directory {spec.model} does not exist (engine 'vllm' loads local directories)")
-        self._vllm = vllm
         self.processor = AutoProcessor.from_pretrained(spec.model, local_files_only=True)
-        llm_kwargs = {"dtype": spec.dtype, "limit_mm_per_prompt": {"image": 1}} | spec.vllm_kwargs
-        self.llm = vllm.LLM(model=spec.model, **llm_kwargs)
+        self.llm = vllm.LLM(model=spec.model, **vllm_llm_kwargs(spec))
 
     def generate(self, requests: list[ChatRequest], params: SamplingParams) -> list[list[Completion]]:
         prompts = []
@@ -43,17 +67,8 @@ class VLLMEngine(GenerationEngine):
             if images := request.images():
                 prompt["multi_modal_data"] = {"image": images}
             prompts.append(prompt)
-        sampling = [
-            self._vllm.SamplingParams(
-                n=params.n,
-                temperature=params.temperature,
-                top_p=params.top_p,
-                max_tokens=params.max_new_tokens,
-                seed=None if params.seed is None else params.seed + i * params.n,
-                logprobs=0 if params.logprobs else None,  # 0: only the sampled token's log-probability
-            )
-            for i in range(len(requests))
-        ]
+        sampling = [sampling_params(params, None if params.seed is None else params.seed + i * params.n)
+                    for i in range(len(requests))]
         outputs = self.llm.generate(prompts, sampling, use_tqdm=False)
         return [[self._completion(sample, params.logprobs) for sample in output.outputs] for output in outputs]
 
@@ -71,6 +86,6 @@ class VLLMEngine(GenerationEngine):
         )
 
     def close(self) -> None:
-        # vLLM releases its GPU memory when the LLM object is collected.
+        # vLLM stops its engine process (and frees its memory) when the LLM object is collected.
         self.llm = None
         gc.collect()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-from functools import cache
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +29,8 @@ def apply_vllm_env() -> None:
         os.environ.setdefault(key, value)
 
 
-@cache
 def vllm_version() -> str | None:
-    """The installed vLLM's version, or None where vLLM cannot be imported (with the reason logged once)."""
+    """The installed vLLM's version, or None where vLLM cannot be imported (the reason is logged)."""
     try:
         import vllm
     except ImportError as exc:

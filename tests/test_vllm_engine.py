@@ -1,0 +1,121 @@
+"""The vllm engine (vLLM 0.29's CPU build) on the real tiny model, against the transformers reference engine."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from unifer_ray.data.convert import convert_ferbench
+from unifer_ray.data.images import load_image
+from unifer_ray.engines import ChatRequest, EngineSpec, SamplingParams, create_engine, engine_label, resolve_engine
+from unifer_ray.engines.hf import HFEngine
+from unifer_ray.engines.vllm_engine import VLLMEngine
+from unifer_ray.labels import DATASETS
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(tiny_model_dir):
+    engine = VLLMEngine(EngineSpec(engine="vllm", model=str(tiny_model_dir), vllm_kwargs={"max_model_len": 1024}))
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def hf_engine(tiny_model_dir):
+    return HFEngine.from_spec(EngineSpec(engine="hf", model=str(tiny_model_dir), max_batch_size=16))
+
+
+@pytest.fixture(scope="module")
+def ferbench_requests(synthetic_root, tmp_path_factory):
+    """Every synthetic FERBench test item of the four datasets, as FERBench sends them (224×224 images)."""
+    out = tmp_path_factory.mktemp("parity")
+    requests = []
+    for spec in DATASETS.values():
+        path = out / spec.ferbench_file
+        convert_ferbench(spec.key, synthetic_root / spec.name, path, split="test")
+        for item in json.loads(path.read_text()):
+            image = load_image(str(synthetic_root) + item["image_path"], 224)
+            requests.append(ChatRequest.single_image(image, item["prompt"]))
+    return requests
+
+
+def test_auto_is_vllm_where_it_is_installed(tiny_model_dir):
+    spec = EngineSpec(model=str(tiny_model_dir))
+    assert resolve_engine(spec) == "vllm"
+    assert engine_label(spec) == "vllm 0.29.0"
+    assert engine_label(spec.model_copy(update={"engine": "hf"})) == "hf"
+
+
+def test_greedy_parity_with_the_reference_engine(vllm_engine, hf_engine, ferbench_requests):
+    """vLLM's greedy tokens are the reference's, up to ties: where the two first differ, the reference itself rates
+    both tokens within 0.01 nats (float32 kernels differ in rounding, and a random-init model's next-token
+    distribution is nearly flat, so near-ties are common; a trained model's answers agree, see the README)."""
+    params = SamplingParams(max_new_tokens=32, logprobs=True)
+    ours = vllm_engine.generate(ferbench_requests, params)
+    reference = hf_engine.generate(ferbench_requests, params)
+    identical = 0
+    for request, [a], [b] in zip(ferbench_requests, ours, reference):
+        first = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), None)
+        if first is None:
+            identical += a.token_ids == b.token_ids
+            continue
+        rated = recomputed(hf_engine, request, a.token_ids[: first + 1], 1.0)[first]
+        assert abs(rated - b.logprobs[first]) < 0.01, (first, rated, b.logprobs[first])
+    print(f"greedy parity vllm vs hf: {identical}/{len(ferbench_requests)} identical responses, the rest near-ties")
+    assert len(ferbench_requests) >= 80 and identical >= len(ferbench_requests) // 3
+
+
+def test_logprobs_match_the_reference_after_temperature(vllm_engine, hf_engine, ferbench_requests):
+    # vLLM's processed log-probabilities are those of softmax(logits / T), as the hf engine reports them.
+    params = SamplingParams(max_new_tokens=8, temperature=0.7, seed=11, logprobs=True)
+    for request in ferbench_requests[:6]:
+        [[sample]] = vllm_engine.generate([request], params)
+        assert len(sample.logprobs) == len(sample.token_ids) > 0
+        expected = recomputed(hf_engine, request, sample.token_ids, 0.7)
+        assert sample.logprobs == pytest.approx(expected, abs=5e-3)  # float32 kernels round differently
+
+
+def recomputed(engine: HFEngine, request: ChatRequest, token_ids: list[int], temperature: float) -> list[float]:
+    from tests.test_engines import recomputed_logprobs
+
+    return recomputed_logprobs(engine, request, token_ids, temperature)
+
+
+def test_n_samples_have_distinct_seeds_and_reproduce(vllm_engine, ferbench_requests):
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, n=4, seed=5)
+    first = vllm_engine.generate(ferbench_requests[:3], params)
+    assert [len(group) for group in first] == [4, 4, 4]
+    assert len({tuple(c.token_ids) for c in first[0]}) == 4  # four samples, not four copies
+    assert vllm_engine.generate(ferbench_requests[:3], params) == first
+    # Request i's sample k has seed 5 + 4i + k: request 1 alone with seed 9 draws request 1's samples.
+    [alone] = vllm_engine.generate([ferbench_requests[1]], params.model_copy(update={"seed": 9}))
+    assert alone == first[1]
+
+
+def test_stops_at_the_end_of_turn(tiny_model_dir, ferbench_requests, tmp_path):
+    """A model that always ends its turn at once: vLLM stops on <|im_end|>, reports it, and decodes an empty text."""
+    import torch
+
+    from unifer_ray.models.loading import load_model_and_processor
+
+    model, processor = load_model_and_processor(str(tiny_model_dir), dtype="float32")
+    end_of_turn = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    with torch.no_grad():  # one feature that every hidden state carries and only <|im_end|>'s output row reads
+        model.get_input_embeddings().weight[:, 0] = 100.0
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[end_of_turn, 0] = 1.0
+    model.save_pretrained(tmp_path / "ends")
+    processor.save_pretrained(tmp_path / "ends")
+    engine = VLLMEngine(EngineSpec(engine="vllm", model=str(tmp_path / "ends"),
+                                   vllm_kwargs={"max_model_len": 1024, "enforce_eager": True}))
+    groups = engine.generate(ferbench_requests[:3], SamplingParams(max_new_tokens=16, logprobs=True))
+    engine.close()
+    for [completion] in groups:
+        assert completion.token_ids == [end_of_turn] and completion.text == ""
+        assert completion.finish_reason == "stop" and len(completion.logprobs) == 1
+
+
+def test_create_engine_builds_vllm(tiny_model_dir):
+    with pytest.raises(FileNotFoundError, match="no_model"):
+        create_engine(EngineSpec(engine="vllm", model=str(tiny_model_dir) + "/no_model"))
