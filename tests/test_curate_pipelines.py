@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 from datasets import load_dataset
 
 from unifer_ray import storage
@@ -118,12 +119,13 @@ def test_cot_oracle_keeps_only_verified_traces_and_resumes(ray_cluster, syntheti
     assert sorted(items_again, key=lambda item: item["id"]) == by_id  # the oracle is seeded: same traces, none twice
 
 
-def test_cot_with_the_tiny_hf_teacher_on_ray_data(ray_cluster, tiny_model_dir, synthetic_root, tmp_path):
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_cot_with_the_tiny_engine_teacher_on_ray_data(ray_cluster, tiny_model_dir, synthetic_root, tmp_path, engine):
     config = parse_config({
         "sources": [{"dataset": "ferplus", "root": str(synthetic_root / "FERPlus"), "limit": 2}],
         "out_dir": str(tmp_path / "cot"), "k": 2, "m": 2, "hint": "label", "load_num_cpus": 1,
         "teacher": {"kind": "engine", "name": "tiny", "batch_size": 2, "image_size": 56,
-                    "engine": {"engine": "hf", "model": str(tiny_model_dir)},
+                    "engine": {"engine": engine, "model": str(tiny_model_dir)},
                     "sampling": {"max_new_tokens": 12, "temperature": 1.0, "seed": 0}},
     }, CotConfig)
 
@@ -134,6 +136,7 @@ def test_cot_with_the_tiny_hf_teacher_on_ray_data(ray_cluster, tiny_model_dir, s
     ledger = read_ledger_rows(tmp_path / "cot")
     responses = [r for row in ledger for r in json.loads(row["responses"])]
     assert len(responses) == 4 and any(responses)  # real generations, whatever the filters made of them
+    assert all(len(set(json.loads(row["responses"]))) == 2 for row in ledger)  # k samples, not k copies
     assert all(len(json.loads(row["verdicts"])) == 2 for row in ledger)
     assert all("correct answer" not in row["question"] for row in ledger)  # the hint reaches the teacher only
 

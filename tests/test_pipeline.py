@@ -83,6 +83,9 @@ def test_the_demo_runs_every_stage_and_reports_base_sft_and_rlvr(ray_cluster, tm
     assert list(summary["ferbench"]) == ["tiny-base", "tiny-sft", "tiny-rlvr"]
     for per_dataset in summary["ferbench"].values():
         assert set(per_dataset) == {"rafdb", "ferplus", "affectnet", "sfew", "overall"}
+    for model in summary["ferbench"]:  # the leaderboard comes from vLLM
+        rows = [json.loads(line) for line in open(out / "bench" / "results" / model / "results.jsonl")]
+        assert rows and {row["engine"] for row in rows} == {"vllm 0.29.0"}
     assert summary["sft"]["steps"] == 3 and summary["rlvr"]["steps"] == 2
     for model in ("tiny-sft", "tiny-rlvr"):
         assert (out / "models" / model / "config.json").is_file()
