@@ -116,6 +116,14 @@ class Head:
                 raise RuntimeError(f"ray job submit failed: {done.stderr[-3000:]}")
             time.sleep(2)
 
+    def wait_ready(self, timeout: float = 180) -> None:
+        """Until the job API answers (the dashboard's job agent comes up a little after the head)."""
+        deadline = time.monotonic() + timeout
+        while self.ray("job", "list", "--address", self.address, timeout=60).returncode != 0:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the head did not come up; see {self.log_path}")
+            time.sleep(2)
+
     def status(self, submission_id: str) -> str:
         out = self.ray("job", "status", "--address", self.address, "--log-color", "false", submission_id).stdout
         for word in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING"):
@@ -148,6 +156,26 @@ class Head:
     def alive_nodes(self) -> list[dict]:
         return [n for n in self.state("nodes") if n["state"] == "ALIVE"]
 
+    def preempt(self, node_id: str) -> int:
+        """Take a worker node away the way a spot reclaim does: its raylet is killed, with no warning to Ray.
+        Returns the raylet's pid. The node's workers die with it, and the autoscaler sees a dead instance."""
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+                if "raylet" not in cmdline.split("\0")[0]:
+                    continue
+                environ = (proc / "environ").read_bytes().decode(errors="replace")
+                if os.getpgid(int(proc.name)) != self.process.pid:
+                    continue  # never touch a process this head did not start
+            except OSError:
+                continue
+            if node_id in cmdline or f"RAY_OVERRIDE_NODE_ID_FOR_TESTING={node_id}" in environ:
+                os.kill(int(proc.name), signal.SIGKILL)
+                return int(proc.name)
+        raise LookupError(f"no raylet of node {node_id} on this machine")
+
     def stop(self) -> None:
         """End the head's process group: the head, its autoscaler, the fake nodes and their workers."""
         pgid = self.process.pid  # the head leads its own session (start_new_session)
@@ -178,7 +206,8 @@ def start_head(*, cluster_file: Path | None = None, num_cpus: float = 0, labels:
         "RAY_AUTH_TOKEN": secrets.token_hex(32),  # this head's own token, never the user's ~/.ray/auth_token
         "RAY_USAGE_STATS_ENABLED": "0",
     }
-    args = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus", str(num_cpus), "--node-ip-address", "127.0.0.1",
+    args = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus", str(num_cpus),
+            "--node-ip-address", "127.0.0.1",
             "--dashboard-host", "127.0.0.1", "--include-dashboard", "true", "--disable-usage-stats",
             "--temp-dir", str(temp_dir)]
     if labels:
@@ -204,7 +233,13 @@ def start_head(*, cluster_file: Path | None = None, num_cpus: float = 0, labels:
                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=workdir)
     if log_path:
         log.close()
-    return Head(f"http://127.0.0.1:{ports['dashboard-port']}", env, process, temp_dir, workdir, log_path)
+    head = Head(f"http://127.0.0.1:{ports['dashboard-port']}", env, process, temp_dir, workdir, log_path)
+    try:
+        head.wait_ready()
+    except BaseException:
+        head.stop()
+        raise
+    return head
 
 
 def placement_table(head: Head) -> list[tuple[str, str, str]]:
@@ -222,7 +257,7 @@ def placement_table(head: Head) -> list[tuple[str, str, str]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cluster", default="cluster/aws.yaml", help="cluster launcher file whose node types to mirror")
+    parser.add_argument("--cluster", default="cluster/aws.yaml", help="launcher file whose node types to mirror")
     parser.add_argument("--runtime-env", default="cluster/runtime_env.yaml")
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--idle-timeout-minutes", type=float, default=0.5)

@@ -47,3 +47,15 @@ def init_ray(num_cpus: float | None = None) -> None:
         log_to_driver=not local,
         runtime_env=driver_runtime_env(),
     )
+    scope_ray_data_to_cpu_nodes()
+
+
+def scope_ray_data_to_cpu_nodes() -> None:
+    """On a role-labelled cluster, Ray Data's tasks and actors default to the `cpu` node type (decoding, filters,
+    scoring); a stage that needs GPUs names its own node type, which wins over this default for the same key."""
+    from ray.data import DataContext
+
+    from unifer_ray import placement
+
+    if placement.enabled():
+        DataContext.get_current().execution_options.label_selector = placement.selector("cpu")

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from unifer_ray import storage
+from unifer_ray import placement, storage
 from unifer_ray.bench.config import BenchConfig, BenchModel
 from unifer_ray.bench.items import ItemRows, read_items
 from unifer_ray.data.images import load_image_batch
@@ -135,6 +135,7 @@ def run_model(model: BenchModel, items: ItemRows, config: BenchConfig) -> ModelR
                                    "torch_threads": model.torch_threads},
             batch_size=model.batch_size, compute=ray.data.ActorPoolStrategy(size=model.concurrency),
             num_cpus=model.num_cpus, num_gpus=model.num_gpus,
+            **(placement.actor_options("rollout") if model.num_gpus else {}),  # GPU engines: the 1-GPU nodes
         )
         # Scoring and writing ask for the same resources, so Ray Data fuses them into one task per block.
         ds = ds.map_batches(score_batch, fn_kwargs={"model": model.name}, batch_size=None, num_cpus=0.25)
