@@ -226,3 +226,38 @@ def test_the_path_check_accepts_relative_inputs_inside_the_upload():
                             runtime_env=CLUSTER / "runtime_env.yaml", section="sft", workdir=REPO)
     assert {p.field for p in problems} == {"sft.model", "sft.data[0]", "sft.image_root", "sft.output_dir",
                                            "sft.storage_path"}
+
+
+# ---------------------------------------------------------------------------------------------- driver and placement
+
+
+def test_the_driver_adds_only_the_thread_variables_a_submitted_job_leaves_out(monkeypatch):
+    """Ray refuses a ray.init runtime env that repeats a key of the job's runtime env (the README's submission
+    failed so): the job's values win, ours fill the gaps. The submission itself runs in tests/test_cluster_sim.py."""
+    from unifer_ray.ray_utils import JOB_CONFIG_ENV, THREAD_ENV, driver_runtime_env
+
+    monkeypatch.delenv(JOB_CONFIG_ENV, raising=False)
+    assert driver_runtime_env() == {"env_vars": THREAD_ENV}  # the laptop: ours
+    job = {"runtime_env": {"working_dir": ".", "env_vars": load("runtime_env.yaml")["env_vars"]}}
+    monkeypatch.setenv(JOB_CONFIG_ENV, json.dumps(job))
+    assert driver_runtime_env() == {"env_vars": {"MKL_NUM_THREADS": "1"}}  # what cluster/runtime_env.yaml leaves out
+    job["runtime_env"]["env_vars"] |= {"MKL_NUM_THREADS": "4"}
+    monkeypatch.setenv(JOB_CONFIG_ENV, json.dumps(job))
+    assert driver_runtime_env() is None
+
+
+def test_placement_selectors_follow_the_mode(monkeypatch):
+    from unifer_ray import placement
+
+    monkeypatch.setenv(placement.MODE_ENV, "labels")
+    assert placement.actor_options("learner") == {"label_selector": {"unifer-role": "learner"}}
+    assert placement.packed_group_options("rollout", 2) == {
+        "strategy": "STRICT_PACK", "bundle_label_selector": [{"unifer-role": "rollout"}] * 2}
+    with pytest.raises(ValueError, match="unknown node role"):
+        placement.selector("gpu")
+    monkeypatch.setenv(placement.MODE_ENV, "off")  # a laptop: no selector, or nothing would ever be scheduled
+    assert placement.actor_options("learner") == {}
+    assert placement.packed_group_options("rollout", 2) == {"strategy": "STRICT_PACK"}
+    monkeypatch.setenv(placement.MODE_ENV, "on")
+    with pytest.raises(ValueError, match="UNIFER_PLACEMENT"):
+        placement.enabled()
