@@ -9,6 +9,7 @@ rollout, and the workers scale back to zero when idle."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -34,11 +35,12 @@ def sim(tmp_path_factory):
 
 
 def roles_of_actors(head: Head) -> dict[str, set[str]]:
-    """Actor class -> the `unifer-role` labels of the nodes its live actors run on (as `ray list` reports)."""
+    """Actor class -> the `unifer-role` labels of the nodes its actors ran on, dead actors and nodes included (as
+    `ray list` reports them: the cluster keeps the record of both)."""
     nodes = {n["node_id"]: (n.get("labels") or {}).get(ROLE_LABEL) for n in head.state("nodes")}
     found: dict[str, set[str]] = {}
     for actor in head.state("actors"):
-        if actor["state"] == "ALIVE":
+        if actor.get("node_id"):
             found.setdefault(actor["class_name"], set()).add(nodes.get(actor["node_id"]))
     return found
 
@@ -74,39 +76,65 @@ def test_runtime_env_submission_places_each_role_on_its_node_type(sim):
     assert landed == {"learner": "learner", "rollout": "rollout", "serve": "serve", "cpu": "cpu"}
     for role in ("learner", "rollout", "serve", "cpu"):
         assert f"probe {role}: on node" in logs  # printed inside the actor
+    assert roles_of_actors(sim)["Probe"] == {"learner", "rollout", "serve", "cpu"}  # as the cluster reports it
     # The autoscaler started exactly one node of each type the probes asked for.
     launched = [n["labels"].get(ROLE_LABEL) for n in sim.state("nodes")]
     assert sorted(launched) == ["cpu", "head", "learner", "rollout", "serve"]
 
 
+def preempt_the_rollout_node_after(sim: Head, log_dir: Path, steps: int, preempted: list[str]) -> threading.Thread:
+    """In the background: once the rollout node is up and `steps` steps are logged, kill that node (a spot reclaim).
+    A tiny step takes a fraction of a second, so the metrics file is watched closely, not between job polls."""
+
+    def logged() -> int:
+        try:
+            return len(read_records(log_dir))
+        except json.JSONDecodeError:  # a line being written
+            return 0
+
+    def run() -> None:
+        deadline = time.monotonic() + 600
+        node = None  # the node the rollout actor runs on (an idle rollout node of an earlier job is not it)
+        while node is None and time.monotonic() < deadline:
+            node = next((a["node_id"] for a in sim.state("actors")
+                         if a["class_name"] == "RolloutWorker" and a["state"] == "ALIVE"), None)
+            time.sleep(0.5)
+        while logged() < steps and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if node is not None and time.monotonic() < deadline:
+            sim.preempt(node)
+            preempted.append(node)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
 def test_rlvr_job_scales_up_survives_a_preempted_rollout_node_and_scales_to_zero(sim, tmp_path, tiny_model_dir,
                                                                                 synthetic_root):
-    steps = 6
+    steps = 40  # about 0.2 s each here: the run is still going when the rollout node is preempted after step 2
     config = rl_config(tmp_path, tiny_model_dir, synthetic_root, steps=steps, mode="one_step_off",
-                       rollout={"max_replacements": 2}, checkpoint_every=100)
+                       rollout={"max_replacements": 2}, checkpoint_every=100, sample_log_every=0)
     (tmp_path / "rlvr.yaml").write_text(yaml.safe_dump({"rlvr": config}))
     sim.submit(["python", "jobs/rlvr.py", "--config", str(tmp_path / "rlvr.yaml")], submission_id="rlvr")
 
-    placed: dict[str, set[str]] = {}
     preempted: list[str] = []
-
-    def watch() -> None:
-        for name, roles in roles_of_actors(sim).items():
-            placed.setdefault(name, set()).update(roles)
-        done_steps = len(read_records(tmp_path / "logs"))
-        if not preempted and 1 <= done_steps < steps - 2:
-            [rollout_node] = [n for n in sim.alive_nodes() if n["labels"].get(ROLE_LABEL) == "rollout"]
-            sim.preempt(rollout_node["node_id"])
-            preempted.append(rollout_node["node_id"])
-
-    state = sim.wait("rlvr", 900, poll=watch)
+    preempter = preempt_the_rollout_node_after(sim, tmp_path / "logs", 2, preempted)
+    state = sim.wait("rlvr", 900)
     logs = sim.logs("rlvr")
     assert state == "SUCCEEDED", logs[-5000:]
-    assert preempted, "the run ended before a rollout node could be preempted"
+    preempter.join(timeout=5)
+    assert preempted, "the rollout node was not preempted"
+    assert len(read_records(tmp_path / "logs")) == steps
 
-    # Every actor group ran on its own node type, and only those (plus the head's job supervisor).
+    # Every actor ran on its own node type: the learners, both rollout actors (the preempted one and its
+    # replacement), and the job's driver-side supervisor on the head.
+    placed = roles_of_actors(sim)
     assert placed["LearnerWorker"] == {"learner"}
     assert placed["RolloutWorker"] == {"rollout"}
+    assert placed["JobSupervisor"] == {"head"}
+    rollout_nodes_used = {a["node_id"] for a in sim.state("actors") if a["class_name"] == "RolloutWorker"} - {None}
+    assert len(rollout_nodes_used) == 2  # the replacement ran on a new rollout node
     # The preempted node is dead; a new rollout node replaced it.
     rollout_nodes = [n for n in sim.state("nodes") if n["labels"].get(ROLE_LABEL) == "rollout"]
     assert {n["node_id"] for n in rollout_nodes} - set(preempted), rollout_nodes
