@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ray
 
+from unifer_ray import placement
 from unifer_ray.curate.config import EngineTeacherConfig, OpenAITeacherConfig, OracleTeacherConfig
 from unifer_ray.curate.oracle import OracleTeacher
 from unifer_ray.engines.ray_actor import EngineActor
@@ -39,7 +40,8 @@ def add_teacher(
 ) -> ray.data.Dataset:
     """`ds` (rows with `prompt`, `image`, `error`, ...) → the same rows with `responses`: k traces each."""
     workers = {"batch_size": teacher.batch_size, "compute": ray.data.ActorPoolStrategy(size=teacher.concurrency),
-               "num_cpus": teacher.num_cpus, "num_gpus": teacher.num_gpus}
+               "num_cpus": teacher.num_cpus, "num_gpus": teacher.num_gpus,
+               **(placement.actor_options("rollout") if teacher.num_gpus else {})}  # GPU teachers: GPU nodes
     if isinstance(teacher, OracleTeacherConfig):
         return ds.map_batches(OracleTeacher, fn_constructor_kwargs={
             "n": k, "wrong_rate": teacher.wrong_rate, "seed": teacher.seed}, **workers)
