@@ -181,7 +181,7 @@ class Head:
         pgid = self.process.pid  # the head leads its own session (start_new_session)
         try:
             os.killpg(pgid, signal.SIGTERM)
-            self.process.wait(timeout=60)
+            self.process.wait(timeout=15)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             pass
         time.sleep(2)
