@@ -114,7 +114,7 @@ def check_cluster_spec(spec: dict, worker_groups: tuple[str, ...]) -> None:
         assert pods(group)[0]["image"] == pods(head)[0]["image"], name
         # Top-level labels: KubeRay makes them Ray node labels and autoscaler v2 scales groups by them; labels in
         # rayStartParams would not be seen by the autoscaler.
-        assert group["labels"] == {"unifer-role": name}
+        assert group["labels"] == {"unifer-role": name.removesuffix("-tp")}  # rollout-tp: rollout nodes too
         assert "labels" not in group["rayStartParams"]
         if name in GPU_ROLES:
             assert gpus(group) >= 1, name
@@ -125,7 +125,7 @@ def test_raycluster_autoscales_with_a_group_per_role():
     manifest = load("kuberay/raycluster.yaml")
     assert (manifest["apiVersion"], manifest["kind"]) == ("ray.io/v1", "RayCluster")
     spec = manifest["spec"]
-    check_cluster_spec(spec, ("cpu", "rollout", "learner", "serve"))
+    check_cluster_spec(spec, ("cpu", "rollout", "rollout-tp", "learner", "serve"))
     assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     # Token authentication from one secret on every pod (the user reads the same secret to submit jobs).
     for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
