@@ -8,6 +8,9 @@ Ray's own fake multi-node provider (`RAY_FAKE_CLUSTER=1`, provider `fake_multino
 a real raylet on this machine, under autoscaler v2 (the one that reads node labels; v1 ignores label selectors and
 may start a rollout node for a learner). The work runs on CPUs; the GPUs are logical.
 
+Every simulated node shares this machine's session log directory, so `ray job logs` shows each actor's line once
+per node's log monitor; a real cluster shows it once.
+
 Rules kept for shared machines: loopback only (every node binds 127.0.0.1), its own ports, temp dir and token, and
 the head runs in its own process group, which `stop` ends (never `ray stop`, which ends every Ray process here).
 """
