@@ -4,8 +4,9 @@ cluster file (`cluster/aws.yaml`), with the same labels and logical GPUs, then `
     python -m unifer_ray.cluster_sim --cluster cluster/aws.yaml -- python jobs/placement.py
     make cluster-sim JOB="python jobs/rlvr.py --config /abs/path/rlvr.yaml"
 
-Ray's own fake multi-node provider (`RAY_FAKE_CLUSTER=1`, provider `fake_multinode`) starts every worker node as
-a real raylet on this machine, under autoscaler v2 (the one that reads node labels; v1 ignores label selectors and
+Ray's own fake multi-node provider (`RAY_FAKE_CLUSTER=1`, FakeMultiNodeProvider, which `type: fake_multinode` names;
+loaded through `type: external` because the wheel lacks its defaults file) starts every worker node as a real raylet
+on this machine, under autoscaler v2 (the one that reads node labels; v1 ignores label selectors and
 may start a rollout node for a learner). The work runs on CPUs; the GPUs are logical.
 
 Every simulated node shares this machine's session log directory, so `ray job logs` shows each actor's line once
