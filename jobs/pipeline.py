@@ -1,8 +1,8 @@
 """The whole pipeline on a Ray cluster, one stage after the other:
 curate CoT → curate RLVR → SFT → RLVR → FERBench (base vs SFT vs RLVR) → Serve.
 
-    ray job submit --working-dir . -- python jobs/pipeline.py --config configs/qwen2_5_vl_7b.yaml
-    ray job submit --working-dir . -- python jobs/pipeline.py --config configs/qwen2_5_vl_7b.yaml --stages rlvr bench serve
+    ray job submit --runtime-env cluster/runtime_env.yaml -- python jobs/pipeline.py --config configs/qwen2_5_vl_7b.yaml
+    ray job submit --runtime-env cluster/runtime_env.yaml -- python jobs/pipeline.py --config FILE --stages rlvr bench
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""RLVR (GRPO) on a Ray cluster: `ray job submit --working-dir . -- python jobs/rlvr.py --config configs/<name>.yaml`.
+"""RLVR (GRPO) on a Ray cluster:
+`ray job submit --runtime-env cluster/runtime_env.yaml -- python jobs/rlvr.py --config configs/<name>.yaml`.
 
 `--resume` continues from the latest checkpoint in the config's checkpoint_dir.
 """

@@ -1,4 +1,5 @@
-"""Cold-start SFT on a Ray cluster: `ray job submit --working-dir . -- python jobs/sft.py --config configs/<name>.yaml`."""
+"""Cold-start SFT on a Ray cluster:
+`ray job submit --runtime-env cluster/runtime_env.yaml -- python jobs/sft.py --config configs/<name>.yaml`."""
 
 from __future__ import annotations
 

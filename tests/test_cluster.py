@@ -12,6 +12,8 @@ import ray
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
+from unifer_ray.cluster_paths import check_config, cluster_mounts
+from unifer_ray.placement import ROLES
 from unifer_ray.serve.config import ServeConfig
 
 CLUSTER = Path(__file__).resolve().parent.parent / "cluster"
@@ -59,6 +61,11 @@ def test_aws_node_types():
         assert node["resources"]["GPU"] >= 1, role
         assert 0 <= node["min_workers"] <= node["max_workers"], role
         assert node["labels"] == {"unifer-role": role}
+    # Every node type is labelled with a role the placement helper knows (the head with `head`).
+    assert {t["labels"]["unifer-role"] for t in types.values()} == {*ROLES, "head"}
+    assert types["rollout-tp"]["labels"] == {"unifer-role": "rollout"} and types["rollout-tp"]["resources"]["GPU"] >= 2
+    # Learners hold 7B training state: 80 GB GPUs (docs/memory-7b.md).
+    assert types["learner"]["node_config"]["InstanceType"] in ("p4de.24xlarge", "p5.48xlarge", "p5e.48xlarge")
     assert sum(types[name].get("max_workers", 0) for name in types) >= config["max_workers"] >= 1
     # Rollouts are replaceable, so they run on spot; learners hold optimizer state, so they do not.
     assert types["rollout"]["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
@@ -70,8 +77,16 @@ def test_aws_image_has_vllm_and_setup_installs_this_package():
     assert config["docker"]["image"].startswith("rayproject/ray-llm:")  # Ray's image with vLLM
     assert config["docker"]["image"].split(":")[1].startswith(ray.__version__)
     assert any("pip install" in c and "/home/ray/unifer-ray" in c for c in config["setup_commands"])
-    assert config["file_mounts"] == {"/home/ray/unifer-ray": "."}
+    assert config["file_mounts"]["/home/ray/unifer-ray"] == "."
     assert ".venv" in config["rsync_exclude"]
+
+
+def test_aws_nodes_share_the_token_and_run_autoscaler_v2():
+    config = load("aws.yaml")
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    for command in config["head_start_ray_commands"][1:] + config["worker_start_ray_commands"][1:]:
+        assert "RAY_AUTH_MODE=token" in command
+    assert "RAY_enable_autoscaler_v2=1" in config["head_start_ray_commands"][1]
 
 
 # ---------------------------------------------------------------------------------------------- KubeRay
@@ -88,14 +103,19 @@ def gpus(group: dict) -> int:
 def check_cluster_spec(spec: dict, worker_groups: tuple[str, ...]) -> None:
     assert spec["rayVersion"] == ray.__version__
     assert spec["enableInTreeAutoscaling"] is True
+    assert spec["autoscalerOptions"]["version"] == "v2"  # the autoscaler that reads label selectors
     head = spec["headGroupSpec"]
+    assert head["labels"] == {"unifer-role": "head"}
     assert gpus(head) == 0 and pods(head)[0]["image"]
     groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
     assert tuple(groups) == worker_groups
     for name, group in groups.items():
         assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], name
         assert pods(group)[0]["image"] == pods(head)[0]["image"], name
-        assert group["rayStartParams"]["labels"] == f"unifer-role={name}"
+        # Top-level labels: KubeRay makes them Ray node labels and autoscaler v2 scales groups by them; labels in
+        # rayStartParams would not be seen by the autoscaler.
+        assert group["labels"] == {"unifer-role": name.removesuffix("-tp")}  # rollout-tp: rollout nodes too
+        assert "labels" not in group["rayStartParams"]
         if name in GPU_ROLES:
             assert gpus(group) >= 1, name
             assert pods(group)[0]["resources"]["requests"] == pods(group)[0]["resources"]["limits"], name
@@ -104,8 +124,14 @@ def check_cluster_spec(spec: dict, worker_groups: tuple[str, ...]) -> None:
 def test_raycluster_autoscales_with_a_group_per_role():
     manifest = load("kuberay/raycluster.yaml")
     assert (manifest["apiVersion"], manifest["kind"]) == ("ray.io/v1", "RayCluster")
-    check_cluster_spec(manifest["spec"], ("cpu", "rollout", "learner", "serve"))
-    assert manifest["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    spec = manifest["spec"]
+    check_cluster_spec(spec, ("cpu", "rollout", "rollout-tp", "learner", "serve"))
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    # Token authentication from one secret on every pod (the user reads the same secret to submit jobs).
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        env = {e["name"]: e for e in pods(group)[0]["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token"
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "unifer-ray-token", "key": "auth_token"}
 
 
 def test_rayjob_runs_rlvr():
@@ -115,8 +141,12 @@ def test_rayjob_runs_rlvr():
     assert spec["entrypoint"].split()[:2] == ["python", "jobs/rlvr.py"]
     assert "--config" in spec["entrypoint"]
     assert spec["shutdownAfterJobFinishes"] is True
-    assert yaml.safe_load(spec["runtimeEnvYAML"])["working_dir"] == "/home/ray/unifer-ray"
+    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+    assert runtime_env["working_dir"] == "/home/ray/unifer-ray"
+    assert runtime_env["env_vars"] == {k: v for k, v in load("runtime_env.yaml")["env_vars"].items()
+                                       if k in runtime_env["env_vars"]}
     check_cluster_spec(spec["rayClusterSpec"], ("rollout", "learner"))
+    assert spec["rayClusterSpec"]["authOptions"] == {"mode": "token"}  # the operator's own submitter gets the token
 
 
 def test_rayservice_runs_our_serve_app():
@@ -127,6 +157,8 @@ def test_rayservice_runs_our_serve_app():
     assert app.import_path == "unifer_ray.serve.app:build_app"
     config = ServeConfig.model_validate(app.args)  # the args are exactly what our builder takes
     assert config.engine.engine == "vllm" and config.resources.num_gpus == 1
+    assert config.resources.label_selector == {"unifer-role": "serve"}  # model replicas on serve nodes
+    assert manifest["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "token"}
     assert config.autoscaling.max_replicas > config.autoscaling.min_replicas >= 1
     # Every pod gets the API key variable the app names, from a secret.
     cluster = manifest["spec"]["rayClusterConfig"]
@@ -150,3 +182,82 @@ def test_runtime_env_is_a_valid_ray_runtime_env():
     assert runtime_env["working_dir"] == "."
     assert {".venv", ".git", "runs"} <= set(runtime_env["excludes"])
     assert all(isinstance(v, str) for v in runtime_env["env_vars"].values())
+
+
+# ---------------------------------------------------------------------------------------------- storage paths
+
+
+REPO = CLUSTER.parent
+
+
+def test_every_cluster_mounts_the_datasets_on_every_node():
+    for name in ("aws.yaml", "kuberay/raycluster.yaml", "kuberay/rayjob-rlvr.yaml"):
+        assert "/data/fer" in cluster_mounts(CLUSTER / name), name
+
+
+@pytest.mark.parametrize("cluster", ["aws.yaml", "kuberay/raycluster.yaml", "kuberay/rayjob-rlvr.yaml"])
+def test_the_7b_config_reads_only_what_the_cluster_nodes_see(cluster):
+    problems = check_config(REPO / "configs" / "qwen2_5_vl_7b.yaml", CLUSTER / cluster,
+                            runtime_env=CLUSTER / "runtime_env.yaml", workdir=REPO)
+    assert problems == []
+
+
+def test_the_path_check_names_each_path_a_node_cannot_see(tmp_path):
+    config = yaml.safe_load((REPO / "configs" / "qwen2_5_vl_7b.yaml").read_text())
+    config["sft"]["model"] = "/models/Qwen2.5-VL-7B-Instruct"  # a node's own disk: no cluster file mounts it
+    config["rlvr"]["data"]["image_root"] = "runs/demo/data"  # relative, and not uploaded with the job
+    config["rlvr"]["checkpoint_dir"] = "checkpoints/rlvr"  # workers on other nodes would each write their own
+    config["rlvr"]["log_dir"] = "/home/ray/logs"  # the driver's own files: fine
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    problems = check_config(tmp_path / "c.yaml", CLUSTER / "aws.yaml", runtime_env=CLUSTER / "runtime_env.yaml",
+                            workdir=REPO)
+    by_field = {p.field: p for p in problems}
+    assert set(by_field) == {"sft.model", "rlvr.data.image_root", "rlvr.checkpoint_dir"}
+    assert "no mount" in by_field["sft.model"].reason and "/data/fer" in by_field["sft.model"].reason
+    assert "excluded" in by_field["rlvr.data.image_root"].reason
+    assert "each node" in by_field["rlvr.checkpoint_dir"].reason
+
+
+def test_the_path_check_accepts_relative_inputs_inside_the_upload():
+    problems = check_config(REPO / "configs" / "qwen2_5_vl_7b.yaml", CLUSTER / "aws.yaml",
+                            runtime_env=CLUSTER / "runtime_env.yaml", section="pipeline", workdir=REPO)
+    assert problems == []  # pipeline.serve.config: configs/serve.yaml travels with the job
+    problems = check_config(REPO / "configs" / "tiny.yaml", CLUSTER / "aws.yaml",
+                            runtime_env=CLUSTER / "runtime_env.yaml", section="sft", workdir=REPO)
+    assert {p.field for p in problems} == {"sft.model", "sft.data[0]", "sft.image_root", "sft.output_dir",
+                                           "sft.storage_path"}
+
+
+# ---------------------------------------------------------------------------------------------- driver and placement
+
+
+def test_the_driver_adds_only_the_thread_variables_a_submitted_job_leaves_out(monkeypatch):
+    """Ray refuses a ray.init runtime env that repeats a key of the job's runtime env (the README's submission
+    failed so): the job's values win, ours fill the gaps. The submission itself runs in tests/test_cluster_sim.py."""
+    from unifer_ray.ray_utils import JOB_CONFIG_ENV, THREAD_ENV, driver_runtime_env
+
+    monkeypatch.delenv(JOB_CONFIG_ENV, raising=False)
+    assert driver_runtime_env() == {"env_vars": THREAD_ENV}  # the laptop: ours
+    job = {"runtime_env": {"working_dir": ".", "env_vars": load("runtime_env.yaml")["env_vars"]}}
+    monkeypatch.setenv(JOB_CONFIG_ENV, json.dumps(job))
+    assert driver_runtime_env() == {"env_vars": {"MKL_NUM_THREADS": "1"}}  # what cluster/runtime_env.yaml leaves out
+    job["runtime_env"]["env_vars"] |= {"MKL_NUM_THREADS": "4"}
+    monkeypatch.setenv(JOB_CONFIG_ENV, json.dumps(job))
+    assert driver_runtime_env() is None
+
+
+def test_placement_selectors_follow_the_mode(monkeypatch):
+    from unifer_ray import placement
+
+    monkeypatch.setenv(placement.MODE_ENV, "labels")
+    assert placement.actor_options("learner") == {"label_selector": {"unifer-role": "learner"}}
+    assert placement.packed_group_options("rollout", 2) == {
+        "strategy": "STRICT_PACK", "bundle_label_selector": [{"unifer-role": "rollout"}] * 2}
+    with pytest.raises(ValueError, match="unknown node role"):
+        placement.selector("gpu")
+    monkeypatch.setenv(placement.MODE_ENV, "off")  # a laptop: no selector, or nothing would ever be scheduled
+    assert placement.actor_options("learner") == {}
+    assert placement.packed_group_options("rollout", 2) == {"strategy": "STRICT_PACK"}
+    monkeypatch.setenv(placement.MODE_ENV, "on")
+    with pytest.raises(ValueError, match="UNIFER_PLACEMENT"):
+        placement.enabled()

@@ -2,10 +2,32 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 # Workers on small machines share few cores: torch must not start one thread per core in every actor.
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+# Set by `ray job submit` in the driver's environment: the job's runtime env (JSON), which ray.init merges with ours.
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def job_env_vars() -> dict[str, str]:
+    """The env_vars of the runtime env this driver was submitted with (empty outside `ray job submit`)."""
+    raw = os.environ.get(JOB_CONFIG_ENV)
+    if not raw:
+        return {}
+    runtime_env = json.loads(raw).get("runtime_env") or {}
+    return dict(runtime_env.get("env_vars") or {})
+
+
+def driver_runtime_env() -> dict | None:
+    """Our thread settings, minus every variable the submitted job already sets.
+
+    Ray refuses to start a driver whose ray.init runtime env repeats a key of the job's runtime env (even with the
+    same value), so the job's values win and we only fill in what it leaves out."""
+    missing = {k: v for k, v in THREAD_ENV.items() if k not in job_env_vars()}
+    return {"env_vars": missing} if missing else None
 
 
 def init_ray(num_cpus: float | None = None) -> None:
@@ -20,6 +42,20 @@ def init_ray(num_cpus: float | None = None) -> None:
     ray.init(
         num_cpus=num_cpus if local else None,
         include_dashboard=False if local else None,
-        log_to_driver=False,
-        runtime_env={"env_vars": THREAD_ENV},
+        # On a cluster the driver's stdout is what `ray job logs` shows: actors' and tasks' logs must reach it.
+        # The embedded default keeps its console to the progress bars and stage table.
+        log_to_driver=not local,
+        runtime_env=driver_runtime_env(),
     )
+    scope_ray_data_to_cpu_nodes()
+
+
+def scope_ray_data_to_cpu_nodes() -> None:
+    """On a role-labelled cluster, Ray Data's tasks and actors default to the `cpu` node type (decoding, filters,
+    scoring); a stage that needs GPUs names its own node type, which wins over this default for the same key."""
+    from ray.data import DataContext
+
+    from unifer_ray import placement
+
+    if placement.enabled():
+        DataContext.get_current().execution_options.label_selector = placement.selector("cpu")

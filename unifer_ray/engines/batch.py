@@ -22,6 +22,7 @@ import numpy as np
 import ray
 from pydantic import BaseModel, ConfigDict, Field
 
+from unifer_ray import placement
 from unifer_ray.engines import engine_label, resolve_engine
 from unifer_ray.engines.base import ChatRequest, SamplingParams
 from unifer_ray.engines.ray_actor import EngineActor
@@ -58,11 +59,16 @@ def add_generation(ds: ray.data.Dataset, spec: EngineSpec, sampling: SamplingPar
             fn_constructor_kwargs={"engine": spec.model_dump(), "sampling": sampling.model_dump(),
                                    "torch_threads": workers.torch_threads},
             batch_size=workers.batch_size, compute=ray.data.ActorPoolStrategy(size=workers.concurrency),
-            num_cpus=workers.num_cpus, num_gpus=workers.num_gpus,
+            num_cpus=workers.num_cpus, num_gpus=workers.num_gpus, **gpu_node_options(workers),
         )
     label = engine_label(spec)
     return ds.map_batches(lambda batch: {**batch, "engine": np.full(len(batch["id"]), label, dtype=object)},
                           batch_size=None, num_cpus=0.1)
+
+
+def gpu_node_options(workers: EngineWorkers) -> dict:
+    """GPU engines go to the GPU (rollout) node type; on a labelled cluster Ray Data's default is the cpu nodes."""
+    return placement.actor_options("rollout") if workers.num_gpus else {}
 
 
 def vllm_processor_config(spec: EngineSpec, workers: EngineWorkers):
@@ -96,6 +102,8 @@ def _vllm_generation(ds: ray.data.Dataset, spec: EngineSpec, sampling: SamplingP
     from ray.data.llm import build_processor
 
     processor = build_processor(vllm_processor_config(spec, workers))
+    # The processor config has no label selector: the engine stage's own map_batches options take it.
+    processor.get_stage_by_name("vLLMEngineStage").map_batches_kwargs.update(gpu_node_options(workers))
     # The processor returns one completion per row: n samples are n rows (sample k seeded seed + k, vLLM's own
     # rule for n), gathered again by id after the engine.
     ds = ds.map_batches(vllm_requests, fn_kwargs={"model": spec.model, "sampling": sampling.model_dump()},

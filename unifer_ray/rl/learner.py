@@ -20,6 +20,7 @@ import ray
 import torch
 import torch.distributed as dist
 
+from unifer_ray import placement
 from unifer_ray.data.images import load_image
 from unifer_ray.engines.base import ChatRequest, SamplingParams
 from unifer_ray.engines.hf import HFEngine, chat_text
@@ -297,7 +298,7 @@ class LearnerGroup:
         micro_batches = math.ceil(rows_per_rank / learner.micro_batch_size)
         name = f"learner-{uuid.uuid4().hex[:8]}"
         options = {"num_cpus": learner.num_cpus, "num_gpus": 1 if learner.use_gpu else 0,
-                   "runtime_env": {"env_vars": THREAD_ENV}}
+                   "runtime_env": {"env_vars": THREAD_ENV}, **placement.actor_options("learner")}
         self.workers = [
             ray.remote(LearnerWorker).options(name=f"{name}-{rank}", **options).remote(
                 learner.model_dump(), config.grpo.model_dump(), model_dir=model_dir,

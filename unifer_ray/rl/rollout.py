@@ -20,6 +20,7 @@ import ray
 from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from unifer_ray import placement
 from unifer_ray.data.images import ImageError, load_image
 from unifer_ray.engines import ChatRequest, Completion, EngineSpec, SamplingParams, create_engine
 from unifer_ray.engines.hf import HFEngine, chat_text
@@ -150,7 +151,8 @@ class RolloutGroup:
         self.placement_groups = []
         if config.num_gpus:
             bundles = [{"CPU": config.num_cpus, "GPU": 1}] * config.num_gpus
-            self.placement_groups = [placement_group(bundles, strategy="PACK") for _ in range(config.num_workers)]
+            self.placement_groups = [placement_group(bundles, **placement.packed_group_options("rollout", len(bundles)))
+                                     for _ in range(config.num_workers)]
             ray.get([pg.ready() for pg in self.placement_groups])
         self.workers = [self._start(i) for i in range(config.num_workers)]
         ray.get([w.ready.remote() for w in self.workers])
@@ -166,6 +168,8 @@ class RolloutGroup:
                 placement_group=self.placement_groups[index], placement_group_bundle_index=0,
                 placement_group_capture_child_tasks=True)
             options["num_gpus"] = 0 if self.tensor_parallel > 1 else 1
+        else:
+            options |= placement.actor_options("rollout")
         return ray.remote(RolloutWorker).options(**options).remote(self.spec, **self.worker_kwargs)
 
     @property

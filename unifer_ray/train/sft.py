@@ -19,7 +19,7 @@ import ray
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from unifer_ray import storage
+from unifer_ray import placement, storage
 from unifer_ray.data.training_sets import read_cot
 from unifer_ray.ray_utils import THREAD_ENV
 from unifer_ray.train.config import SFTConfig
@@ -68,7 +68,8 @@ def run_sft(config: SFTConfig, *, progress: bool = True) -> SFTResult:
         train_loop_per_worker,
         train_loop_config={"sft": config.model_dump(), "num_rows": num_rows},
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
-                                     resources_per_worker={"CPU": config.cpus_per_worker}),
+                                     resources_per_worker={"CPU": config.cpus_per_worker},
+                                     **placement.actor_options("learner")),
         run_config=RunConfig(
             name=config.run_name,
             storage_path=storage_dir,
