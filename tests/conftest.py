@@ -45,6 +45,21 @@ def synthetic_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def ferbench_files(synthetic_root, tmp_path_factory):
+    """The FERBench files of the synthetic test splits, one per dataset."""
+    from unifer_ray.data.convert import convert_ferbench
+    from unifer_ray.labels import DATASETS
+
+    out = tmp_path_factory.mktemp("ferbench")
+    files = []
+    for spec in DATASETS.values():
+        path = out / spec.ferbench_file
+        convert_ferbench(spec.key, synthetic_root / spec.name, path, split="test")
+        files.append(path)
+    return files
+
+
+@pytest.fixture(scope="session")
 def s3_server():
     """A real S3 API server (moto's standalone server) on loopback; yields a fresh bucket's URI prefix.
 

@@ -8,9 +8,7 @@ import pytest
 
 from unifer_ray.bench.config import BenchConfig, BenchFile, BenchModel
 from unifer_ray.bench.runner import run_bench, warn_if_the_pool_fills_the_cluster
-from unifer_ray.data.convert import convert_ferbench
 from unifer_ray.engines.spec import EngineSpec
-from unifer_ray.labels import DATASETS
 
 
 def _model(model_dir, name="tiny", **kw) -> BenchModel:
@@ -18,26 +16,20 @@ def _model(model_dir, name="tiny", **kw) -> BenchModel:
                       sampling={"max_new_tokens": 6}, image_size=56, batch_size=8, num_cpus=1, **kw)
 
 
-@pytest.fixture(scope="module")
-def ferbench_files(synthetic_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ferbench")
-    files = []
-    for spec in DATASETS.values():
-        path = out / spec.ferbench_file
-        convert_ferbench(spec.key, synthetic_root / spec.name, path, split="test")
-        files.append(path)
-    return files
+def bad_item_lines(good: list[dict], synthetic_root, folder: str) -> list[str]:
+    """Four bad lines: a missing file, a corrupt image, a label outside the candidates, malformed JSON."""
+    (synthetic_root / "corrupt.jpg").write_bytes(b"this is not a jpeg")
+    return [
+        json.dumps({**good[0], "image_path": f"/{folder}/does_not_exist.jpg"}),
+        json.dumps({**good[0], "image_path": "/corrupt.jpg"}),
+        json.dumps({**good[1], "image_path": "/x.jpg", "true_label": "boredom"}),
+        '{"image_path": "/y.jpg", "true_label": ',
+    ]
 
 
 def test_bench_counts_add_up_with_bad_items(ray_cluster, tiny_model_dir, synthetic_root, ferbench_files, tmp_path):
     good = json.loads(ferbench_files[0].read_text())[:6]
-    (synthetic_root / "corrupt.jpg").write_bytes(b"this is not a jpeg")
-    bad_lines = [
-        json.dumps({**good[0], "image_path": "/RAF-DB/aligned/does_not_exist.jpg"}),  # missing file
-        json.dumps({**good[0], "image_path": "/corrupt.jpg"}),  # corrupt image
-        json.dumps({**good[1], "image_path": "/x.jpg", "true_label": "boredom"}),  # label outside candidates
-        '{"image_path": "/y.jpg", "true_label": ',  # malformed JSON line
-    ]
+    bad_lines = bad_item_lines(good, synthetic_root, "RAF-DB/aligned")
     mixed = tmp_path / "mixed.jsonl"
     mixed.write_text("\n".join([json.dumps(g) for g in good] + bad_lines) + "\n")
     config = BenchConfig(files=[BenchFile(path=str(mixed), image_root=str(synthetic_root))],
@@ -66,12 +58,7 @@ def test_bench_on_vllm_keeps_every_item(ray_cluster, tiny_model_dir, synthetic_r
     """FERBench through ray.data.llm's vLLM processor: bad items and a prompt longer than the model's context are
     error rows with their reasons, the rest is scored by vLLM, and the answers are the in-process engine's."""
     good = json.loads(ferbench_files[1].read_text())[:12]
-    (synthetic_root / "corrupt.jpg").write_bytes(b"this is not a jpeg")
-    bad_lines = [
-        json.dumps({**good[0], "image_path": "/FERPlus/does_not_exist.png"}),  # missing file
-        json.dumps({**good[0], "image_path": "/corrupt.jpg"}),  # corrupt image
-        json.dumps({**good[1], "image_path": "/x.png", "true_label": "boredom"}),  # label outside candidates
-        '{"image_path": "/y.png", "true_label": ',  # malformed JSON line
+    bad_lines = bad_item_lines(good, synthetic_root, "FERPlus") + [
         json.dumps({**good[2], "image_path": good[3]["image_path"], "prompt": "why " * 600}),  # longer than context
     ]
     mixed = tmp_path / "mixed.jsonl"
@@ -86,7 +73,7 @@ def test_bench_on_vllm_keeps_every_item(ray_cluster, tiny_model_dir, synthetic_r
     assert run.items == 16 and (run.scored, run.errors) == (11, 5)
     errors = {e["id"]: e["reason"] for e in (json.loads(line) for line in open(run.errors_path))}
     reasons = " | ".join(errors.values())
-    assert "does_not_exist.png" in reasons and "not a decodable image" in reasons
+    assert "does_not_exist.jpg" in reasons and "not a decodable image" in reasons
     assert "boredom" in reasons and "malformed JSON" in reasons
     assert "maximum context length is 512" in errors[f"ferplus:{good[3]['image_path']}"]
     results = [json.loads(line) for line in open(run.results_path)]

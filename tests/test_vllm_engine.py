@@ -6,12 +6,10 @@ import json
 
 import pytest
 
-from unifer_ray.data.convert import convert_ferbench
 from unifer_ray.data.images import load_image
 from unifer_ray.engines import ChatRequest, EngineSpec, SamplingParams, create_engine, engine_label, resolve_engine
 from unifer_ray.engines.hf import HFEngine
 from unifer_ray.engines.vllm_engine import VLLMEngine
-from unifer_ray.labels import DATASETS
 
 
 @pytest.fixture(scope="module")
@@ -27,17 +25,10 @@ def hf_engine(tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def ferbench_requests(synthetic_root, tmp_path_factory):
+def ferbench_requests(synthetic_root, ferbench_files):
     """Every synthetic FERBench test item of the four datasets, as FERBench sends them (224×224 images)."""
-    out = tmp_path_factory.mktemp("parity")
-    requests = []
-    for spec in DATASETS.values():
-        path = out / spec.ferbench_file
-        convert_ferbench(spec.key, synthetic_root / spec.name, path, split="test")
-        for item in json.loads(path.read_text()):
-            image = load_image(str(synthetic_root) + item["image_path"], 224)
-            requests.append(ChatRequest.single_image(image, item["prompt"]))
-    return requests
+    return [ChatRequest.single_image(load_image(str(synthetic_root) + item["image_path"], 224), item["prompt"])
+            for path in ferbench_files for item in json.loads(path.read_text())]
 
 
 def test_auto_is_vllm_where_it_is_installed(tiny_model_dir):

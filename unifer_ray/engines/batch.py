@@ -71,7 +71,7 @@ def gpu_node_options(workers: EngineWorkers) -> dict:
     return placement.actor_options("rollout") if workers.num_gpus else {}
 
 
-def vllm_processor_config(spec: EngineSpec, workers: EngineWorkers):
+def vllm_processor_config(spec: EngineSpec, workers: EngineWorkers, *, seeded: bool = False):
     """`ray.data.llm`'s processor config for a spec: the engine stage alone, one placement bundle per engine worker."""
     from ray.data.llm import vLLMEngineProcessorConfig
 
@@ -81,7 +81,7 @@ def vllm_processor_config(spec: EngineSpec, workers: EngineWorkers):
     bundle = {"CPU": workers.num_cpus} | ({"GPU": 1} if workers.num_gpus else {})
     return vLLMEngineProcessorConfig(
         model_source=spec.model,
-        engine_kwargs=vllm_llm_kwargs(spec),
+        engine_kwargs=vllm_llm_kwargs(spec, seeded_on_cpu=seeded and not workers.num_gpus),
         batch_size=workers.batch_size,
         concurrency=workers.concurrency,
         max_concurrent_batches=workers.max_concurrent_batches,
@@ -101,7 +101,7 @@ def _vllm_generation(ds: ray.data.Dataset, spec: EngineSpec, sampling: SamplingP
                      workers: EngineWorkers) -> ray.data.Dataset:
     from ray.data.llm import build_processor
 
-    processor = build_processor(vllm_processor_config(spec, workers))
+    processor = build_processor(vllm_processor_config(spec, workers, seeded=sampling.seed is not None))
     # The processor config has no label selector: the engine stage's own map_batches options take it.
     processor.get_stage_by_name("vLLMEngineStage").map_batches_kwargs.update(gpu_node_options(workers))
     # The processor returns one completion per row: n samples are n rows (sample k seeded seed + k, vLLM's own

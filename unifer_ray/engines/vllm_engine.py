@@ -21,9 +21,17 @@ from unifer_ray.engines.vllm_env import CPU_BUILD_HINT, apply_vllm_env
 DEFAULT_LLM_KWARGS = {"logprobs_mode": "processed_logprobs", "limit_mm_per_prompt": {"image": 1}}
 
 
-def vllm_llm_kwargs(spec: EngineSpec) -> dict:
-    """Keyword arguments for `vllm.LLM` / `engine_kwargs` of a spec: our defaults, then the spec's own."""
-    return {"dtype": spec.dtype, **DEFAULT_LLM_KWARGS, **spec.vllm_kwargs}
+def vllm_llm_kwargs(spec: EngineSpec, *, seeded_on_cpu: bool = False) -> dict:
+    """Keyword arguments for `vllm.LLM` / `engine_kwargs` of a spec: our defaults, then the spec's own.
+
+    `seeded_on_cpu`: vLLM 0.29's CPU runner rewinds a seeded request's sampler after a partial (chunked) prefill,
+    which CPU generators refuse ("CPU Generator does not use offset") and the engine dies; such engines prefill
+    whole prompts."""
+    kwargs = {"dtype": spec.dtype, **DEFAULT_LLM_KWARGS}
+    if seeded_on_cpu:
+        whole = max(int(spec.vllm_kwargs.get("max_model_len", 0)), 16384)
+        kwargs |= {"enable_chunked_prefill": False, "max_num_batched_tokens": whole}
+    return kwargs | spec.vllm_kwargs
 
 
 def sampling_params(params: SamplingParams, seed: int | None):
@@ -58,7 +66,10 @@ class VLLMEngine(GenerationEngine):
         if not Path(spec.model).is_dir():
             raise FileNotFoundError(f"model directory {spec.model} does not exist (engine 'vllm' loads local directories)")
         self.processor = AutoProcessor.from_pretrained(spec.model, local_files_only=True)
-        self.llm = vllm.LLM(model=spec.model, **vllm_llm_kwargs(spec))
+        import torch
+
+        # Requests here may be seeded (rollouts, tests): on CPUs whole-prompt prefill (see vllm_llm_kwargs).
+        self.llm = vllm.LLM(model=spec.model, **vllm_llm_kwargs(spec, seeded_on_cpu=not torch.cuda.is_available()))
 
     def generate(self, requests: list[ChatRequest], params: SamplingParams) -> list[list[Completion]]:
         prompts = []
