@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import pydantic_core
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from unifer_ray.serve.config import LimitsConfig
 
@@ -125,6 +125,12 @@ class Message(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] | None = None
+
+    @model_validator(mode="after")
+    def _check_content(self) -> "Message":
+        if self.content is None and self.role != "assistant":  # only an assistant's tool call may leave it out
+            raise ValueError(f"a {self.role} message needs content")
+        return self
 
 
 class Messages(BaseModel):
