@@ -272,7 +272,7 @@ def test_image_urls_only_under_the_allow_list(http, image_host):
 def test_harmless_openai_fields_are_accepted(http):
     """What ordinary OpenAI clients send, and vLLM's own server accepts, is answered (unknown fields ignored)."""
     body = chat_body(image_data_url(face()), stop=["\n"], user="u-1", presence_penalty=0.0, frequency_penalty=0.0,
-                     logit_bias={}, response_format={"type": "text"}, tools=[], metadata={"a": "b"}, store=False,
+                     logit_bias={}, response_format={"type": "text"}, metadata={"a": "b"}, store=False,
                      service_tier="auto", some_future_field=1)
     body["messages"][0]["name"] = "alice"
     response = http.post("/v1/chat/completions", json=body, headers=AUTH)
