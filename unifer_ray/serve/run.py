@@ -50,7 +50,7 @@ def running_app(config: ServeConfig, *, host: str = "127.0.0.1", port: int | Non
 def serve_model(model: str | Path | None, config_path: str | Path = DEFAULT_SERVE_CONFIG) -> None:
     """`unifer serve --model DIR --config FILE`: run the app from a Serve config file until Ctrl-C.
 
-    `model` (a local directory or an s3:// prefix) replaces the file's `engine.model`. Ray is joined at
+    `model` (a local directory or an s3:// prefix) replaces the file's `model_source`. Ray is joined at
     RAY_ADDRESS, or started locally.
     """
     from ray import serve
