@@ -62,10 +62,13 @@ def run_clients(clients: int, jobs: list, send) -> tuple[float, list[float]]:
     return time.perf_counter() - start, values
 
 
-def fer_latency(url: str):
+def fer_latency(url: str, tokens: list[int]):
+    """Seconds per `/v1/fer` request; each answer's number of tokens goes to `tokens`."""
     def send(http: httpx.Client, png: str) -> float:
         start = time.perf_counter()
-        http.post(f"{url}/v1/fer", json={"image": png, "dataset": "affectnet"}).raise_for_status()
+        response = http.post(f"{url}/v1/fer", json={"image": png, "dataset": "affectnet"})
+        response.raise_for_status()
+        tokens.append(response.json()["usage"]["completion_tokens"])
         return time.perf_counter() - start
     return send
 
@@ -109,8 +112,8 @@ def app_configs(model_dir: Path, image_size: int) -> dict[str, ServeConfig]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--requests", type=int, default=96, help="measured /v1/fer requests per app (after a warm-up)")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating measurement rounds")
+    parser.add_argument("--requests", type=int, default=192, help="measured /v1/fer requests per app (after a warm-up)")
+    parser.add_argument("--rounds", type=int, default=4, help="alternating measurement rounds")
     parser.add_argument("--stream-requests", type=int, default=48, help="streamed requests per app, for the TTFT")
     parser.add_argument("--image-size", type=int, default=224)
     args = parser.parse_args()
@@ -136,12 +139,13 @@ def main() -> None:
                 serve.run(build_app(config), name=name, route_prefix=f"/{name}")
             urls = {name: f"http://127.0.0.1:{port}/{name}" for name in apps}
             for url in urls.values():
-                run_clients(args.clients, warmup, fer_latency(url))
+                run_clients(args.clients, warmup, fer_latency(url, []))
             seconds = {name: 0.0 for name in apps}
             latencies: dict[str, list[float]] = {name: [] for name in apps}
+            tokens: dict[str, list[int]] = {name: [] for name in apps}
             for r, share in enumerate(rounds):
                 for name in (list(apps) if r % 2 == 0 else list(reversed(apps))):
-                    spent, observed = run_clients(args.clients, share, fer_latency(urls[name]))
+                    spent, observed = run_clients(args.clients, share, fer_latency(urls[name], tokens[name]))
                     seconds[name] += spent
                     latencies[name] += observed
             max_tokens = apps["continuous"].fer.max_new_tokens
@@ -159,7 +163,8 @@ def main() -> None:
           f"(max_num_seqs {engine['max_num_seqs']}) vs the same with max_num_seqs 1")
     rps = {name: args.requests / seconds[name] for name in apps}
     for name in apps:
-        print(f"{name:<10} {rps[name]:7.2f} req/s   {percentiles(latencies[name])}   ({seconds[name]:.1f}s)")
+        print(f"{name:<10} {rps[name]:7.2f} req/s   {percentiles(latencies[name])}   ({seconds[name]:.1f}s, "
+              f"{np.mean(tokens[name]):.1f} tokens per answer)")
     print(f"throughput ratio (continuous batching / one sequence at a time): {rps['continuous'] / rps['one-seq']:.2f}x")
     print(f"time to first token, streamed /v1/chat/completions, {args.stream_requests} requests, "
           f"{args.clients} concurrent clients:")
