@@ -237,6 +237,8 @@ def test_fer_on_a_ferbench_item(http, client, synthetic_root, tmp_path):
 def test_auth_missing_or_wrong_key_is_401(server, http):
     health = http.get("/healthz")  # health probes need no key
     assert health.status_code == 200 and health.json() == {"status": "ok", "model": MODEL}
+    for path in ("/openapi.json", "/docs", "/redoc", "/tokenize", "/v1/embeddings"):  # nothing else is served
+        assert http.get(path).status_code == 404 and http.post(path, json={}).status_code in (404, 405), path
     chat = chat_body(image_data_url(face()))
     fer = {"image": b64(png_bytes(face()))}
     for headers in ({}, {"Authorization": "Bearer wrong-key"}, {"Authorization": f"Basic {API_KEY}"},

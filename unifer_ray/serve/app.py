@@ -242,7 +242,9 @@ def ingress_api() -> FastAPI:
     """Ray's ingress FastAPI app (its error middleware, CORS, HTTP metrics, request ids), answering our errors
     in OpenAI's shape."""
     api = new_ingress_api()
-    api.docs_url = api.redoc_url = api.openapi_url = None
+    # Ray's app publishes its OpenAPI schema and docs pages to anyone; ours publishes neither.
+    hidden = {api.openapi_url, api.docs_url, api.redoc_url, api.swagger_ui_oauth2_redirect_url}
+    api.router.routes = [route for route in api.router.routes if getattr(route, "path", None) not in hidden]
 
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status)
