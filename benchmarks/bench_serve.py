@@ -1,14 +1,13 @@
-"""Serving throughput on the tiny model: dynamic batching vs batch size 1, at the same client concurrency.
+"""Serving on the tiny model: vLLM's continuous batching vs the same server limited to one sequence at a time.
 
-Two copies of the Serve app (`unifer_ray.serve`) run side by side in this process on a local Ray cluster: one
-batches up to --max-batch-size requests into one generate call, the other runs batches of one. --clients
-concurrent HTTP clients send the same FER requests (synthetic faces, `POST /v1/fer`, greedy decoding, the same
-number of new tokens) to each in turn, in alternating rounds (A B B A ...), so that both see the same background
-load on a shared machine. Printed: requests/s, p50 and p99 latency of both, and the throughput ratio.
-Each app has one model replica with one torch thread.
-
-The batched app's batch_wait_timeout_s (--batch-wait-s) is about one batch's generation time: long enough for a
-batch to wait for the clients whose answers just went out, so that batches stay full under closed-loop load.
+Two copies of the Serve app (`unifer_ray.serve`: Ray Serve LLM's LLMServer on vLLM behind our ingress) run side by
+side on a local Ray cluster, both from configs/serve.yaml (the shipped settings) with a random-init tiny model: one as
+shipped (`max_num_seqs` 16: up to 16 sequences share every engine step), the other with `max_num_seqs: 1`.
+--clients concurrent HTTP clients send the same FER requests (synthetic faces, `POST /v1/fer`, greedy, the shipped
+128 new tokens) to each in turn, in alternating rounds (A B B A ...), so that both see the same background load on a
+shared machine. Printed: requests/s, p50 and p99 latency of both and the throughput ratio; then the time to first
+token of streamed chat completions (the same FER question through `/v1/chat/completions` with `stream: true`),
+p50 and p99 at the same concurrency, for both apps.
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ from __future__ import annotations
 import argparse
 import base64
 import io
+import json
 import os
 import tempfile
 import time
@@ -29,103 +29,147 @@ import httpx
 import numpy as np
 
 from unifer_ray.data.synthetic import render_face, sample_params
-from unifer_ray.labels import CANONICAL
+from unifer_ray.labels import CANONICAL, DATASETS
 from unifer_ray.models.tiny import build_tiny_model
-from unifer_ray.ray_utils import init_ray
-from unifer_ray.serve.config import ServeConfig
+from unifer_ray.prompts import ferbench_prompt
+from unifer_ray.serve.config import ServeConfig, load_serve_file
+from unifer_ray.serve.run import DEFAULT_SERVE_CONFIG, free_port, with_model
 
 
-def face_payloads(count: int, size: int, seed: int) -> list[dict]:
+def face_pngs(count: int, size: int, seed: int) -> list[str]:
+    """Base64 PNGs of synthetic faces, one expression after the other."""
     rng = np.random.default_rng(seed)
-    payloads = []
+    pngs = []
     for i in range(count):
         image = render_face(sample_params(CANONICAL[i % len(CANONICAL)], rng), rng, size)
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
-        payloads.append({"image": base64.b64encode(buffer.getvalue()).decode("ascii"), "dataset": "affectnet"})
-    return payloads
+        pngs.append(base64.b64encode(buffer.getvalue()).decode("ascii"))
+    return pngs
 
 
-def measure(url: str, payloads: list[dict], clients: int) -> tuple[float, list[float]]:
-    """Every payload sent once by `clients` threads, each with one keep-alive connection: (seconds, latencies)."""
-    latencies: list[float] = []
+def run_clients(clients: int, jobs: list, send) -> tuple[float, list[float]]:
+    """Every job sent once by `clients` threads, each with one keep-alive connection: (seconds, per-job values)."""
+    values: list[float] = []
 
-    def client(share: list[dict]) -> None:
-        with httpx.Client(base_url=url, timeout=300) as http:
-            for payload in share:
-                start = time.perf_counter()
-                http.post("/v1/fer", json=payload).raise_for_status()
-                latencies.append(time.perf_counter() - start)
+    def client(share: list) -> None:
+        with httpx.Client(timeout=600) as http:
+            values.extend(send(http, job) for job in share)
 
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        list(pool.map(client, [payloads[k::clients] for k in range(clients)]))
-    return time.perf_counter() - start, latencies
+        list(pool.map(client, [jobs[k::clients] for k in range(clients)]))
+    return time.perf_counter() - start, values
 
 
-def app_config(model_dir: Path, batch_size: int, batch_wait_s: float, args: argparse.Namespace) -> ServeConfig:
-    return ServeConfig.model_validate({
-        "engine": {"engine": "hf", "model": str(model_dir)},
-        "batching": {"max_batch_size": batch_size, "batch_wait_timeout_s": batch_wait_s},
-        "max_ongoing_requests": 4 * batch_size if batch_size > 1 else args.clients,
-        "resources": {"num_cpus": 1},
-        "torch_threads": 1,
-        "fer": {"image_size": args.image_size, "max_new_tokens": args.max_new_tokens},
-    })
+def fer_latency(url: str, tokens: list[int]):
+    """Seconds per `/v1/fer` request; each answer's number of tokens goes to `tokens`."""
+    def send(http: httpx.Client, png: str) -> float:
+        start = time.perf_counter()
+        response = http.post(f"{url}/v1/fer", json={"image": png, "dataset": "affectnet"})
+        response.raise_for_status()
+        tokens.append(response.json()["usage"]["completion_tokens"])
+        return time.perf_counter() - start
+    return send
+
+
+def first_token_time(url: str, model: str, max_tokens: int):
+    """Seconds from sending a streamed chat completion to its first chunk with text."""
+    prompt = ferbench_prompt(DATASETS["affectnet"].labels)
+
+    def send(http: httpx.Client, png: str) -> float:
+        body = {"model": model, "stream": True, "max_tokens": max_tokens, "temperature": 0,
+                "messages": [{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64," + png}},
+                    {"type": "text", "text": prompt}]}]}
+        start = time.perf_counter()
+        with http.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+            response.raise_for_status()
+            first = None
+            for line in response.iter_lines():
+                if first is None and line.startswith("data: {"):
+                    choices = json.loads(line[6:])["choices"]
+                    if choices and choices[0]["delta"].get("content"):
+                        first = time.perf_counter() - start
+        return first
+    return send
+
+
+def percentiles(values: list[float]) -> str:
+    p50, p99 = (1000 * float(np.percentile(values, q)) for q in (50, 99))
+    return f"p50 {p50:8.1f} ms   p99 {p99:8.1f} ms"
+
+
+def app_configs(model_dir: Path, image_size: int) -> dict[str, ServeConfig]:
+    """The shipped config on `model_dir`, and the same limited to one sequence at a time."""
+    shipped = with_model(load_serve_file(DEFAULT_SERVE_CONFIG).config, model_dir)
+    shipped = shipped.model_copy(update={"fer": shipped.fer.model_copy(update={"image_size": image_size})})
+    engine = shipped.llm_config["engine_kwargs"] | {"max_num_seqs": 1}
+    one = shipped.model_copy(update={"llm_config": shipped.llm_config | {"engine_kwargs": engine}})
+    return {"continuous": shipped, "one-seq": one}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--requests", type=int, default=192, help="measured requests per app (after a warm-up)")
+    parser.add_argument("--requests", type=int, default=192, help="measured /v1/fer requests per app (after a warm-up)")
     parser.add_argument("--rounds", type=int, default=4, help="alternating measurement rounds")
-    parser.add_argument("--max-batch-size", type=int, default=16)
-    parser.add_argument("--batch-wait-s", type=float, default=0.4, help="batch_wait_timeout_s of the batched app")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="as /v1/fer in configs/serve.yaml")
+    parser.add_argument("--stream-requests", type=int, default=48, help="streamed requests per app, for the TTFT")
     parser.add_argument("--image-size", type=int, default=224)
     args = parser.parse_args()
 
+    import ray
     from ray import serve
 
     from unifer_ray.serve.app import build_app
-    from unifer_ray.serve.run import free_port
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_tiny_model(Path(tmp) / "tiny", seed=0)
-        payloads = face_payloads(args.requests, args.image_size, seed=0)
-        rounds = [payloads[r :: args.rounds] for r in range(args.rounds)]
-        warmup = face_payloads(2 * args.clients, args.image_size, seed=1)
-        init_ray(num_cpus=4)  # logical CPUs: both apps fit, while only the one being measured works
+        pngs = face_pngs(args.requests, args.image_size, seed=0)
+        rounds = [pngs[r :: args.rounds] for r in range(args.rounds)]
+        warmup = face_pngs(args.clients, args.image_size, seed=1)
+        streamed = face_pngs(args.stream_requests, args.image_size, seed=2)
+        # Logical CPUs: both apps fit (2 + 0.5 each), while only the one being measured works.
+        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        apps = {"batched": app_config(model_dir, args.max_batch_size, args.batch_wait_s, args),
-                "batch-1": app_config(model_dir, 1, 0.0, args)}
+        apps = app_configs(model_dir, args.image_size)
         try:
             for name, config in apps.items():
                 serve.run(build_app(config), name=name, route_prefix=f"/{name}")
             urls = {name: f"http://127.0.0.1:{port}/{name}" for name in apps}
             for url in urls.values():
-                measure(url, warmup, args.clients)
+                run_clients(args.clients, warmup, fer_latency(url, []))
             seconds = {name: 0.0 for name in apps}
             latencies: dict[str, list[float]] = {name: [] for name in apps}
+            tokens: dict[str, list[int]] = {name: [] for name in apps}
             for r, share in enumerate(rounds):
-                order = list(apps) if r % 2 == 0 else list(reversed(apps))
-                for name in order:
-                    spent, observed = measure(urls[name], share, args.clients)
+                for name in (list(apps) if r % 2 == 0 else list(reversed(apps))):
+                    spent, observed = run_clients(args.clients, share, fer_latency(urls[name], tokens[name]))
                     seconds[name] += spent
                     latencies[name] += observed
+            max_tokens = apps["continuous"].fer.max_new_tokens
+            ttft = {name: run_clients(args.clients, streamed,
+                                      first_token_time(urls[name], config.model_name, max_tokens))[1]
+                    for name, config in apps.items()}
         finally:
             serve.shutdown()
+            ray.shutdown()
 
-    print(f"tiny model, POST /v1/fer, {args.requests} requests per app in {args.rounds} alternating rounds, "
-          f"{args.clients} concurrent clients, {args.image_size}px faces, greedy, {args.max_new_tokens} new tokens; "
-          f"1 model replica, 1 torch thread; batched: max_batch_size {args.max_batch_size}, "
-          f"batch_wait_timeout_s {args.batch_wait_s:g}")
+    engine = apps["continuous"].llm_config["engine_kwargs"]
+    print(f"tiny model (random init) on vLLM's CPU build via Ray Serve LLM; POST /v1/fer, {args.requests} requests per "
+          f"app in {args.rounds} alternating rounds, {args.clients} concurrent clients, {args.image_size}px faces, "
+          f"greedy, up to {apps['continuous'].fer.max_new_tokens} new tokens; 1 replica each, configs/serve.yaml "
+          f"(max_num_seqs {engine['max_num_seqs']}) vs the same with max_num_seqs 1")
     rps = {name: args.requests / seconds[name] for name in apps}
     for name in apps:
-        p50, p99 = (1000 * float(np.percentile(latencies[name], q)) for q in (50, 99))
-        print(f"{name:<8} {rps[name]:7.2f} req/s   p50 {p50:8.1f} ms   p99 {p99:8.1f} ms   ({seconds[name]:.1f}s)")
-    print(f"throughput ratio (batched / batch 1): {rps['batched'] / rps['batch-1']:.2f}x")
+        print(f"{name:<10} {rps[name]:7.2f} req/s   {percentiles(latencies[name])}   ({seconds[name]:.1f}s, "
+              f"{np.mean(tokens[name]):.1f} tokens per answer)")
+    print(f"throughput ratio (continuous batching / one sequence at a time): {rps['continuous'] / rps['one-seq']:.2f}x")
+    print(f"time to first token, streamed /v1/chat/completions, {args.stream_requests} requests, "
+          f"{args.clients} concurrent clients:")
+    for name, values in ttft.items():
+        print(f"{name:<10} {percentiles(values)}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import jsonschema
 import pytest
 import ray
 import yaml
+from ray.serve.llm import LLMConfig
 from ray.serve.schema import ServeDeploySchema
 
 from unifer_ray.cluster_paths import check_config, cluster_mounts
@@ -156,10 +157,11 @@ def test_rayservice_runs_our_serve_app():
     [app] = serve_config.applications
     assert app.import_path == "unifer_ray.serve.app:build_app"
     config = ServeConfig.model_validate(app.args)  # the args are exactly what our builder takes
-    assert config.engine.engine == "vllm" and config.resources.num_gpus == 1
-    assert config.resources.label_selector == {"unifer-role": "serve"}  # model replicas on serve nodes
+    llm = LLMConfig.model_validate(config.llm_config)  # Ray Serve LLM's LLMServer on vLLM, one GPU per replica
+    [bundle] = llm.placement_group_config["bundles"]
+    autoscaling = llm.deployment_config["autoscaling_config"]
+    assert bundle["GPU"] == 1 and autoscaling["max_replicas"] > autoscaling["min_replicas"] >= 1
     assert manifest["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "token"}
-    assert config.autoscaling.max_replicas > config.autoscaling.min_replicas >= 1
     # Every pod gets the API key variable the app names, from a secret.
     cluster = manifest["spec"]["rayClusterConfig"]
     check_cluster_spec(cluster, ("serve",))
@@ -168,7 +170,7 @@ def test_rayservice_runs_our_serve_app():
         assert env[config.api_key_env]["valueFrom"]["secretKeyRef"]["name"] == "unifer-api-key"
     # Serve's autoscaler can add as many replicas as the serve group can hold pods.
     [serve_group] = cluster["workerGroupSpecs"]
-    assert serve_group["maxReplicas"] * gpus(serve_group) >= config.autoscaling.max_replicas * config.resources.num_gpus
+    assert serve_group["maxReplicas"] * gpus(serve_group) >= autoscaling["max_replicas"] * bundle["GPU"]
 
 
 # ---------------------------------------------------------------------------------------------- runtime env

@@ -30,7 +30,7 @@ STAGES = ("curate_cot", "curate_rlvr", "sft", "rlvr", "bench", "serve")
 class ServeStage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    config: str | None = None  # the Serve config file (default: the package's configs/serve.yaml); its engine.model
+    config: str | None = None  # the Serve config file (default: the package's configs/serve.yaml); its model_source
     # becomes the final model
     # request: start the app, send one FERBench question through the OpenAI client, shut it down (the demo);
     # deploy: leave the app running on the cluster, as `serve run` would (a cluster job).
@@ -166,8 +166,8 @@ class Pipeline:
 
 
 def serve_final_model(model: str, file: BenchFile, serve: ServeStage) -> tuple[dict | None, dict]:
-    """Serve `model`: one OpenAI-client request about the first FERBench item (request), or leave it running
-    (deploy)."""
+    """Serve `model`: one streamed OpenAI-client request about the first FERBench item (request), or leave it
+    running (deploy)."""
     from unifer_ray.serve.config import load_serve_file
     from unifer_ray.serve.run import DEFAULT_SERVE_CONFIG, ask_served_model, with_model
 
@@ -190,8 +190,10 @@ def serve_final_model(model: str, file: BenchFile, serve: ServeStage) -> tuple[d
     item = read_items(file.path, image_root=file.image_root, limit=1).rows[0]
     answer = ask_served_model(config, load_image(item["image_uri"]), candidate_labels=item["candidate_labels"])
     print(json.dumps({**answer, "true_label": item["true_label"]}, indent=2, default=str))
+    first = "" if answer["ttft_s"] is None else f", the first after {answer['ttft_s']:.2f}s"
     return answer, {"note": f"OpenAI client -> {answer['url']}: label {answer['label']!r} "
-                            f"(true {item['true_label']!r}) in {answer['latency_s']:.2f}s"}
+                            f"(true {item['true_label']!r}) in {answer['latency_s']:.2f}s, streamed in "
+                            f"{answer['chunks']} chunks{first}"}
 
 
 def write_report(pipeline: Pipeline, stages: StageTable, outcome: dict) -> Path:

@@ -1,164 +1,174 @@
-"""The Serve application: OpenAI-compatible chat completions and `/v1/fer` in front of the Generator deployment.
+"""The Serve application: Ray Serve LLM's `LLMServer` (vLLM: continuous batching, streaming, usage, prefix caching,
+autoscaling, metrics) behind `FerIngress`, our subclass of Ray's `OpenAiIngress`.
 
-Two deployments: `APIServer` (the FastAPI ingress, CPU) checks requests in order of cost — API key, body size,
-schema, limits, images — and decodes the images; only valid requests reach `Generator` (one batched
-GenerationEngine per replica, GPU where there is one), which autoscales on its own. A bad request gets a 4xx
-naming what was wrong; a failed generation a 500 with its message; neither takes a replica down.
+The ingress adds what Ray's does not have: `POST /v1/fer` (the FERBench prompt, strict answer parsing), `GET /healthz`,
+the bearer-key check on every `/v1` route, and the limits and hostile-input checks of `checks.py` and `images.py`.
+Only requests that pass reach the model replicas; images reach vLLM only as data URLs the ingress has decoded and
+checked, so vLLM never fetches a URL or opens a file.
 """
 
 # No `from __future__ import annotations`: FastAPI must see the real `Request` annotations of the routes.
 import asyncio
+import base64
 import hashlib
 import hmac
+import io
 import os
 import re
 import time
-from typing import TypeVar
+from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from PIL import Image
-from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from ray.llm._internal.serve.core.configs.openai_api_models import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ErrorResponse,
+    to_model_metadata,
+)
+from ray.llm._internal.serve.core.ingress.ingress import init as new_ingress_api
 from ray.serve import Application
-from ray.serve.handle import DeploymentHandle
+from ray.serve.llm import LLMConfig, build_llm_deployment
+from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
 
 from unifer_ray.config import ConfigError
-from unifer_ray.engines import ChatRequest, Completion, SamplingParams
+from unifer_ray.engines.vllm_env import vllm_env
 from unifer_ray.labels import CANONICAL, DATASETS
 from unifer_ray.parsing import parse_strict
 from unifer_ray.prompts import ferbench_prompt
-from unifer_ray.serve.config import ServeConfig
-from unifer_ray.serve.images import ImageRejected, data_url_bytes, decode_base64, decode_image, image_bytes
-from unifer_ray.serve.generator import GenerationFailed, Generator
-from unifer_ray.serve.protocol import (
-    ChatCompletionRequest,
-    FerRequest,
+from unifer_ray.serve.checks import (
+    ApiError,
     ImagePart,
     Message,
-    chat_completion,
-    error_body,
-    model_list,
-    think_text,
+    check_messages,
+    check_prompt,
+    check_sampling,
+    check_texts,
+    json_object,
+    read_body,
+    refuse_fields,
+    validate,
 )
-
-T = TypeVar("T", bound=BaseModel)
-
-# Chat-template control tokens (<|im_start|>, <|image_pad|>, ...) in user text would forge turns or break the
-# image-token count; they are refused.
-_SPECIAL_TOKEN = re.compile(r"<\|[^<>|\s]{1,64}\|>")
+from unifer_ray.serve.config import FerConfig, LimitsConfig, ServeConfig
+from unifer_ray.serve.images import ImageRejected, data_url_bytes, decode_base64, decode_image, image_bytes
 
 HEALTH_TIMEOUT_S = 5.0
-
-api = FastAPI(title="UniFER", docs_url=None, redoc_url=None, openapi_url=None)
-
-
-class ApiError(Exception):
-    """An HTTP error answered in OpenAI's error shape."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param = status, message, kind, param
+_THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 
 
-@api.exception_handler(ApiError)
-async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return JSONResponse(error_body(exc.message, exc.kind, exc.param), status_code=exc.status)
+class FerRequest(BaseModel):
+    """`POST /v1/fer`. Ours, so strict: an unknown field or a wrong JSON type is refused, naming the field."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    image: str = Field(min_length=1)  # base64, or a base64 data URL
+    dataset: str | None = None  # a FERBench dataset key: its label list, in its order
+    candidate_labels: list[str] | None = Field(None, min_length=2, max_length=16)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with a 413 as soon as it is known to exceed `limit` bytes."""
-    too_large = ApiError(413, f"request body exceeds the limit of {limit} bytes")
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
-    return bytes(body)
+class IngressSettings(BaseModel):
+    """What each ingress replica gets: the limits, the FER route's settings and the API key's digest (never the key)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    limits: LimitsConfig
+    fer: FerConfig
+    api_key_sha256: str | None
 
 
-def parse_body(model: type[T], body: bytes) -> T:
-    try:
-        return model.model_validate_json(body)
-    except ValidationError as exc:
-        problems = [f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in exc.errors()]
-        first = ".".join(str(p) for p in exc.errors()[0]["loc"]) or None
-        raise ApiError(422, "invalid request: " + "; ".join(problems), param=first) from None
-
-
-def refuse_special_tokens(text: str, param: str) -> None:
-    if match := _SPECIAL_TOKEN.search(text):
-        raise ApiError(400, f"{param}: contains the control token {match.group()!r}, which requests may not use", param=param)
+def think_text(response: str) -> str | None:
+    """The reasoning between the first <think></think> tags, stripped; None when there is none."""
+    match = _THINK.search(response)
+    return match.group(1).strip() if match else None
 
 
 def sha256_hex(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-@serve.deployment
-@serve.ingress(api)
-class APIServer:
-    """The HTTP ingress: checks and decodes requests, then hands them to the Generator deployment."""
+def png_data_url(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)  # the bytes only travel to a replica: speed over size
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
-    def __init__(self, config: ServeConfig, generator: DeploymentHandle, api_key_sha256: str | None):
-        self.config = config
-        self.limits = config.limits
-        self.generator = generator
-        self.api_key_sha256 = api_key_sha256
-        self.created = int(time.time())
+
+class FerIngress(OpenAiIngress):
+    """Ray's OpenAI ingress with auth, limits, checked images, `/v1/fer` and `/healthz`. The routes read the raw
+    body themselves, so that the key and the body size are checked before any parsing."""
+
+    def __init__(self, llm_deployments, model_cards, *, lora_paths=None, settings: IngressSettings):
+        super().__init__(llm_deployments, model_cards, lora_paths=lora_paths)
+        [self.model_id] = model_cards
+        self.limits, self.fer_config, self.api_key_sha256 = settings.limits, settings.fer, settings.api_key_sha256
 
     # ------------------------------------------------------------------ routes
 
-    @api.get("/healthz")
     async def healthz(self) -> dict:
-        """200 when a Generator replica answers: the whole path from proxy to model is up; else 503."""
+        """200 when the model replica answers its engine health check (needs no key); else 503."""
         try:
-            model = await asyncio.wait_for(self.generator.ready.remote(), HEALTH_TIMEOUT_S)
+            handle = self._default_serve_handles[self.model_id]
+            await asyncio.wait_for(handle.check_health.remote(), HEALTH_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001 - any failure to answer means "not ready"
             raise ApiError(503, f"no model replica answered: {type(exc).__name__}", "service_unavailable") from None
-        return {"status": "ok", "model": model}
+        return {"status": "ok", "model": self.model_id}
 
-    @api.get("/v1/models")
-    async def models(self, request: Request) -> dict:
+    async def list_models(self, request: Request):
         self.authorize(request)
-        return model_list(self.config.model_name, self.created)
+        return await self.models()
 
-    @api.post("/v1/chat/completions")
-    async def chat_completions(self, request: Request) -> dict:
+    async def get_model(self, model: str, request: Request):
         self.authorize(request)
-        chat = parse_body(ChatCompletionRequest, await read_body(request, self.limits.max_body_bytes))
-        if chat.stream:
-            raise ApiError(400, "streaming is not supported: send stream: false or leave it out", param="stream")
-        if chat.model != self.config.model_name:
-            raise ApiError(404, f"model {chat.model!r} is not served here; the model is {self.config.model_name!r}",
-                           "not_found_error", "model")
-        params = self.sampling_params(chat)
-        messages = await self.chat_messages(chat.messages)
-        completions = await self.generate(ChatRequest(messages), params)
-        return chat_completion(self.config.model_name, completions)
+        return await self.model_data(model)
 
-    @api.post("/v1/fer")
+    async def chat_completions(self, request: Request) -> Response:
+        self.authorize(request)
+        data = json_object(await read_body(request, self.limits.max_body_bytes))
+        refuse_fields(data)
+        messages = check_messages(data, self.limits)
+        body = check_sampling(validate(ChatCompletionRequest, data), self.limits)
+        body = body.model_copy(update={"messages": await self.checked_images(messages)})
+        return await self._process_llm_request(body, call_method="chat", raw_request=request)
+
+    async def completions_route(self, request: Request) -> Response:
+        self.authorize(request)
+        data = json_object(await read_body(request, self.limits.max_body_bytes))
+        refuse_fields(data)
+        check_prompt(data, self.limits)
+        body = check_sampling(validate(CompletionRequest, data), self.limits)
+        return await self._process_llm_request(body, call_method="completions", raw_request=request)
+
     async def fer(self, request: Request) -> dict:
         start = time.perf_counter()
         self.authorize(request)
-        fer = parse_body(FerRequest, await read_body(request, self.limits.max_body_bytes))
+        fer = validate(FerRequest, json_object(await read_body(request, self.limits.max_body_bytes)))
         labels = self.candidate_labels(fer)
         try:
             data = (data_url_bytes(fer.image, self.limits.max_image_bytes) if fer.image[:5].lower() == "data:"
                     else decode_base64(fer.image, self.limits.max_image_bytes))
-            image = await asyncio.to_thread(decode_image, data, self.limits, self.config.fer.image_size)
+            image = await asyncio.to_thread(decode_image, data, self.limits, self.fer_config.image_size)
         except ImageRejected as exc:
             raise ApiError(400, f"image: {exc}", param="image") from None
-        params = SamplingParams(max_new_tokens=self.config.fer.max_new_tokens, temperature=0.0)
-        [completion] = await self.generate(ChatRequest.single_image(image, ferbench_prompt(labels)), params)
+        # FERBench's conversation: the image (resized as the benchmark resizes it), then the prompt; greedy.
+        chat = ChatCompletionRequest(
+            model=self.model_id, max_tokens=self.fer_config.max_new_tokens, temperature=0.0,
+            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_data_url(image)}},
+                                                   {"type": "text", "text": ferbench_prompt(labels)}]}],
+        )
+        response = await anext(self._get_response(body=chat, call_method="chat"))
+        if isinstance(response, ErrorResponse):
+            raise ApiError(response.error.code, response.error.message, response.error.type)
+        text = response.choices[0].message.content or ""
         return {
-            "label": parse_strict(completion.text, labels),
-            "reasoning": think_text(completion.text),
-            "raw": completion.text,
-            "model": self.config.model_name,
+            "label": parse_strict(text, labels),
+            "reasoning": think_text(text),
+            "raw": text,
+            "model": self.model_id,
+            "usage": response.usage.model_dump(include={"prompt_tokens", "completion_tokens", "total_tokens"}),
             "latency_ms": round((time.perf_counter() - start) * 1000, 2),
         }
 
@@ -173,95 +183,116 @@ class APIServer:
         if not hmac.compare_digest(sha256_hex(key.strip()), self.api_key_sha256):
             raise ApiError(401, "invalid API key", "authentication_error")
 
-    def sampling_params(self, chat: ChatCompletionRequest) -> SamplingParams:
-        max_tokens = chat.max_completion_tokens or chat.max_tokens or self.limits.default_max_tokens
-        if max_tokens > self.limits.max_tokens:
-            raise ApiError(400, f"max_tokens {max_tokens} exceeds the limit of {self.limits.max_tokens}", param="max_tokens")
-        if chat.n > self.limits.max_n:
-            raise ApiError(400, f"n {chat.n} exceeds the limit of {self.limits.max_n}", param="n")
-        return SamplingParams(max_new_tokens=max_tokens, temperature=chat.temperature, top_p=chat.top_p, n=chat.n,
-                              seed=chat.seed)
-
-    async def chat_messages(self, messages: list[Message]) -> list[dict]:
-        """Messages in the engines' format, images decoded; limits on text and images checked first."""
-        parts = [(i, j, part) for i, m in enumerate(messages) if isinstance(m.content, list) for j, part in enumerate(m.content)]
-        num_images = sum(isinstance(part, ImagePart) for _, _, part in parts)
-        if num_images > self.limits.max_images:
-            raise ApiError(400, f"{num_images} images exceed the limit of {self.limits.max_images} per request", param="messages")
-        texts = [(f"messages.{i}.content", m.content) for i, m in enumerate(messages) if isinstance(m.content, str)]
-        texts += [(f"messages.{i}.content.{j}.text", part.text) for i, j, part in parts if not isinstance(part, ImagePart)]
-        if sum(len(text) for _, text in texts) > self.limits.max_text_chars:
-            raise ApiError(400, f"the messages' text exceeds the limit of {self.limits.max_text_chars} characters",
-                           param="messages")
-        for param, text in texts:
-            refuse_special_tokens(text, param)
-
+    async def checked_images(self, messages: list[Message]) -> list[dict[str, Any]]:
+        """The messages for vLLM, every image as a data URL of bytes the limits were checked on."""
         converted = []
         for i, message in enumerate(messages):
-            content = message.content
-            if not isinstance(content, str):
-                content = [
-                    {"type": "image", "image": await self.load_image(part.image_url.url, f"messages.{i}.content.{j}.image_url.url")}
-                    if isinstance(part, ImagePart) else {"type": "text", "text": part.text}
-                    for j, part in enumerate(content)
-                ]
-            converted.append({"role": message.role, "content": content})
+            dumped = message.model_dump(exclude_unset=True)
+            if isinstance(message.content, list):
+                for j, part in enumerate(message.content):
+                    if isinstance(part, ImagePart):
+                        url = await self.image_url(part.image_url.url, f"messages.{i}.content.{j}.image_url.url")
+                        dumped["content"][j]["image_url"]["url"] = url
+            converted.append(dumped)
         return converted
 
-    async def load_image(self, url: str, param: str) -> Image.Image:
+    async def image_url(self, url: str, param: str) -> str:
         try:
             data = await image_bytes(url, self.limits)
-            return await asyncio.to_thread(decode_image, data, self.limits)
+            image = await asyncio.to_thread(decode_image, data, self.limits)
         except ImageRejected as exc:
             raise ApiError(400, f"{param}: {exc}", param=param) from None
+        if url[:5].lower() == "data:":
+            return url
+        return png_data_url(image)  # a fetched image: vLLM gets the decoded pixels, never the URL
 
     def candidate_labels(self, fer: FerRequest) -> list[str]:
         if fer.dataset is not None and fer.candidate_labels is not None:
             raise ApiError(400, "give either dataset or candidate_labels, not both", param="candidate_labels")
         if fer.dataset is not None:
             if fer.dataset not in DATASETS:
-                raise ApiError(400, f"dataset {fer.dataset!r} is unknown; expected one of {sorted(DATASETS)}", param="dataset")
+                raise ApiError(400, f"dataset {fer.dataset!r} is unknown; expected one of {sorted(DATASETS)}",
+                               param="dataset")
             return list(DATASETS[fer.dataset].labels)
         if fer.candidate_labels is None:
             return list(CANONICAL)
         for k, label in enumerate(fer.candidate_labels):
-            if not label.strip():
-                raise ApiError(400, f"candidate_labels.{k}: a label must not be blank", param=f"candidate_labels.{k}")
-            refuse_special_tokens(label, f"candidate_labels.{k}")
+            if not label.strip() or len(label) > 64:
+                raise ApiError(400, f"candidate_labels.{k}: a label must be 1 to 64 characters, not blank",
+                               param=f"candidate_labels.{k}")
+        check_texts([(f"candidate_labels.{k}", label) for k, label in enumerate(fer.candidate_labels)], self.limits,
+                    "candidate_labels")
         if len({label.strip().lower() for label in fer.candidate_labels}) < len(fer.candidate_labels):
             raise ApiError(400, "candidate_labels must not repeat a label", param="candidate_labels")
         return fer.candidate_labels
 
-    # ------------------------------------------------------------------ generation
 
-    async def generate(self, request: ChatRequest, params: SamplingParams) -> list[Completion]:
-        try:
-            return await self.generator.generate.remote(request, params)
-        except GenerationFailed as exc:  # the engine failed on this request
-            raise ApiError(500, f"generation failed: {exc.args[0]}", "server_error") from None
-        except Exception as exc:  # noqa: BLE001 - e.g. the model replica died mid-request
-            raise ApiError(500, f"generation failed: {type(exc).__name__}", "server_error") from None
+# Method name -> route. Ray's other routes (embeddings, score, tokenize, transcriptions) are not served.
+ENDPOINTS = {
+    "healthz": lambda app: app.get("/healthz"),
+    "list_models": lambda app: app.get("/v1/models"),
+    "get_model": lambda app: app.get("/v1/models/{model:path}"),
+    "chat_completions": lambda app: app.post("/v1/chat/completions"),
+    "completions_route": lambda app: app.post("/v1/completions"),
+    "fer": lambda app: app.post("/v1/fer"),
+}
+
+
+def ingress_api() -> FastAPI:
+    """Ray's ingress FastAPI app (its error middleware, CORS, HTTP metrics, request ids), answering our errors
+    in OpenAI's shape."""
+    api = new_ingress_api()
+    # Ray's app publishes its OpenAPI schema and docs pages to anyone; ours publishes neither.
+    hidden = {api.openapi_url, api.docs_url, api.redoc_url, api.swagger_ui_oauth2_redirect_url}
+    api.router.routes = [route for route in api.router.routes if getattr(route, "path", None) not in hidden]
+
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:  # e.g. Ray's 404 for a model
+        return await api_error(request, ApiError(exc.status_code, str(exc.detail), "not_found_error"
+                                                 if exc.status_code == 404 else "invalid_request_error"))
+
+    api.add_exception_handler(ApiError, api_error)
+    api.add_exception_handler(HTTPException, http_error)
+    return api
+
+
+def api_key_digest(api_key_env: str | None) -> str | None:
+    """The SHA-256 of the key in $api_key_env, read where the app is built: replicas never hold the key."""
+    if api_key_env is None:
+        return None
+    key = os.environ.get(api_key_env, "").strip()
+    if not key:
+        raise ConfigError(f"api_key_env: the API key variable ${api_key_env} is not set where the app is built")
+    return sha256_hex(key)
+
+
+def llm_config(config: ServeConfig) -> LLMConfig:
+    """Ray's LLMConfig of the app, with the vLLM defaults every stage shares in the replicas' environment (set
+    variables win) and a local model path made absolute (replicas run in other directories)."""
+    values = dict(config.llm_config)
+    loading = dict(values["model_loading_config"])
+    source = loading.get("model_source")
+    if isinstance(source, str) and "://" not in source and Path(source).exists():
+        loading["model_source"] = str(Path(source).resolve())
+    runtime_env = dict(values.get("runtime_env") or {})
+    runtime_env["env_vars"] = vllm_env() | runtime_env.get("env_vars", {})
+    return LLMConfig.model_validate(values | {"model_loading_config": loading, "runtime_env": runtime_env})
 
 
 def build_app(config: ServeConfig) -> Application:
-    """The Serve application builder (`import_path: unifer_ray.serve.app:build_app`; the args are a ServeConfig).
-
-    The API key is read here, where the app is built, from the variable `config.api_key_env` names; replicas get
-    only its SHA-256 digest, so the key itself is never stored in the cluster's deployment state.
-    """
-    key_digest = None
-    if config.api_key_env is not None:
-        key = os.environ.get(config.api_key_env, "").strip()
-        if not key:
-            raise ConfigError(f"api_key_env: the API key variable ${config.api_key_env} is not set where the app is built")
-        key_digest = sha256_hex(key)
-    generator = Generator.options(
-        autoscaling_config=config.autoscaling.model_dump(),
-        max_ongoing_requests=config.max_ongoing_requests,
-        ray_actor_options=config.resources.model_dump(exclude_none=True),
-    ).bind(config)
-    return APIServer.options(
-        num_replicas=config.ingress.num_replicas,
-        max_ongoing_requests=config.ingress.max_ongoing_requests,
-        ray_actor_options={"num_cpus": config.ingress.num_cpus},
-    ).bind(config, generator, key_digest)
+    """The Serve application builder (`import_path: unifer_ray.serve.app:build_app`; the args are a ServeConfig):
+    one LLMServer deployment (vLLM, autoscaled by its deployment_config) behind FerIngress."""
+    settings = IngressSettings(limits=config.limits, fer=config.fer, api_key_sha256=api_key_digest(config.api_key_env))
+    llm = llm_config(config)
+    options = FerIngress.get_deployment_options([llm])
+    options["ray_actor_options"] = {"num_cpus": config.ingress.num_cpus}
+    options["autoscaling_config"] |= {"min_replicas": config.ingress.min_replicas,
+                                      "max_replicas": config.ingress.max_replicas}
+    ingress = make_fastapi_ingress(FerIngress, endpoint_map=ENDPOINTS, app=ingress_api())
+    return serve.deployment(ingress, **options).bind(
+        llm_deployments={llm.model_id: build_llm_deployment(llm)},
+        model_cards={llm.model_id: to_model_metadata(llm.model_id, llm)},
+        settings=settings,
+    )

@@ -1,64 +1,37 @@
 """What the Serve application is made from: one typed config, read from a Serve config file's application args.
 
 `configs/serve.yaml` is a regular Ray Serve config file (`serve run configs/serve.yaml`, `serve deploy ...`):
-its one application imports `unifer_ray.serve.app:build_app`, and the application's `args` are a `ServeConfig`.
+its one application imports `unifer_ray.serve.app:build_app`, and the application's `args` are a `ServeConfig`:
+Ray Serve LLM's own `LLMConfig` for the model (vLLM engine arguments, autoscaling, placement) plus our ingress,
+API key, limits and `/v1/fer` settings.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from unifer_ray.config import ConfigError, parse_config, read_yaml
-from unifer_ray.engines.spec import EngineSpec
-
-
-class BatchingConfig(BaseModel):
-    """Dynamic batching: an idle model replica waits up to `batch_wait_timeout_s` for requests to share its next
-    generate call; a busy one merges everything that arrived meanwhile into its next call (max_batch_size each)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_batch_size: int = Field(16, gt=0)
-    batch_wait_timeout_s: float = Field(0.05, ge=0)
-
-
-class AutoscalingConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    min_replicas: int = Field(1, ge=0)  # 0 scales to zero when idle (the first request then waits for a replica)
-    max_replicas: int = Field(1, gt=0)
-    target_ongoing_requests: float = Field(16, gt=0)  # per replica; above it Serve adds replicas
-
-    @model_validator(mode="after")
-    def _check_range(self) -> "AutoscalingConfig":
-        if self.min_replicas > self.max_replicas:
-            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
-        return self
-
-
-class ResourcesConfig(BaseModel):
-    """Each model replica's `ray_actor_options`: one replica holds one engine."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    num_cpus: float = Field(1, ge=0)
-    num_gpus: float = Field(0, ge=0)
-    # Node labels a replica must land on, e.g. {"unifer-role": "serve"} for the serving nodes of cluster/aws.yaml.
-    label_selector: dict[str, str] | None = None
 
 
 class IngressConfig(BaseModel):
-    """The HTTP ingress deployment: parses, checks and decodes requests on CPUs, in front of the model replicas."""
+    """The HTTP ingress deployment (our `OpenAiIngress` subclass): auth, limits, image checks, on CPUs."""
 
     model_config = ConfigDict(extra="forbid")
 
-    num_replicas: int = Field(1, gt=0)
     num_cpus: float = Field(0.5, ge=0)
-    max_ongoing_requests: int = Field(256, gt=0)  # per replica; it only waits on the model replicas
+    min_replicas: int = Field(1, ge=0)  # 0 only with a model that scales to zero too
+    max_replicas: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _check_range(self) -> "IngressConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        return self
 
 
 class LimitsConfig(BaseModel):
@@ -108,17 +81,14 @@ class FerConfig(BaseModel):
 
 
 class ServeConfig(BaseModel):
+    """The application's args: Ray Serve LLM's own `LLMConfig` for the model, and what this project adds."""
+
     model_config = ConfigDict(extra="forbid")
 
-    model_name: str = Field("unifer", min_length=1)  # the model id clients name, listed by /v1/models
-    engine: EngineSpec  # engine.model: a local model directory, or an s3:// prefix copied to local disk first
-    # the model deployment (Generator)
-    batching: BatchingConfig = Field(default_factory=BatchingConfig)
-    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
-    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
-    # Per model replica; more wait in the ingress. At least 4 x max_batch_size lets batches form while one runs.
-    max_ongoing_requests: int = Field(64, gt=0)
-    torch_threads: int = Field(1, gt=0)  # replicas share cores with other actors: never one thread per core
+    # ray.serve.llm.LLMConfig, as a mapping (its keys are checked by LLMConfig itself, unknown ones refused):
+    # model_loading_config.model_id is the model name clients send; model_source a local directory or s3:// prefix;
+    # engine_kwargs are vLLM's engine arguments; deployment_config holds autoscaling.
+    llm_config: dict[str, Any]
     # The name of the variable holding the API key (never the key). When set, every /v1 route needs
     # `Authorization: Bearer <key>`; the variable must be set where the app is built.
     api_key_env: str | None = None
@@ -126,14 +96,21 @@ class ServeConfig(BaseModel):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     fer: FerConfig = Field(default_factory=FerConfig)
 
-    @model_validator(mode="after")
-    def _check_queue(self) -> "ServeConfig":
-        if self.max_ongoing_requests < self.batching.max_batch_size:
-            raise ValueError(
-                f"max_ongoing_requests ({self.max_ongoing_requests}) is below batching.max_batch_size "
-                f"({self.batching.max_batch_size}): batches could never fill"
-            )
-        return self
+    @field_validator("llm_config")
+    @classmethod
+    def _check_llm_config(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from ray.serve.llm import LLMConfig
+
+        LLMConfig.model_validate(value)  # its errors name the field
+        return value
+
+    @property
+    def model_name(self) -> str:
+        return self.llm_config["model_loading_config"]["model_id"]
+
+    @property
+    def model_source(self) -> str:
+        return self.llm_config["model_loading_config"].get("model_source") or self.model_name
 
 
 @dataclass

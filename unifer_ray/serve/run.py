@@ -18,7 +18,9 @@ DEFAULT_SERVE_CONFIG = Path(__file__).resolve().parent.parent.parent / "configs"
 
 
 def with_model(config: ServeConfig, model: str | Path) -> ServeConfig:
-    return config.model_copy(update={"engine": config.engine.model_copy(update={"model": str(model)})})
+    """`config` serving `model` (a local directory or an s3:// prefix, which Ray Serve LLM downloads)."""
+    loading = config.llm_config["model_loading_config"] | {"model_source": str(model)}
+    return config.model_copy(update={"llm_config": config.llm_config | {"model_loading_config": loading}})
 
 
 def free_port() -> int:
@@ -48,7 +50,7 @@ def running_app(config: ServeConfig, *, host: str = "127.0.0.1", port: int | Non
 def serve_model(model: str | Path | None, config_path: str | Path = DEFAULT_SERVE_CONFIG) -> None:
     """`unifer serve --model DIR --config FILE`: run the app from a Serve config file until Ctrl-C.
 
-    `model` (a local directory or an s3:// prefix) replaces the file's `engine.model`. Ray is joined at
+    `model` (a local directory or an s3:// prefix) replaces the file's `model_source`. Ray is joined at
     RAY_ADDRESS, or started locally.
     """
     from ray import serve
@@ -62,7 +64,7 @@ def serve_model(model: str | Path | None, config_path: str | Path = DEFAULT_SERV
     serve.start(proxy_location=file.proxy_location, http_options=file.http_options)
     host, port = file.http_options.get("host", "0.0.0.0"), file.http_options.get("port", 8000)
     app = build_app(config)
-    print(f"serving {config.model_name} ({config.engine.model}) at http://{host}:{port}{file.route_prefix.rstrip('/')}/v1",
+    print(f"serving {config.model_name} ({config.model_source}) at http://{host}:{port}{file.route_prefix.rstrip('/')}/v1",
           flush=True)
     try:
         serve.run(app, name=file.app_name, route_prefix=file.route_prefix, blocking=True)
@@ -73,17 +75,18 @@ def serve_model(model: str | Path | None, config_path: str | Path = DEFAULT_SERV
 def ask_served_model(config: ServeConfig, image: Image.Image, *,
                      candidate_labels: list[str] | tuple[str, ...] = CANONICAL) -> dict:
     """Serve the app of `config` on the connected (or a new local) Ray cluster, ask one FERBench question about
-    `image` through the OpenAI Python client, shut Serve down, and return what came back.
+    `image` through the OpenAI Python client, streamed, shut Serve down, and return what came back.
 
-    The image is resized as FERBench resizes it. Returns url, model, response (the text), label (parsed
-    strictly; None when unparsable) and latency_s (the request's round trip).
+    The image is resized as FERBench resizes it. Returns url, model, response (the text), label (parsed strictly;
+    None when unparsable), chunks (streamed chunks with text), usage (from the stream's last chunk),
+    ttft_s (time to the first text) and latency_s (the whole round trip).
     """
     import openai
 
-    from unifer_ray.engines.openai_api import image_data_url
     from unifer_ray.parsing import parse_strict
     from unifer_ray.prompts import ferbench_prompt
     from unifer_ray.ray_utils import init_ray
+    from unifer_ray.serve.app import png_data_url
 
     size = config.fer.image_size
     image = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
@@ -92,17 +95,26 @@ def ask_served_model(config: ServeConfig, image: Image.Image, *,
     with running_app(config) as base_url:
         client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=api_key, max_retries=0)
         start = time.perf_counter()
-        response = client.chat.completions.create(
+        stream = client.chat.completions.create(
             model=config.model_name,
             messages=[{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": image_data_url(image)}},
+                {"type": "image_url", "image_url": {"url": png_data_url(image)}},
                 {"type": "text", "text": ferbench_prompt(candidate_labels)},
             ]}],
-            max_tokens=config.fer.max_new_tokens,
-            temperature=0.0,
+            max_tokens=config.fer.max_new_tokens, temperature=0.0, stream=True,
+            stream_options={"include_usage": True},
         )
+        pieces, ttft, usage, model = [], None, None, None
+        for chunk in stream:
+            model = chunk.model
+            if chunk.usage is not None:
+                usage = chunk.usage.model_dump(include={"prompt_tokens", "completion_tokens", "total_tokens"})
+            text = chunk.choices[0].delta.content if chunk.choices else None
+            if text:
+                ttft = ttft if ttft is not None else time.perf_counter() - start
+                pieces.append(text)
         latency = time.perf_counter() - start
         client.close()
-    text = response.choices[0].message.content or ""
-    return {"url": f"{base_url}/v1", "model": response.model, "response": text,
-            "label": parse_strict(text, list(candidate_labels)), "latency_s": latency}
+    text = "".join(pieces)
+    return {"url": f"{base_url}/v1", "model": model, "response": text, "label": parse_strict(text, list(candidate_labels)),
+            "chunks": len(pieces), "usage": usage, "ttft_s": ttft, "latency_s": latency}
