@@ -101,7 +101,8 @@ def main() -> None:
     print(f"weight sync: {1000 * mean(sync, 'time/sync_s'):.1f} ms per step = {100 * sync_share:.2f}% of the step time")
     for mode, records in (("sync", sync), ("one_step_off", overlap)):
         print(f"{mode:>12}: rollout vs learner: mean |Δ log p| {mean(records, 'rollout_logprob_gap'):.2e}, "
-              f"k3 {mean(records, 'rollout_mismatch_k3'):.2e}, IS-clipped {mean(records, 'rollout_is_clipped_fraction'):.4f}")
+              f"k3 {mean(records, 'rollout_mismatch_k3'):.2e}, "
+              f"IS-clipped {mean(records, 'rollout_is_clipped_fraction'):.4f}")
     sync_rate = len(sync) / sum(r["time/step_s"] for r in sync)
     overlap_rate = len(overlap) / sum(r["time/step_s"] for r in overlap)
     print(f"steps/s: sync {sync_rate:.3f}, one_step_off {overlap_rate:.3f} -> {overlap_rate / sync_rate:.3f}x "

@@ -78,7 +78,8 @@ def token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs:
                is_weights: torch.Tensor | None = None) -> TokenLoss:
     """Per-token GRPO loss. `advantages` is (B,) or (B, 1); the log-probabilities and `is_weights` are (B, T).
 
-    ℓ = -w min(ρ A, clip(ρ, 1 - clip_low, 1 + clip_high) A) + β (exp(q - p) - (q - p) - 1), with ρ = exp(p - p_old),
+    ℓ = -w min(ρ A, clip(ρ, 1 - clip_low, 1 + clip_high) A) + β (exp(q - p) - (q - p) - 1),
+    with ρ = exp(p - p_old),
     p the policy's and q the reference's log-probability of the sampled token (the k3 estimator, ≥ 0), and w the
     importance weight of the sample (`truncated_is_weights`; 1 without).
     """

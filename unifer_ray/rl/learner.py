@@ -308,10 +308,11 @@ class LearnerWorker:
 
 
 def mismatch_metrics(sums: dict[str, float]) -> dict[str, float]:
-    """Rollout vs learner, per token of the step's first update: mean |Δ log p|, mean k3 and the IS-clipped fraction."""
+    """Rollout vs learner, per token of the step's first update: mean |Δ log p|, mean k3, the IS-clipped fraction."""
     tokens = sums["gap_tokens"]
     if not tokens:
-        return dict.fromkeys(("rollout_logprob_gap", "rollout_mismatch_k3", "rollout_is_clipped_fraction"), float("nan"))
+        keys = ("rollout_logprob_gap", "rollout_mismatch_k3", "rollout_is_clipped_fraction")
+        return dict.fromkeys(keys, float("nan"))
     return {"rollout_logprob_gap": sums["gap"] / tokens, "rollout_mismatch_k3": sums["mismatch_k3"] / tokens,
             "rollout_is_clipped_fraction": sums["is_clipped"] / tokens}
 

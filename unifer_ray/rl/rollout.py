@@ -172,7 +172,7 @@ class Rollout:
 class RolloutGroup:
     """The rollout actors of a run, serving `model` (the starting policy) and then the weights they are sent.
 
-    Each worker is one engine: vLLM (whose weights arrive through shared memory, or NCCL with `nccl`) or hf. On GPUs each
+    Each worker is one engine: vLLM (weights arriving through shared memory, or NCCL with `nccl`) or hf. On GPUs each
     vLLM engine gets its own placement group (one bundle per tensor-parallel GPU)."""
 
     def __init__(self, config: RolloutConfig, *, model: str, image_size: int, max_prompt_tokens: int,
