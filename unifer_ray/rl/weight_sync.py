@@ -77,6 +77,8 @@ class NCCLSync(WeightSync):
         super().__init__(learners, rollouts)
         self.config = config
         self.timeout_s = rollouts.config.sync_timeout_s
+        # An update may wait behind the batch an engine is generating.
+        self.update_timeout_s = self.timeout_s + rollouts.config.generate_timeout_s
         self._connect()
 
     def _connect(self) -> None:
@@ -85,16 +87,16 @@ class NCCLSync(WeightSync):
         per_engine = self.rollouts.ranks_per_worker
         world_size = 1 + per_engine * len(self.rollouts.workers)
         ray.get([w.init_weight_transfer.remote(master_addr, port, world_size, self.rollouts.workers, per_engine,
-                                                self.config.bucket_mb * 2**20, self.config.dtype, self.timeout_s)
-                 for w in self.learners.workers], timeout=self.timeout_s)
+                                                self.config.bucket_mb * 2**20, self.config.dtype,
+                                                self.update_timeout_s)
+                 for w in self.learners.workers], timeout=self.update_timeout_s)
 
     def push(self, version: int, *, wait: bool = True) -> dict[str, float]:
         # A broadcast needs every receiver: the sync always waits (queued behind any generation in flight).
         started = time.perf_counter()
         while True:
             try:
-                ray.get([w.send_weights.remote(version) for w in self.learners.workers],
-                        timeout=self.timeout_s + self.rollouts.config.generate_timeout_s)
+                ray.get([w.send_weights.remote(version) for w in self.learners.workers], timeout=self.update_timeout_s)
                 break
             except FAILURES as exc:
                 self._rebuild(exc)
