@@ -81,7 +81,13 @@ class RolloutWorker:
             requests.append(request)
             kept.append(index)
         started = time.perf_counter()
-        groups = self.engine.generate(requests, SamplingParams.model_validate(params)) if requests else []
+        try:
+            groups = self.engine.generate(requests, SamplingParams.model_validate(params)) if requests else []
+        except Exception as exc:
+            if type(exc).__name__ == "EngineDeadError":  # vLLM's engine process is gone for good
+                log.error("the vLLM engine died (%s): this rollout actor exits, to be replaced", exc)
+                os._exit(1)
+            raise
         return {"version": self.version, "kept": kept, "groups": groups, "errors": errors,
                 "seconds": time.perf_counter() - started}
 
