@@ -1,4 +1,5 @@
-"""RLVR step time on the tiny config: the weight sync's share of a step, and `one_step_off` vs `sync` steps/s.
+"""RLVR step time on the tiny config (vLLM rollouts, as configured there): the weight sync's share of a step, and
+`one_step_off` vs `sync` steps/s; also the rollout/learner log-probability mismatch the IS correction sees.
 
 Both runs use the same config (the `rlvr:` section of configs/tiny.yaml by default), model, data, batch and seeds;
 only `mode` differs. The first step of each run (actor warm-up) is left out of the timings. Figures come from the
@@ -98,6 +99,10 @@ def main() -> None:
               f" train {mean(records, 'time/train_s'):.3f}s, sync {mean(records, 'time/sync_s'):.4f}s")
     sync_share = mean(sync, "time/sync_s") / mean(sync, "time/step_s")
     print(f"weight sync: {1000 * mean(sync, 'time/sync_s'):.1f} ms per step = {100 * sync_share:.2f}% of the step time")
+    for mode, records in (("sync", sync), ("one_step_off", overlap)):
+        print(f"{mode:>12}: rollout vs learner: mean |Δ log p| {mean(records, 'rollout_logprob_gap'):.2e}, "
+              f"k3 {mean(records, 'rollout_mismatch_k3'):.2e}, "
+              f"IS-clipped {mean(records, 'rollout_is_clipped_fraction'):.4f}")
     sync_rate = len(sync) / sum(r["time/step_s"] for r in sync)
     overlap_rate = len(overlap) / sum(r["time/step_s"] for r in overlap)
     print(f"steps/s: sync {sync_rate:.3f}, one_step_off {overlap_rate:.3f} -> {overlap_rate / sync_rate:.3f}x "

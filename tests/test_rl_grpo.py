@@ -11,7 +11,8 @@ import torch
 
 from unifer_ray.config import ConfigError, load_config, parse_config
 from unifer_ray.rl.config import RewardSpec, RLVRConfig
-from unifer_ray.rl.grpo import aggregate, group_advantages, sequence_weights, token_loss
+from unifer_ray.rl.grpo import (aggregate, group_advantages, rollout_mismatch, sequence_weights, token_loss,
+                                truncated_is_weights)
 from unifer_ray.rl.rewards import RewardSet, accuracy_reward, format_reward, load_reward
 
 REPO = Path(__file__).resolve().parent.parent
@@ -82,6 +83,40 @@ def test_ratio_one_gives_the_plain_policy_gradient():
     terms.loss.sum().backward()
     # d/dp of -(exp(p - p_old) A) at p = p_old is -A.
     torch.testing.assert_close(new.grad, torch.tensor([[-2.0, -2.0]]))
+
+
+# ---------------------------------------------------------------- truncated importance sampling
+
+
+def test_truncated_is_weights_by_hand():
+    # π_old / π_rollout: 0.5/0.25 = 2, 0.3/0.1 = 3 (capped at 2.5), 0.2/0.4 = 0.5 (never raised).
+    old = torch.tensor([[logp(0.5), logp(0.3), logp(0.2)]])
+    rollout = torch.tensor([[logp(0.25), logp(0.1), logp(0.4)]])
+    torch.testing.assert_close(truncated_is_weights(old, rollout, cap=2.5), torch.tensor([[2.0, 2.5, 0.5]]))
+
+
+def test_is_weights_scale_the_policy_gradient_but_not_the_kl():
+    new = torch.tensor([[logp(0.3), logp(0.6)]], requires_grad=True)
+    ref = torch.tensor([[logp(0.3), logp(0.3)]])
+    weights = torch.tensor([[2.0, 0.5]])
+    plain = token_loss(new, new.detach(), ref, torch.tensor([1.0]), clip_low=0.2, clip_high=0.2, beta=0.04)
+    weighted = token_loss(new, new.detach(), ref, torch.tensor([1.0]), clip_low=0.2, clip_high=0.2, beta=0.04,
+                          is_weights=weights)
+    torch.testing.assert_close(weighted.loss - weighted.kl * 0.04, (plain.loss - plain.kl * 0.04) * weights)
+    weighted.loss.sum().backward()
+    kl_grad = torch.tensor([[0.0, 0.04 * (1 - 0.3 / 0.6)]])  # d/dp of β (e^(q-p) - (q-p) - 1) = β (1 - e^(q-p))
+    torch.testing.assert_close(new.grad, -weights + kl_grad)  # the IS weight carries no gradient
+
+
+def test_rollout_mismatch_by_hand():
+    old = torch.tensor([[logp(0.5), logp(0.3), logp(0.2), logp(0.9)]])
+    rollout = torch.tensor([[logp(0.25), logp(0.1), logp(0.2), logp(0.1)]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])  # the last token is padding
+    sums = rollout_mismatch(old, rollout, mask, cap=2.5)
+    assert sums["gap"] == pytest.approx(math.log(2) + math.log(3))
+    assert sums["mismatch_k3"] == pytest.approx((2 - 1 - math.log(2)) + (3 - 1 - math.log(3)))
+    assert sums["is_clipped"] == 1  # only 3 > 2.5
+    assert rollout_mismatch(old, old, mask, cap=None) == {"gap": 0.0, "mismatch_k3": 0.0, "is_clipped": 0.0}
 
 
 def test_k3_kl_by_hand():

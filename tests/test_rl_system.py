@@ -1,5 +1,7 @@
-"""RLVR on real Ray actors with the real tiny model: weight sync, a rollout actor killed mid-run, --resume after a
-stop, and the job submitted with `ray job submit` to a head node started for the test."""
+"""RLVR on real Ray actors with the real tiny model and vLLM's CPU build as the rollout engine: weight transfer through
+vLLM's API (greedy output equal to the learner's after every push, prefix caching on), a rollout actor killed
+mid-generation and mid-run, --resume after a stop, and the job submitted with `ray job submit` to a head node started
+for the test."""
 
 from __future__ import annotations
 
@@ -38,6 +40,14 @@ from unifer_ray.rl.weight_sync import WeightSync
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS, GROUP = 2, 4
+# Prefix caching on (vLLM's default, said out loud): a push that left old KV in the cache would show in the outputs.
+# No chunked prefill: see configs/tiny.yaml (vLLM's CPU runner cannot rewind a seeded sampler).
+VLLM = {"enable_prefix_caching": True, "max_model_len": 1024, "enable_chunked_prefill": False,
+        "max_num_batched_tokens": 16384}
+HF = {"engine": "hf", "max_batch_size": 8}
+# Mean |Δ log p| of the sampled tokens between the rollout engine and the learner holding the same weights: vLLM's CPU
+# kernels and transformers differ in the last digits (fp32 both), nothing like a policy step.
+SAME_POLICY_GAP = 5e-3
 
 
 def write_rlvr_set(synthetic_root: Path, path: Path) -> Path:
@@ -60,7 +70,7 @@ def rl_config(tmp: Path, model_dir: Path, synthetic_root: Path, **changes) -> di
         "data": {"paths": [str(data)], "image_root": str(synthetic_root), "image_size": 56},
         "output_dir": str(tmp / "model"), "checkpoint_dir": str(tmp / "checkpoints"), "log_dir": str(tmp / "logs"),
         "steps": 2, "seed": 0,
-        "rollout": {"num_workers": 1, "engine": {"engine": "hf", "max_batch_size": 8}, "num_cpus": 1},
+        "rollout": {"num_workers": 1, "engine": {"engine": "vllm", "vllm_kwargs": VLLM}, "num_cpus": 1},
         "learner": {"num_workers": 1, "num_cpus": 1, "strategy": "ddp", "micro_batch_size": 8,
                     "optimizer": {"lr": 1e-3, "warmup_ratio": 0.0}},
         "grpo": {"group_size": GROUP, "prompts_per_step": PROMPTS, "max_new_tokens": 12, "beta": 0.04},
@@ -89,43 +99,58 @@ def test_the_prompt_order_is_the_same_however_the_shards_are_named(ray_cluster, 
 # ---------------------------------------------------------------- weight sync
 
 
-def test_object_store_sync_moves_trained_weights_into_the_rollouts(ray_cluster, tmp_path, tiny_model_dir,
-                                                                  synthetic_root):
-    config = parse_config(rl_config(tmp_path, tiny_model_dir, synthetic_root,
+def train_rows(rollout, signs) -> list[dict]:
+    return [{"image_uri": item["image_uri"], "problem": item["problem"], "completion_ids": c.token_ids,
+             "rollout_logprobs": c.logprobs, "advantage": sign, "weight": 1 / (PROMPTS * GROUP)}
+            for item, group in zip(rollout.items, rollout.completions) for c, sign in zip(group, signs)]
+
+
+@pytest.mark.parametrize("engine", ["vllm", "hf"])
+def test_each_push_makes_the_rollouts_greedy_output_the_learners(engine, ray_cluster, tmp_path, tiny_model_dir,
+                                                                 synthetic_root):
+    rollout = {"engine": HF} if engine == "hf" else {}
+    config = parse_config(rl_config(tmp_path, tiny_model_dir, synthetic_root, rollout=rollout,
                                     learner={"freeze_vision_tower": True, "optimizer": {"lr": 1e-2}},
                                     grpo={"beta": 0.0}), RLVRConfig)
     items = PromptSource(config.data, prompts_per_step=PROMPTS, seed=0).batch(0)
     learners = LearnerGroup(config, str(tiny_model_dir))
     rollouts = RolloutGroup(config.rollout, model=str(tiny_model_dir), image_size=56, max_prompt_tokens=4096)
+    sync = WeightSync.create(SyncConfig(), learners, rollouts)
+    greedy = SamplingParams(max_new_tokens=12, temperature=0.0)
+    sampling = SamplingParams(n=GROUP, max_new_tokens=12, temperature=1.0, logprobs=True)
+    tokenizer = load_model_and_processor(tiny_model_dir)[1].tokenizer
+
+    def texts(rollout) -> list[list[str]]:
+        # Decoded as the learner decodes (vLLM's incremental detokenizer holds back a partial UTF-8 character).
+        return [[tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in g] for g in rollout.completions]
+
     try:
-        greedy = SamplingParams(max_new_tokens=12, temperature=0.0)
         before = rollouts.generate(items, greedy, seed=0)
         assert before.versions == [0, 0]
-        assert [[c.text for c in g] for g in before.completions] == learners.generate(items, greedy.model_dump())
+        outputs = [texts(before)]
+        assert outputs[0] == learners.generate(items, greedy.model_dump())
+        for version in (1, 2):
+            sampled = rollouts.generate(items, sampling, seed=version)
+            stats = learners.train(train_rows(sampled, [1.0, -1.0, 1.0, -1.0]))
+            # The learner rebuilt each prompt and scored the sampled ids: what the engine reported, up to numerics.
+            assert stats["rollout_logprob_gap"] < SAME_POLICY_GAP and stats["rollout_mismatch_k3"] < 1e-4
+            assert stats["rollout_is_clipped_fraction"] == 0 and stats["grad_norm"] > 0
 
-        sampled = rollouts.generate(items, SamplingParams(n=GROUP, max_new_tokens=12, temperature=1.0, logprobs=True),
-                                    seed=1)
-        rows = [{"image_uri": item["image_uri"], "problem": item["problem"], "completion_ids": c.token_ids,
-                 "rollout_logprobs": c.logprobs, "advantage": 1.0 if k % 2 else -1.0, "weight": 1 / (PROMPTS * GROUP)}
-                for item, group in zip(sampled.items, sampled.completions) for k, c in enumerate(group)]
-        stats = learners.train(rows)
-        # The learner rebuilt each prompt and scored the sampled ids: the same log-probabilities the engine reported.
-        assert stats["rollout_logprob_gap"] < 1e-4
-        assert stats["grad_norm"] > 0
+            timings = sync.push(version)
+            assert timings["sync_s"] >= timings["sync_load_s"] > 0
+            # The same prompts again: the prefix, multimodal and encoder caches hold entries of the old weights.
+            after = rollouts.generate(items, greedy, seed=0)
+            assert after.versions == [version, version]
+            outputs.append(texts(after))
+            assert outputs[-1] != outputs[-2], "the rollout output changed"
+            assert outputs[-1] == learners.generate(items, greedy.model_dump()), "to the learner's greedy output"
 
-        sync = WeightSync.create(SyncConfig(), learners, rollouts)
-        timings = sync.push(1)
-        after = rollouts.generate(items, greedy, seed=0)
-        assert after.versions == [1, 1]
-        texts = [[c.text for c in g] for g in after.completions]
-        assert texts != [[c.text for c in g] for g in before.completions], "the rollout output changed"
-        assert texts == learners.generate(items, greedy.model_dump()), "and it is the learner's greedy output"
-        assert timings["sync_s"] >= timings["sync_load_s"] > 0
-
-        # Only trainable weights travel: the frozen vision blocks stay out, the merger and the language model go.
+        # Only trainable weights travel: the frozen vision blocks stay out, the merger and the language model go
+        # (named as in the model's files for vLLM, which maps those names only).
         state = ray.get(sync.state)
-        assert not any(name.startswith("model.visual.blocks") for name in state)
-        assert any(name.startswith("model.visual.merger") for name in state) and "lm_head.weight" in state
+        prefix = "visual." if engine == "vllm" else "model.visual."
+        assert not any(name.startswith(prefix + "blocks") for name in state)
+        assert any(name.startswith(prefix + "merger") for name in state) and "lm_head.weight" in state
     finally:
         rollouts.shutdown()
         learners.shutdown()
@@ -144,7 +169,7 @@ def test_a_worker_killed_mid_generation_is_replaced_and_its_share_generated_agai
         regenerated = rollouts.collect(pending)
         assert rollouts.replacements == 1
         assert regenerated.items == expected.items
-        # The replacement starts from the same weights and seed: the share's real completions, none fabricated.
+        # The replacement starts from the same weights and seeds: the share's real completions, none fabricated.
         assert [[c.token_ids for c in g] for g in regenerated.completions] == \
             [[c.token_ids for c in g] for g in expected.completions]
     finally:
@@ -224,7 +249,7 @@ def test_resume_continues_at_the_right_step_and_policy_version(stopped_run, tiny
     assert (result.steps, result.policy_version) == (4, 4)
     resumed = [r for r in read_records(tmp / "logs") if r["attempt"] == 2]
     assert [(r["step"], r["policy_version"]) for r in resumed] == [(3, 3), (4, 4)]
-    assert resumed[0]["rollout_logprob_gap"] < 1e-4  # rollouts and learners hold the same (checkpoint) weights
+    assert resumed[0]["rollout_logprob_gap"] < SAME_POLICY_GAP  # rollouts and learners: the checkpoint's weights
 
     # Step 3 ran again from the checkpoint: the same prompts (batch 2), the same version-2 weights and the same
     # seed, so exactly the completions the first attempt generated before the stop.

@@ -26,7 +26,8 @@ class RolloutEngine(_Strict):
     """A rollout worker's engine: EngineSpec's local-engine options. Its model is always the policy (the run's
     `model`, then the weights the learners send)."""
 
-    engine: Literal["auto", "hf", "vllm"] = "auto"  # auto: vllm where it and a GPU exist, else hf
+    engine: Literal["auto", "hf", "vllm"] = "vllm"  # vLLM's CPU build here, a GPU build on clusters; auto: vllm
+    # where it and a GPU exist, else hf
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_batch_size: int = Field(16, gt=0)  # hf: requests per forward pass
     vllm_kwargs: dict[str, Any] = Field(default_factory=dict)  # extra keyword arguments for vllm.LLM
@@ -43,7 +44,11 @@ class RolloutConfig(_Strict):
     num_cpus: float = Field(1.0, ge=0)  # per worker (per bundle on GPUs)
     num_gpus: int = Field(0, ge=0)  # per worker: a vLLM engine's tensor_parallel_size GPUs, one bundle each
     torch_threads: int = Field(1, gt=0)  # CPU threads of the hf engine
-    max_replacements: int = Field(3, ge=0)  # dead workers replaced over the run before it fails
+    max_replacements: int = Field(3, ge=0)  # dead or hung workers replaced over the run before it fails
+    # A worker that does not answer within these is taken for hung: it is killed and replaced like a dead one.
+    start_timeout_s: float = Field(900, gt=0)  # an engine's start (vLLM compiles its model first)
+    generate_timeout_s: float = Field(900, gt=0)  # one batch share, from the moment the controller waits for it
+    sync_timeout_s: float = Field(300, gt=0)  # one weight update
 
     @model_validator(mode="after")
     def _engine(self) -> "RolloutConfig":
@@ -93,6 +98,9 @@ class GRPOConfig(_Strict):
     scale_std: bool = True  # advantages (r - mean) / (std + eps); False: r - mean (Dr. GRPO)
     std_eps: float = Field(1e-4, gt=0)
     aggregation: Literal["grpo", "dr_grpo", "dapo"] = "grpo"
+    # Truncated importance sampling: samples come from the rollout engine (vLLM's numerics, and one version old in
+    # one_step_off), so each token's loss is weighted by min(π_old / π_rollout, cap). None: no correction.
+    rollout_is_cap: float | None = Field(2.0, gt=0)
 
     @property
     def clip_high(self) -> float:

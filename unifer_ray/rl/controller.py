@@ -2,7 +2,7 @@
 
     rollouts = RolloutGroup(...)   N actors, each one GenerationEngine
     learners = LearnerGroup(...)   M actors, one torch.distributed group, DeepSpeed or DDP
-    sync = WeightSync.create(...)  object store or NCCL, one call per sync, versioned
+    sync = WeightSync.create(...)  vLLM's weight-transfer API (shared memory or NCCL), versioned, caches reset
     for each step: generate → score → advantages → train → sync → log → checkpoint
 
 `one_step_off` changes only when a step's generation is asked for: before the previous step trains, so rollouts and
@@ -48,8 +48,10 @@ class ScoredBatch:
     samples: list[dict]  # per-completion log rows
 
 
-def rollout_seed(seed: int, step: int) -> int:
-    return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
+def rollout_seed(seed: int, step: int, batch_size: int) -> int:
+    """The first seed of step `step`'s batch: the rollouts give prompt i's k-th sample this + i * G + k, so every
+    (run seed, step, prompt, sample) has a seed of its own (runs' seeds are 2**32 apart)."""
+    return seed * 2**32 + step * batch_size
 
 
 def score(rollout: Rollout, rewards: RewardSet, config: RLVRConfig, *, learner_version: int, step: int) -> ScoredBatch:
@@ -116,7 +118,7 @@ def run_rlvr(config: RLVRConfig, *, resume: bool = False) -> RLVRResult:
     rewards = RewardSet(config.rewards)
     learners = LearnerGroup(config, config.model)
     rollouts = RolloutGroup(config.rollout, model=config.model, image_size=config.data.image_size,
-                            max_prompt_tokens=config.grpo.max_prompt_tokens)
+                            max_prompt_tokens=config.grpo.max_prompt_tokens, nccl=config.sync.kind == "nccl")
     run_log = RunLog(config.metrics_dir, attempt=state.step)
     try:
         if state.step == 0:
@@ -151,12 +153,13 @@ def run_steps(config: RLVRConfig, state: RunState, prompts: PromptSource, reward
         step_started = time.perf_counter()
         replacements = rollouts.replacements
         if pending is None:
-            pending = rollouts.submit(prompts.batch(step), sampling, rollout_seed(config.seed, step))
+            pending = rollouts.submit(prompts.batch(step), sampling, rollout_seed(config.seed, step, config.batch_size))
         rollout = rollouts.collect(pending)
         pending = None
         if config.mode == "one_step_off" and step + 1 < config.steps:
             # Generation of the next batch overlaps this step's training, with the weights the workers hold.
-            pending = rollouts.submit(prompts.batch(step + 1), sampling, rollout_seed(config.seed, step + 1))
+            pending = rollouts.submit(prompts.batch(step + 1), sampling,
+                                      rollout_seed(config.seed, step + 1, config.batch_size))
         run_log.errors(rollout.errors)
         if not rollout.items:
             raise RuntimeError(f"step {step + 1}: no prompt of the batch could be used; see errors.jsonl")

@@ -1,4 +1,5 @@
-"""The GRPO objective: group-normalised advantages, the clipped ratio, the k3 KL estimator, loss aggregation.
+"""The GRPO objective: group-normalised advantages, the clipped ratio, the k3 KL estimator, loss aggregation, and
+the truncated importance-sampling correction for samples drawn by the rollout engine rather than by π_old.
 
 Aggregations (what one optimizer step minimises; `L_i` = completion i's tokens, `B` = completions in the batch):
 - `grpo`: the mean over completions of each completion's token mean, Σ_i Σ_t ℓ_it / (B · L_i);
@@ -45,6 +46,25 @@ def sequence_weights(lengths: np.ndarray, aggregation: str, max_new_tokens: int)
     raise ValueError(f"unknown loss aggregation {aggregation!r}; expected grpo, dr_grpo or dapo")
 
 
+def truncated_is_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, cap: float) -> torch.Tensor:
+    """Per-token weights min(π_old / π_rollout, cap), without gradient (truncated importance sampling, as in TRL's
+    vLLM correction and verl's TIS): the rollout engine's own log-probabilities of the tokens it sampled correct
+    for its numerics and for its policy lag, and the cap bounds the variance."""
+    return torch.exp(old_logprobs.detach() - rollout_logprobs).clamp(max=cap)
+
+
+def rollout_mismatch(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor,
+                     cap: float | None) -> dict[str, float]:
+    """Sums over the masked tokens: |log π_old - log π_rollout| (`gap`), the k3 estimate of KL(rollout || old)
+    (`mismatch_k3`: r - 1 - log r with r = π_old / π_rollout, ≥ 0, of mean zero when the two agree), and the tokens
+    whose ratio the cap truncated (`is_clipped`)."""
+    log_ratio = (old_logprobs - rollout_logprobs).detach()
+    ratio = torch.exp(log_ratio)
+    clipped = ratio > cap if cap is not None else torch.zeros_like(mask, dtype=torch.bool)
+    return {"gap": float((log_ratio.abs() * mask).sum()), "mismatch_k3": float(((ratio - 1 - log_ratio) * mask).sum()),
+            "is_clipped": float((clipped.float() * mask).sum())}
+
+
 @dataclass
 class TokenLoss:
     loss: torch.Tensor  # (B, T) per-token loss: clipped policy-gradient term + beta · KL
@@ -54,17 +74,22 @@ class TokenLoss:
 
 
 def token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor | None,
-               advantages: torch.Tensor, *, clip_low: float, clip_high: float, beta: float) -> TokenLoss:
-    """Per-token GRPO loss. `advantages` is (B,) or (B, 1); the log-probabilities are (B, T).
+               advantages: torch.Tensor, *, clip_low: float, clip_high: float, beta: float,
+               is_weights: torch.Tensor | None = None) -> TokenLoss:
+    """Per-token GRPO loss. `advantages` is (B,) or (B, 1); the log-probabilities and `is_weights` are (B, T).
 
-    ℓ = -min(ρ A, clip(ρ, 1 - clip_low, 1 + clip_high) A) + β (exp(q - p) - (q - p) - 1), with ρ = exp(p - p_old),
-    p the policy's and q the reference's log-probability of the sampled token (the k3 estimator, ≥ 0).
+    ℓ = -w min(ρ A, clip(ρ, 1 - clip_low, 1 + clip_high) A) + β (exp(q - p) - (q - p) - 1),
+    with ρ = exp(p - p_old),
+    p the policy's and q the reference's log-probability of the sampled token (the k3 estimator, ≥ 0), and w the
+    importance weight of the sample (`truncated_is_weights`; 1 without).
     """
     advantages = advantages.reshape(-1, 1).to(logprobs.dtype)
     ratio = torch.exp(logprobs - old_logprobs)
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * advantages
     loss = -torch.minimum(unclipped, clipped)
+    if is_weights is not None:
+        loss = loss * is_weights
     if beta > 0:
         if ref_logprobs is None:
             raise ValueError("beta > 0 needs the reference model's log-probabilities")

@@ -29,11 +29,11 @@ from unifer_ray.parallel import DataParallel, ParallelSettings
 from unifer_ray.ray_utils import THREAD_ENV
 from unifer_ray.rl.checkpoint import readable_dir, writable_dir
 from unifer_ray.rl.config import GRPOConfig, LearnerConfig, RLVRConfig
-from unifer_ray.rl.grpo import aggregate, token_loss
+from unifer_ray.rl.grpo import aggregate, rollout_mismatch, token_loss, truncated_is_weights
 from unifer_ray.train.loop import prepare_model, seed_everything
 
 # Sums each learner returns from `train`; the group adds them up over ranks.
-SUMS = ("tokens", "kl", "entropy", "clipped", "loss", "gap", "gap_tokens")
+SUMS = ("tokens", "kl", "entropy", "clipped", "loss", "gap", "mismatch_k3", "is_clipped", "gap_tokens")
 
 
 @dataclass
@@ -47,7 +47,7 @@ class PolicyBatch:
     mask: torch.Tensor  # (B, C) 1.0 on completion tokens
     advantages: torch.Tensor  # (B,)
     weights: torch.Tensor  # (B,) sequence weights in the batch loss; 0 for replayed filler rows
-    rollout_logprobs: torch.Tensor | None  # (B, C) what the rollout engine reported, for the gap metric
+    rollout_logprobs: torch.Tensor | None  # (B, C) what the rollout engine reported: importance weights, metrics
 
 
 def policy_batch(processor: Any, rows: list[dict], *, image_size: int, device: torch.device) -> PolicyBatch:
@@ -103,6 +103,15 @@ def completion_logprobs(model: Any, batch: PolicyBatch, temperature: float, *,
         with torch.no_grad():
             entropy = -(logprobs_all.exp() * logprobs_all).sum(-1)
     return logprobs, entropy
+
+
+def file_format(module: Any, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` named (and laid out) as in the model's files, as `save_pretrained` writes it. transformers 5 renames
+    some weights on load (Qwen2.5-VL: visual.* → model.visual.*) and vLLM maps only the files' names: under the
+    in-memory names it would load the language model and silently skip the vision tower."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return revert_weight_conversion(module, state)
 
 
 def free_port() -> int:
@@ -194,11 +203,14 @@ class LearnerWorker:
                 def loss_fn(model, batch=batch, j=j):
                     logprobs, entropy = completion_logprobs(model, batch, grpo.temperature, with_entropy=True)
                     old = old_logprobs[j] if old_logprobs[j] is not None else logprobs.detach()
+                    is_weights = None
+                    if grpo.rollout_is_cap is not None and batch.rollout_logprobs is not None:
+                        is_weights = truncated_is_weights(old, batch.rollout_logprobs, grpo.rollout_is_cap)
                     terms = token_loss(logprobs, old, ref_logprobs[j], batch.advantages, clip_low=grpo.clip_eps,
-                                       clip_high=grpo.clip_high, beta=grpo.beta)
-                    return aggregate(terms.loss, batch.mask, batch.weights), (logprobs.detach(), entropy, terms)
+                                       clip_high=grpo.clip_high, beta=grpo.beta, is_weights=is_weights)
+                    return aggregate(terms.loss, batch.mask, batch.weights), (old, entropy, terms)
 
-                logprobs, entropy, terms = self.parallel.micro_step(loss_fn, last=j == len(batches) - 1)
+                old, entropy, terms = self.parallel.micro_step(loss_fn, last=j == len(batches) - 1)
                 real = batch.mask * (batch.weights > 0).float().unsqueeze(1)  # fillers count in no statistic
                 sums["tokens"] += float(real.sum())
                 sums["kl"] += float((terms.kl.detach() * real).sum())
@@ -206,40 +218,49 @@ class LearnerWorker:
                 sums["clipped"] += float((terms.clipped.float() * real).sum())
                 sums["loss"] += float(aggregate(terms.loss.detach(), batch.mask, batch.weights))
                 if update == 0 and batch.rollout_logprobs is not None:
-                    sums["gap"] += float(((logprobs - batch.rollout_logprobs).abs() * real).sum())
+                    for key, value in rollout_mismatch(old, batch.rollout_logprobs, real, grpo.rollout_is_cap).items():
+                        sums[key] += value
                     sums["gap_tokens"] += float(real.sum())
             grad_norms.append(self.parallel.step())
         return {"sums": sums, "grad_norm": float(np.mean(grad_norms)), "lr": self.parallel.lr(),
                 "logprob_s": logprob_s, "train_s": time.perf_counter() - started}
 
-    def trainable_state(self) -> dict[str, torch.Tensor] | None:
-        """The trainable weights (rank 0; None elsewhere). Every rank is called: ZeRO-3 gathers collectively."""
-        return self.parallel.trainable_state()
+    def trainable_state(self, file_names: bool = False) -> dict[str, torch.Tensor] | None:
+        """The trainable weights (rank 0; None elsewhere). Every rank is called: ZeRO-3 gathers collectively.
 
-    def init_weight_group(self, master_addr: str, master_port: int, world_size: int) -> None:
-        """NCCL sync, rank 0: join the group of this learner and every vLLM worker."""
-        from unifer_ray.rl.vllm_weights import NCCLSender
+        `file_names`: named as in the model's files, for vLLM (see `file_format`)."""
+        state = self.parallel.trainable_state()
+        return file_format(self.parallel.module, state) if file_names and state is not None else state
 
-        self.sender = NCCLSender(master_addr, master_port, world_size, self.device)
+    def init_weight_transfer(self, master_addr: str, master_port: int, world_size: int, rollouts: list,
+                             ranks_per_engine: int, bucket_bytes: int, dtype: str, timeout_s: float) -> None:
+        """NCCL sync through vLLM's trainer engine, on every rank: rank 0 (the sender) forms one NCCL group with every
+        vLLM worker of `rollouts`; the other ranks only join the ZeRO-3 gathers of each send."""
+        from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
+        from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
 
-    def weight_buckets(self, bucket_bytes: int, dtype: str) -> list[dict]:
-        from unifer_ray.rl.vllm_weights import plan_buckets
+        from unifer_ray.rl.vllm_transfer import RolloutClient, TrainableSource
 
         cast = {"auto": torch.bfloat16 if self.config.bf16 else None, "bfloat16": torch.bfloat16,
                 "float32": torch.float32}[dtype]
-        # Under ZeRO-3 a parameter is a local partition; ds_shape is its full shape.
-        params = [(name, tuple(getattr(p, "ds_shape", p.shape)), p.dtype)
-                  for name, p in self.parallel.trainable_parameters()]
-        return plan_buckets(params, bucket_bytes, cast)
+        self.transfer_client = RolloutClient(rollouts, ranks_per_engine, timeout_s)
+        info = NCCLTrainerInitInfo(master_address=master_addr, master_port=master_port, world_size=world_size,
+                                   packed=True, packed_buffer_size_bytes=bucket_bytes, rank=self.rank)
+        self.transfer = WeightTransferTrainerFactory.trainer_init(
+            info, client=self.transfer_client, source=TrainableSource(self.parallel, cast))
 
-    def broadcast_weights(self, buckets: list[dict]) -> None:
-        """NCCL sync: every rank takes part in the ZeRO-3 gather of each bucket; rank 0 broadcasts it."""
-        params = dict(self.parallel.trainable_parameters())
-        for bucket in buckets:
-            named = {name: params[name] for name, _ in bucket["params"]}
-            with self.parallel.gathered(list(named.values())):
-                if self.rank == 0:
-                    self.sender.send(named, bucket)
+    def send_weights(self, version: int) -> None:
+        """NCCL sync: one update of every engine (packed buckets), finished as `version`."""
+        self.transfer_client.version = str(version)
+        self.transfer.send_weights()
+
+    @ray.method(concurrency_group="abort")
+    def abort_weight_transfer(self) -> None:
+        """Tear the NCCL group down (a member died or hung): aborting the communicator ends a broadcast waiting on
+        it. Runs on its own thread, beside a blocked `send_weights`."""
+        transfer = getattr(self, "transfer", None)
+        if transfer is not None and transfer.model_update_group is not None:
+            transfer.model_update_group.destroy()
 
     def generate(self, items: list[dict], params: dict) -> list[list[str]] | None:
         """Completions of the current weights (rank 0; None elsewhere), through the same engine code as the rollouts.
@@ -287,6 +308,16 @@ class LearnerWorker:
             module.config.use_cache = False
 
 
+def mismatch_metrics(sums: dict[str, float]) -> dict[str, float]:
+    """Rollout vs learner, per token of the step's first update: mean |Δ log p|, mean k3, the IS-clipped fraction."""
+    tokens = sums["gap_tokens"]
+    if not tokens:
+        keys = ("rollout_logprob_gap", "rollout_mismatch_k3", "rollout_is_clipped_fraction")
+        return dict.fromkeys(keys, float("nan"))
+    return {"rollout_logprob_gap": sums["gap"] / tokens, "rollout_mismatch_k3": sums["mismatch_k3"] / tokens,
+            "rollout_is_clipped_fraction": sums["is_clipped"] / tokens}
+
+
 class LearnerGroup:
     """The M learner actors of a run, called together."""
 
@@ -300,7 +331,7 @@ class LearnerGroup:
         options = {"num_cpus": learner.num_cpus, "num_gpus": 1 if learner.use_gpu else 0,
                    "runtime_env": {"env_vars": THREAD_ENV}, **placement.actor_options("learner")}
         self.workers = [
-            ray.remote(LearnerWorker).options(name=f"{name}-{rank}", **options).remote(
+            ray.remote(concurrency_groups={"abort": 1})(LearnerWorker).options(name=f"{name}-{rank}", **options).remote(
                 learner.model_dump(), config.grpo.model_dump(), model_dir=model_dir,
                 image_size=config.data.image_size, rank=rank, world_size=self.world_size,
                 micro_batches=micro_batches, total_steps=config.steps * config.grpo.updates_per_batch,
@@ -322,7 +353,7 @@ class LearnerGroup:
             "kl": sums["kl"] / tokens,
             "entropy": sums["entropy"] / tokens,
             "clip_fraction": sums["clipped"] / tokens,
-            "rollout_logprob_gap": sums["gap"] / sums["gap_tokens"] if sums["gap_tokens"] else float("nan"),
+            **mismatch_metrics(sums),
             "grad_norm": results[0]["grad_norm"],
             "lr": results[0]["lr"],
             "train_tokens": sums["tokens"] / self.updates_per_batch,
@@ -330,9 +361,9 @@ class LearnerGroup:
             "time_train_s": max(r["train_s"] for r in results),
         }
 
-    def trainable_state(self) -> ray.ObjectRef:
+    def trainable_state(self, file_names: bool = False) -> ray.ObjectRef:
         """A reference to rank 0's trainable weights: one object in the object store."""
-        refs = [w.trainable_state.remote() for w in self.workers]
+        refs = [w.trainable_state.remote(file_names) for w in self.workers]
         ray.get(refs[1:])  # the other ranks only take part in the gather
         ray.wait([refs[0]], fetch_local=False)
         return refs[0]

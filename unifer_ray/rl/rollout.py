@@ -1,15 +1,17 @@
-"""Rollout actors: N Ray actors, each one GenerationEngine (hf on CPU, vLLM on GPUs), generating G completions per
-prompt with token ids and log-probabilities, each batch tagged with the policy version of the weights it used.
+"""Rollout actors: N Ray actors, each one GenerationEngine (vLLM by default: the CPU build here, GPU builds on
+clusters; or hf), generating G completions per prompt with token ids and log-probabilities, each batch tagged with
+the policy version of the weights it used (a vLLM engine's own weight version).
 
-A worker that dies is replaced: the new actor starts from the starting checkpoint, the weight sync brings it to the
-current version (`restore`), and the dead worker's share of the batch is generated again with the same seed.
-A failed rollout therefore never reaches the rewards.
+A worker that dies, or does not answer within its timeout, is replaced: the new actor starts from the starting
+checkpoint, the weight sync brings it to the current version (`restore`), and the share of the batch is generated
+again with the same seeds. A failed rollout therefore never reaches the rewards.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -24,9 +26,13 @@ from unifer_ray import placement
 from unifer_ray.data.images import ImageError, load_image
 from unifer_ray.engines import ChatRequest, Completion, EngineSpec, SamplingParams, create_engine
 from unifer_ray.engines.hf import HFEngine, chat_text
+from unifer_ray.engines.vllm_env import vllm_env
 from unifer_ray.ray_utils import THREAD_ENV
 from unifer_ray.rl.config import RolloutConfig
-from unifer_ray.rl.vllm_weights import WEIGHT_RECEIVER
+
+# Imported by vLLM in its workers: registers our CPU weight-transfer backend with vLLM's registry.
+TRANSFER_REGISTRAR = "unifer_ray.rl.vllm_transfer.RegisterTransferEngines"
+SHM_BACKEND = "unifer_shm"  # = vllm_transfer.SHM_BACKEND (that module imports vLLM)
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +50,20 @@ class RolloutWorker:
             # vLLM's Ray executor places its workers in our placement group; it must see every GPU of it.
             os.environ.pop("CUDA_VISIBLE_DEVICES", None)
         self.engine = create_engine(EngineSpec.model_validate(engine))
+        self.vllm = not isinstance(self.engine, HFEngine)
+        if self.vllm:
+            self.engine.llm.update_weight_version("0")  # vLLM starts at "default"
+        self.hf_version = 0
         self.image_size = image_size
         self.max_prompt_tokens = max_prompt_tokens
-        self.version = 0
 
-    def ready(self) -> int:
-        return self.version
+    @property
+    def version(self) -> int:
+        return int(self.engine.llm.get_weight_version()) if self.vllm else self.hf_version
+
+    def ready(self) -> bool:
+        """Whether the engine is vLLM (once it has started)."""
+        return self.vllm
 
     def generate(self, items: list[dict], params: dict) -> dict:
         requests, kept, errors = [], [], []
@@ -68,7 +82,13 @@ class RolloutWorker:
             requests.append(request)
             kept.append(index)
         started = time.perf_counter()
-        groups = self.engine.generate(requests, SamplingParams.model_validate(params)) if requests else []
+        try:
+            groups = self.engine.generate(requests, SamplingParams.model_validate(params)) if requests else []
+        except Exception as exc:
+            if type(exc).__name__ == "EngineDeadError":  # vLLM's engine process is gone for good
+                log.error("the vLLM engine died (%s): this rollout actor exits, to be replaced", exc)
+                os._exit(1)
+            raise
         return {"version": self.version, "kept": kept, "groups": groups, "errors": errors,
                 "seconds": time.perf_counter() - started}
 
@@ -78,26 +98,44 @@ class RolloutWorker:
         return len(encoded["input_ids"][0])
 
     def load_weights(self, state: dict, version: int) -> float:
-        """Copy `state` (trainable weights by name) into the engine in place; the engine now serves `version`."""
+        """Load `state` (trainable weights by name, from the object store); the engine now serves `version`.
+
+        vLLM: one update through vLLM's weight-transfer API, the tensors passing through a file in shared memory."""
         started = time.perf_counter()
-        if isinstance(self.engine, HFEngine):
+        if not self.vllm:
             self.engine.load_state_dict(state)
-        else:
-            self.engine.llm.collective_rpc("unifer_load_weights", args=(state,))
-        self.version = version
+            self.hf_version = version
+            return time.perf_counter() - started
+        with tempfile.NamedTemporaryFile(dir=SHARED_MEMORY, suffix=".safetensors") as file:
+            from safetensors.torch import save_file
+
+            save_file({name: t.contiguous() for name, t in state.items()}, file.name)
+            self.start_weight_update()
+            self.update_weights({"path": file.name, "names": list(state)})
+            self.finish_weight_update(str(version))
         return time.perf_counter() - started
 
-    def init_weight_group(self, master_addr: str, master_port: int, rank_offset: int, world_size: int) -> None:
-        """vLLM only: join the NCCL group of learner rank 0 and the engines (one rank per vLLM worker)."""
-        self.engine.llm.collective_rpc("unifer_init_weight_group",
-                                       args=(master_addr, master_port, rank_offset, world_size))
+    # vLLM's weight-transfer API, called by this actor (shared memory) or by learner rank 0 (NCCL).
+    def init_weight_transfer(self, init_info: dict) -> None:
+        self.engine.llm.init_weight_transfer_engine({"init_info": init_info})
 
-    def receive_weights(self, buckets: list[dict], version: int) -> float:
-        """vLLM only: receive the broadcast buckets (one RPC to the engine's workers for the whole sync)."""
-        started = time.perf_counter()
-        self.engine.llm.collective_rpc("unifer_receive_weights", args=(buckets,))
-        self.version = version
-        return time.perf_counter() - started
+    def start_weight_update(self) -> None:
+        self.engine.llm.start_weight_update()
+
+    def update_weights(self, update_info: dict) -> None:
+        self.engine.llm.update_weights({"update_info": update_info})
+
+    def finish_weight_update(self, version: str) -> None:
+        """Finish the update as `version`, and drop every cache entry computed with the old weights: prefix KV,
+        preprocessed multimodal inputs and vision-encoder outputs."""
+        llm = self.engine.llm
+        llm.finish_weight_update(weight_version=version)
+        llm.reset_prefix_cache()
+        llm.reset_mm_cache()
+        llm.llm_engine.reset_encoder_cache()
+
+
+SHARED_MEMORY = "/dev/shm" if os.path.isdir("/dev/shm") else None  # None: the temp dir
 
 
 def _error(item: dict, reason: str) -> dict:
@@ -110,6 +148,13 @@ class _Share:
     items: list[dict]
     params: dict
     actor: ray.actor.ActorHandle  # the worker's actor when the share was (re)submitted
+    ref: ray.ObjectRef
+
+
+@dataclass
+class _Load:
+    worker: int
+    actor: ray.actor.ActorHandle  # the worker's actor when the load was issued
     ref: ray.ObjectRef
 
 
@@ -134,13 +179,17 @@ class Rollout:
 class RolloutGroup:
     """The rollout actors of a run, serving `model` (the starting policy) and then the weights they are sent.
 
-    On GPUs each worker is one vLLM engine in its own placement group (one bundle per tensor-parallel GPU); on CPU
-    each is an hf engine with `num_cpus`."""
+    Each worker is one engine: vLLM (weights arriving through shared memory, or NCCL with `nccl`) or hf. On GPUs each
+    vLLM engine gets its own placement group (one bundle per tensor-parallel GPU)."""
 
-    def __init__(self, config: RolloutConfig, *, model: str, image_size: int, max_prompt_tokens: int):
+    def __init__(self, config: RolloutConfig, *, model: str, image_size: int, max_prompt_tokens: int,
+                 nccl: bool = False):
         self.config = config
         self.tensor_parallel = int(config.engine.vllm_kwargs.get("tensor_parallel_size", 1))
-        vllm_kwargs = {"worker_extension_cls": WEIGHT_RECEIVER} | config.engine.vllm_kwargs
+        # processed_logprobs: the sampled tokens' log-probabilities after temperature, as the learner computes them.
+        vllm_kwargs = {"worker_extension_cls": TRANSFER_REGISTRAR,
+                       "weight_transfer_config": {"backend": "nccl" if nccl else SHM_BACKEND},
+                       "logprobs_mode": "processed_logprobs"} | config.engine.vllm_kwargs
         if self.tensor_parallel > 1:
             vllm_kwargs.setdefault("distributed_executor_backend", "ray")
         self.spec = config.engine.spec(model).model_copy(update={"vllm_kwargs": vllm_kwargs}).model_dump()
@@ -153,15 +202,15 @@ class RolloutGroup:
             bundles = [{"CPU": config.num_cpus, "GPU": 1}] * config.num_gpus
             self.placement_groups = [placement_group(bundles, **placement.packed_group_options("rollout", len(bundles)))
                                      for _ in range(config.num_workers)]
-            ray.get([pg.ready() for pg in self.placement_groups])
+            ray.get([pg.ready() for pg in self.placement_groups], timeout=config.start_timeout_s)
         self.workers = [self._start(i) for i in range(config.num_workers)]
-        ray.get([w.ready.remote() for w in self.workers])
+        self.vllm = ray.get([w.ready.remote() for w in self.workers], timeout=config.start_timeout_s)[0]
         self.version = 0
         self.restore: Callable[[int], None] | None = None  # set by the weight sync: bring worker i up to date
-        self._loads: list[tuple[int, ray.ObjectRef]] = []  # weight loads issued without waiting
+        self._loads: list[_Load] = []  # weight loads issued without waiting
 
     def _start(self, index: int) -> ray.actor.ActorHandle:
-        options: dict = {"num_cpus": self.config.num_cpus, "runtime_env": {"env_vars": THREAD_ENV},
+        options: dict = {"num_cpus": self.config.num_cpus, "runtime_env": {"env_vars": THREAD_ENV | vllm_env()},
                          "name": f"{self.name}-{index}-{self.replacements}"}
         if self.placement_groups:
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
@@ -178,23 +227,26 @@ class RolloutGroup:
         return self.tensor_parallel
 
     def submit(self, items: list[dict], params: SamplingParams, seed: int) -> PendingRollout:
-        """Start generating `params.n` completions per item, each worker a contiguous share with its own seed."""
+        """Start generating `params.n` completions per item, each worker a contiguous share.
+
+        Item i's k-th sample gets seed `seed + i * n + k` whichever worker generates it (the engines give request j
+        of a call seed + j * n, its k-th sample + k), so seeds never repeat within a batch and a replacement worker
+        regenerates exactly the same samples."""
         shares = []
         for index, rows in enumerate(np.array_split(np.arange(len(items)), len(self.workers))):
             if len(rows) == 0:
                 continue
             share_items = [items[i] for i in rows]
-            share_params = params.model_copy(update={"seed": seed + index}).model_dump()
+            share_params = params.model_copy(update={"seed": seed + int(rows[0]) * params.n}).model_dump()
             actor = self.workers[index]
             shares.append(_Share(index, share_items, share_params, actor,
                                  actor.generate.remote(share_items, share_params)))
         return PendingRollout(items, shares)
 
     def collect(self, pending: PendingRollout) -> Rollout:
-        """Wait for a submitted batch; a share whose worker died is generated again by its replacement."""
+        """Wait for a submitted batch; a share whose worker died or hung is generated again by its replacement.
+        Then settle the weight loads queued behind it."""
         started = time.perf_counter()
-        self._settle(self._loads)
-        self._loads = []
         items, completions, versions, errors, seconds = [], [], [], [], []
         for share in pending.shares:
             out = self._result(share)
@@ -204,6 +256,8 @@ class RolloutGroup:
                 versions.append(out["version"])
             errors += out["errors"]
             seconds.append(out["seconds"])
+        self._settle(self._loads)
+        self._loads = []
         return Rollout(items, completions, versions, errors, generate_s=max(seconds, default=0.0),
                        wait_s=time.perf_counter() - started)
 
@@ -213,10 +267,10 @@ class RolloutGroup:
     def _result(self, share: _Share) -> dict:
         while True:
             try:
-                return ray.get(share.ref)
-            except ray.exceptions.RayActorError as exc:
-                if self.workers[share.worker] is share.actor:  # else a weight load already found it dead
-                    self._replace(share.worker, exc)
+                return ray.get(share.ref, timeout=self.config.generate_timeout_s)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+                if self.workers[share.worker] is share.actor:  # else a weight load already replaced it
+                    self.replace(share.worker, exc)
                 share.actor = self.workers[share.worker]
                 share.ref = share.actor.generate.remote(share.items, share.params)
 
@@ -224,20 +278,22 @@ class RolloutGroup:
         """Every worker loads `state` (fetched once per worker from the object store); returns the slowest load's
         seconds when waiting. Without waiting, the loads queue behind the workers' current generation and are
         settled by the next `collect`."""
-        loads = [(i, w.load_weights.remote(state, version)) for i, w in enumerate(self.workers)]
+        loads = [_Load(i, w, w.load_weights.remote(state, version)) for i, w in enumerate(self.workers)]
         self.version = version
         if not wait:
             self._loads += loads
             return 0.0
         return self._settle(loads)
 
-    def _settle(self, loads: list[tuple[int, ray.ObjectRef]]) -> float:
+    def _settle(self, loads: list[_Load]) -> float:
         seconds = [0.0]
-        for index, ref in loads:
+        for load in loads:
+            if self.workers[load.worker] is not load.actor:
+                continue  # replaced meanwhile, and restored to the current version
             try:
-                seconds.append(ray.get(ref))
-            except ray.exceptions.RayActorError as exc:
-                self._replace(index, exc)  # the replacement is restored to the current version
+                seconds.append(ray.get(load.ref, timeout=self.config.sync_timeout_s))
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+                self.replace(load.worker, exc)  # the replacement is restored to the current version
         return max(seconds)
 
     def shutdown(self) -> None:
@@ -246,20 +302,21 @@ class RolloutGroup:
         for group in self.placement_groups:
             ray.util.remove_placement_group(group)
 
-    def _replace(self, index: int, cause: Exception) -> None:
+    def replace(self, index: int, cause: Exception) -> None:
+        """Kill worker `index` (dead or hung) and start another, brought to the current weights."""
         while True:
             if self.replacements >= self.config.max_replacements:
-                raise RuntimeError(f"rollout worker {index} died and all {self.config.max_replacements} "
+                raise RuntimeError(f"rollout worker {index} failed and all {self.config.max_replacements} "
                                    f"replacements are used up: {cause}")
             self.replacements += 1
-            log.warning("rollout worker %d died (%s); replacing it (replacement %d of %d)", index,
+            log.warning("rollout worker %d failed (%s); replacing it (replacement %d of %d)", index,
                         type(cause).__name__, self.replacements, self.config.max_replacements)
             ray.kill(self.workers[index])
             self.workers[index] = self._start(index)
             try:
-                ray.get(self.workers[index].ready.remote())
+                ray.get(self.workers[index].ready.remote(), timeout=self.config.start_timeout_s)
                 if self.restore is not None:
                     self.restore(index)
                 return
-            except ray.exceptions.RayActorError as exc:
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
                 cause = exc

@@ -1,15 +1,20 @@
 """Learner → rollout weights behind one interface: one `push(version)` per sync; `restore` for a fresh worker.
 
-Only trainable parameters move: a frozen vision tower stays as the rollout engines loaded it.
-- `object_store` (the default, everywhere): learner rank 0 gathers the trainable weights (every rank joins a
-  ZeRO-3 gather), returns them once into the Ray object store, and every rollout worker loads that one object in
-  place.
-- `nccl` (GPU learners and vLLM engines): one NCCL group of learner rank 0 and every vLLM worker; each sync is one
-  RPC per engine and a bucketed broadcast.
+Both kinds go through vLLM's weight-transfer API (`start_weight_update` / `update_weights` / `finish_weight_update`,
+see `vllm_transfer`), so every update reloads with vLLM's post-load processing, and then the engine's prefix,
+multimodal and encoder caches are reset: no rollout uses KV computed with old weights. The engine's weight version
+is the policy version. Only trainable parameters move: a frozen vision tower stays as the engines loaded it.
+- `object_store` (the default, everywhere): learner rank 0 gathers the trainable weights (every rank joins a ZeRO-3
+  gather) and returns them once into the Ray object store; each rollout actor fetches that one object and hands it to
+  its engine through a file in shared memory (an hf engine copies it in place).
+- `nccl` (GPU learners and vLLM engines): vLLM's NCCL backend, learner rank 0 the sender, bucketed (packed).
+Every wait has a timeout. A worker found dead or hung is replaced (and restored); an NCCL group with a dead member
+is aborted and formed again with the replacements.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from abc import ABC, abstractmethod
 
@@ -18,6 +23,9 @@ import ray
 from unifer_ray.rl.config import SyncConfig
 from unifer_ray.rl.learner import LearnerGroup
 from unifer_ray.rl.rollout import RolloutGroup
+
+log = logging.getLogger(__name__)
+FAILURES = (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ray.exceptions.RayTaskError)
 
 
 class WeightSync(ABC):
@@ -52,7 +60,7 @@ class ObjectStoreSync(WeightSync):
 
     def push(self, version: int, *, wait: bool = True) -> dict[str, float]:
         started = time.perf_counter()
-        self.state = self.learners.trainable_state()
+        self.state = self.learners.trainable_state(file_names=self.rollouts.vllm)
         self.version = version
         gathered = time.perf_counter()
         load_s = self.rollouts.load_weights(self.state, version, wait=wait)
@@ -60,35 +68,54 @@ class ObjectStoreSync(WeightSync):
 
     def restore(self, worker: int) -> None:
         if self.state is not None:
-            ray.get(self.rollouts.workers[worker].load_weights.remote(self.state, self.version))
+            ray.get(self.rollouts.workers[worker].load_weights.remote(self.state, self.version),
+                    timeout=self.rollouts.config.sync_timeout_s)
 
 
 class NCCLSync(WeightSync):
     def __init__(self, learners: LearnerGroup, rollouts: RolloutGroup, config: SyncConfig):
         super().__init__(learners, rollouts)
         self.config = config
+        self.timeout_s = rollouts.config.sync_timeout_s
+        # An update may wait behind the batch an engine is generating.
+        self.update_timeout_s = self.timeout_s + rollouts.config.generate_timeout_s
         self._connect()
-        self.buckets = ray.get(learners.workers[0].weight_buckets.remote(config.bucket_mb * 2**20, config.dtype))
 
     def _connect(self) -> None:
         """One NCCL group: learner rank 0 is rank 0, then each engine's workers in turn."""
-        master_addr, master_port = ray.get(self.learners.workers[0].address.remote())
+        master_addr, port = ray.get(self.learners.workers[0].address.remote(), timeout=self.timeout_s)
         per_engine = self.rollouts.ranks_per_worker
         world_size = 1 + per_engine * len(self.rollouts.workers)
-        joins = [w.init_weight_group.remote(master_addr, master_port, 1 + i * per_engine, world_size)
-                 for i, w in enumerate(self.rollouts.workers)]
-        joins.append(self.learners.workers[0].init_weight_group.remote(master_addr, master_port, world_size))
-        ray.get(joins)
+        ray.get([w.init_weight_transfer.remote(master_addr, port, world_size, self.rollouts.workers, per_engine,
+                                                self.config.bucket_mb * 2**20, self.config.dtype,
+                                                self.update_timeout_s)
+                 for w in self.learners.workers], timeout=self.update_timeout_s)
 
     def push(self, version: int, *, wait: bool = True) -> dict[str, float]:
         # A broadcast needs every receiver: the sync always waits (queued behind any generation in flight).
         started = time.perf_counter()
-        receives = [w.receive_weights.remote(self.buckets, version) for w in self.rollouts.workers]
-        sends = [w.broadcast_weights.remote(self.buckets) for w in self.learners.workers]
-        ray.get(sends)
-        load_s = max(ray.get(receives))
+        while True:
+            try:
+                ray.get([w.send_weights.remote(version) for w in self.learners.workers], timeout=self.update_timeout_s)
+                break
+            except FAILURES as exc:
+                self._rebuild(exc)
         self.version = self.rollouts.version = version
-        return {"sync_gather_s": 0.0, "sync_load_s": load_s, "sync_s": time.perf_counter() - started}
+        elapsed = time.perf_counter() - started
+        return {"sync_gather_s": 0.0, "sync_load_s": elapsed, "sync_s": elapsed}
+
+    def _rebuild(self, cause: Exception) -> None:
+        """A member of the group died or hung: abort the group (ending the sender's broadcast), replace every
+        engine (the live ones wait inside the same broadcast), and form the group again."""
+        log.warning("NCCL weight sync failed (%s): rebuilding the group", type(cause).__name__)
+        ray.get([w.abort_weight_transfer.remote() for w in self.learners.workers], timeout=self.timeout_s)
+        restore, self.rollouts.restore = self.rollouts.restore, None  # the new group restores them all at once
+        try:
+            for index in range(len(self.rollouts.workers)):
+                self.rollouts.replace(index, cause)
+        finally:
+            self.rollouts.restore = restore
+        self._connect()
 
     def restore(self, worker: int) -> None:
         # A new engine is outside the NCCL group: form the group again with everyone, then send the weights.
