@@ -30,6 +30,7 @@ from unifer_ray.ray_utils import THREAD_ENV
 from unifer_ray.rl.checkpoint import readable_dir, writable_dir
 from unifer_ray.rl.config import GRPOConfig, LearnerConfig, RLVRConfig
 from unifer_ray.rl.grpo import aggregate, rollout_mismatch, token_loss, truncated_is_weights
+from unifer_ray.rl.logprobs import token_logprobs
 from unifer_ray.train.loop import prepare_model, seed_everything
 
 # Sums each learner returns from `train`; the group adds them up over ranks.
@@ -95,14 +96,8 @@ def completion_logprobs(model: Any, batch: PolicyBatch, temperature: float, *,
     # Embedded here (every rank, every batch alike: under ZeRO-3 each module call is a collective).
     embeddings = getattr(model, "module", model).get_input_embeddings()(batch.token_ids)
     outputs = model(**batch.inputs, inputs_embeds=embeddings, use_cache=False, logits_to_keep=width + 1)
-    logits = outputs.logits[:, :-1].float() / temperature
-    logprobs_all = torch.log_softmax(logits, dim=-1)
-    logprobs = logprobs_all.gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = -(logprobs_all.exp() * logprobs_all).sum(-1)
-    return logprobs, entropy
+    # Chunked: no full-vocabulary fp32 log-softmax of the whole micro-batch (see rl/logprobs.py).
+    return token_logprobs(outputs.logits[:, :-1], batch.completion_ids, temperature, with_entropy=with_entropy)
 
 
 def file_format(module: Any, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
