@@ -41,9 +41,7 @@ from unifer_ray.rl.weight_sync import WeightSync
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS, GROUP = 2, 4
 # Prefix caching on (vLLM's default, said out loud): a push that left old KV in the cache would show in the outputs.
-# No chunked prefill: see configs/tiny.yaml (vLLM's CPU runner cannot rewind a seeded sampler).
-VLLM = {"enable_prefix_caching": True, "max_model_len": 1024, "enable_chunked_prefill": False,
-        "max_num_batched_tokens": 16384}
+VLLM = {"enable_prefix_caching": True, "max_model_len": 1024}
 HF = {"engine": "hf", "max_batch_size": 8}
 # Mean |Δ log p| of the sampled tokens between the rollout engine and the learner holding the same weights: vLLM's CPU
 # kernels and transformers differ in the last digits (fp32 both), nothing like a policy step.

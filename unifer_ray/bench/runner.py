@@ -16,6 +16,7 @@ from unifer_ray import storage
 from unifer_ray.bench.config import BenchConfig, BenchModel
 from unifer_ray.bench.items import ItemRows, read_items
 from unifer_ray.data.images import load_image_batch
+from unifer_ray.engines import engine_label
 from unifer_ray.engines.batch import add_generation
 from unifer_ray.parsing import is_format_compliant, parse_paper, parse_strict
 
@@ -44,7 +45,7 @@ class ModelRun:
         return self.generated / self.seconds if self.seconds > 0 else 0.0
 
 
-def score_batch(batch: dict[str, np.ndarray], *, model: str) -> dict[str, np.ndarray]:
+def score_batch(batch: dict[str, np.ndarray], *, model: str, engine: str) -> dict[str, np.ndarray]:
     """Parse each response in both modes and mark it; rows that carry an error are kept, marked `error`."""
     n = len(batch["id"])
     cols: dict[str, list] = {k: [] for k in ("response", "parsed_strict", "parsed_paper", "correct_strict",
@@ -63,9 +64,10 @@ def score_batch(batch: dict[str, np.ndarray], *, model: str) -> dict[str, np.nda
         cols["correct_paper"].append(paper == batch["true_label"][i])
         cols["format_ok"].append(False if failed else is_format_compliant(text))
         cols["status"].append("error" if failed else "scored")
-    out = {k: batch[k] for k in ("id", "dataset", "image_path", "true_label", "latency_s", "num_tokens", "engine", "error")}
+    out = {k: batch[k] for k in ("id", "dataset", "image_path", "true_label", "latency_s", "num_tokens", "error")}
     out["candidate_labels"] = _object_array([[str(c) for c in cands] for cands in batch["candidate_labels"]])
     out["model"] = np.full(n, model, dtype=object)
+    out["engine"] = np.full(n, engine, dtype=object)
     out.update({k: _object_array(v) for k, v in cols.items()})
     return out
 
@@ -132,7 +134,8 @@ def run_model(model: BenchModel, items: ItemRows, config: BenchConfig) -> ModelR
                             num_cpus=config.load_num_cpus)
         ds = add_generation(ds, model.engine, model.sampling, model)
         # Scoring and writing ask for the same resources, so Ray Data fuses them into one task per block.
-        ds = ds.map_batches(score_batch, fn_kwargs={"model": model.name}, batch_size=None, num_cpus=0.25)
+        ds = ds.map_batches(score_batch, fn_kwargs={"model": model.name, "engine": engine_label(model.engine)},
+                            batch_size=None, num_cpus=0.25)
         fs, path = storage.filesystem(shards)
         ds.write_parquet(path, filesystem=fs, ray_remote_args={"num_cpus": 0.25})
     seconds = time.perf_counter() - start
