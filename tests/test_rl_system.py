@@ -1,10 +1,11 @@
 """RLVR on real Ray actors with the real tiny model and vLLM's CPU build as the rollout engine: weight transfer through
 vLLM's API (greedy output equal to the learner's after every push, prefix caching on), a rollout actor killed
-mid-generation and mid-run, --resume after a stop, and the job submitted with `ray job submit` to a head node started
+or hung mid-generation and killed mid-run, --resume after a stop, and the job submitted with `ray job submit` to a head node started
 for the test."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import ray
 import torch
@@ -154,11 +156,25 @@ def test_each_push_makes_the_rollouts_greedy_output_the_learners(engine, ray_clu
         learners.shutdown()
 
 
-def test_a_worker_killed_mid_generation_is_replaced_and_its_share_generated_again(ray_cluster, tmp_path,
-                                                                                 tiny_model_dir, synthetic_root):
-    config = parse_config(rl_config(tmp_path, tiny_model_dir, synthetic_root), RLVRConfig)
+def engine_processes(actor: ray.actor.ActorHandle) -> list[psutil.Process]:
+    """The vLLM engine-core process(es) under a rollout actor: vLLM runs the model outside the actor's process."""
+    pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
+    engines = [p for p in psutil.Process(pid).children(recursive=True) if "EngineCore" in p.name()]
+    assert engines, "the rollout actor runs its vLLM engine in a child process"
+    return engines
+
+
+def test_a_worker_killed_or_hung_mid_generation_is_replaced_and_its_share_generated_again(
+        ray_cluster, tmp_path, tiny_model_dir, synthetic_root):
+    config = parse_config(rl_config(tmp_path, tiny_model_dir, synthetic_root, rollout={"generate_timeout_s": 20}),
+                          RLVRConfig)
     items = PromptSource(config.data, prompts_per_step=PROMPTS, seed=0).batch(0)
     rollouts = RolloutGroup(config.rollout, model=str(tiny_model_dir), image_size=56, max_prompt_tokens=4096)
+
+    def tokens(rollout) -> list[list[list[int]]]:
+        return [[c.token_ids for c in g] for g in rollout.completions]
+
+    hung = []
     try:
         params = SamplingParams(n=GROUP, max_new_tokens=64, temperature=1.0, logprobs=True)
         expected = rollouts.generate(items, params, seed=3)
@@ -168,10 +184,24 @@ def test_a_worker_killed_mid_generation_is_replaced_and_its_share_generated_agai
         assert rollouts.replacements == 1
         assert regenerated.items == expected.items
         # The replacement starts from the same weights and seeds: the share's real completions, none fabricated.
-        assert [[c.token_ids for c in g] for g in regenerated.completions] == \
-            [[c.token_ids for c in g] for g in expected.completions]
+        assert tokens(regenerated) == tokens(expected)
+
+        # A hung engine: the actor is alive, its vLLM engine process stops answering (SIGSTOP).
+        hung = engine_processes(rollouts.workers[0])
+        for process in hung:
+            process.suspend()
+        started = time.monotonic()
+        regenerated = rollouts.collect(rollouts.submit(items, params, seed=3))
+        assert time.monotonic() - started >= config.rollout.generate_timeout_s
+        assert rollouts.replacements == 2
+        # Killing the actor took its engine process with it: no hung engine keeps holding memory (or a GPU).
+        assert not any(process.is_running() for process in hung)
+        assert tokens(regenerated) == tokens(expected)
     finally:
         rollouts.shutdown()
+        for process in hung:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
 
 
 # ---------------------------------------------------------------- a killed rollout actor, then --resume
