@@ -1,7 +1,7 @@
 """RLVR on real Ray actors with the real tiny model and vLLM's CPU build as the rollout engine: weight transfer through
-vLLM's API (greedy output equal to the learner's after every push, prefix caching on), a rollout actor killed
-or hung mid-generation and killed mid-run, --resume after a stop, and the job submitted with `ray job submit` to a head node started
-for the test."""
+vLLM's API (greedy output equal to the learner's after every push, prefix caching on), a rollout actor killed or hung
+mid-generation and killed mid-run, --resume after a stop, and the job submitted with `ray job submit` to a head node
+started for the test."""
 
 from __future__ import annotations
 
