@@ -31,8 +31,8 @@ from unifer_ray.labels import CANONICAL, DATASETS
 from unifer_ray.models.model_dir import local_model_dir
 from unifer_ray.parsing import parse_strict
 from unifer_ray.prompts import ferbench_prompt
-from unifer_ray.serve.app import png_data_url as image_data_url, think_text
-from unifer_ray.serve.config import ServeConfig, load_serve_file
+from unifer_ray.serve.app import fer_image_url, png_data_url as image_data_url, think_text
+from unifer_ray.serve.config import LimitsConfig, ServeConfig, load_serve_file
 from unifer_ray.serve.run import running_app
 
 KEY_ENV = "UNIFER_TEST_SERVE_KEY"
@@ -232,6 +232,15 @@ def test_fer_on_a_ferbench_item(http, client, synthetic_root, tmp_path):
         model=MODEL, messages=image_message(load_image(png_bytes(face()), 56), ferbench_prompt(CANONICAL)),
         max_tokens=MAX_NEW_TOKENS, temperature=0)
     assert default.json()["raw"] == canonical.choices[0].message.content
+
+    # An RGB image already of FERBench's size goes to vLLM as the client's own bytes: the same answer as its pixels.
+    jpeg = io.BytesIO()
+    face("anger", size=56).save(jpeg, format="JPEG")
+    as_sent = http.post("/v1/fer", json={"image": b64(jpeg.getvalue())}, headers=AUTH)
+    pixels = client.chat.completions.create(
+        model=MODEL, messages=image_message(load_image(jpeg.getvalue(), 56), ferbench_prompt(CANONICAL)),
+        max_tokens=MAX_NEW_TOKENS, temperature=0)
+    assert as_sent.status_code == 200 and as_sent.json()["raw"] == pixels.choices[0].message.content
 
 
 def test_auth_missing_or_wrong_key_is_401(server, http):
@@ -535,6 +544,19 @@ def test_load_32_concurrent_clients_no_5xx(server, http):
 # ---------------------------------------------------------------------------------------------- configs
 
 
+def test_fer_image_url_sends_ready_images_as_they_are():
+    limits = LimitsConfig()
+    ready = png_bytes(face(size=56))
+    assert fer_image_url(ready, limits, 56) == "data:image/png;base64," + b64(ready)
+    # Another size, or another mode than RGB (vLLM would blend an alpha channel onto white): converted, resized, PNG.
+    for image in (face(size=64), face(size=56).convert("RGBA"), face(size=56).convert("L")):
+        url = fer_image_url(png_bytes(image), limits, 56)
+        assert url.startswith("data:image/png;base64,")
+        sent = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+        assert sent.mode == "RGB" and sent.size == (56, 56)
+        assert sent.tobytes() == load_image(png_bytes(image), 56).tobytes()
+
+
 def test_think_text():
     assert think_text("<think> brows raised </think><answer>surprise</answer>") == "brows raised"
     assert think_text("<answer>surprise</answer>") is None
@@ -584,6 +606,65 @@ def test_gpu_serve_configs_autoscale_gpu_replicas_from_s3(tmp_path):
     # The 7B pipeline's deploy stage serves the RLVR model with this file.
     pipeline = yaml.safe_load((REPO / "configs" / "qwen2_5_vl_7b.yaml").read_text())["pipeline"]["serve"]
     assert pipeline == {"config": "configs/serve_gpu.yaml", "mode": "deploy"}
+
+
+@pytest.mark.parametrize("mode", ["labels", "off"])
+def test_gpu_app_runs_on_serve_nodes_of_a_labelled_cluster(ray_cluster, monkeypatch, mode):
+    """Ray Serve LLM's placement_group_config has no label selector: the app passes the serve nodes' label through
+    Serve's deployment options, for every bundle of the model replica's placement group (the replica and its vLLM
+    engine) and for the ingress, where the cluster labels its node types (cluster/, UNIFER_PLACEMENT); else none."""
+    import yaml
+
+    from unifer_ray.serve.app import build_app
+
+    monkeypatch.setenv("UNIFER_PLACEMENT", mode)
+    monkeypatch.setenv("UNIFER_API_KEY", API_KEY)
+    config = ServeConfig.model_validate(gpu_serve_files()["configs/serve_gpu.yaml"]["applications"][0]["args"])
+    ingress = build_app(config)._bound_deployment
+    [llm] = [app._bound_deployment for app in ingress.init_kwargs["llm_deployments"].values()]
+    bundles = llm._replica_config.placement_group_bundles
+    assert any(bundle.get("GPU") for bundle in bundles)
+    if mode == "labels":
+        assert llm._replica_config.placement_group_bundle_label_selector == [{"unifer-role": "serve"}] * len(bundles)
+        assert ingress.ray_actor_options["label_selector"] == {"unifer-role": "serve"}
+    else:
+        assert llm._replica_config.placement_group_bundle_label_selector is None
+        assert "label_selector" not in ingress.ray_actor_options
+    # One serve node (cluster/aws.yaml; the KubeRay serve group alike) holds a model replica and two ingress replicas.
+    serve_node = yaml.safe_load((REPO / "cluster" / "aws.yaml").read_text())["available_node_types"]["serve"]
+    cpus = sum(bundle.get("CPU", 0) for bundle in bundles) + 2 * ingress.ray_actor_options["num_cpus"]
+    assert cpus <= serve_node["resources"]["CPU"] and config.ingress.min_replicas <= 2
+
+
+def test_a_replica_whose_nodes_carry_no_serve_label_stays_pending(server):
+    """What the placement above relies on, on the real Ray here: Serve starts a replica's placement group only on a
+    node whose labels match `placement_group_bundle_label_selector`. This node carries no `unifer-role`: a replica
+    selecting serve nodes waits (for the autoscaler, on a cluster); the same one selecting this node's id runs."""
+    import time
+
+    import ray
+    from ray import serve
+
+    @serve.deployment(placement_group_bundles=[{"CPU": 0.01}], ray_actor_options={"num_cpus": 0})
+    class Where:
+        def __call__(self) -> str:
+            return ray.get_runtime_context().get_node_id()
+
+    here = ray.get_runtime_context().get_node_id()
+    selectors = {"on-serve-nodes": {"unifer-role": "serve"}, "on-this-node": {"ray.io/node-id": here}}
+    targets = [serve.RunTarget(Where.options(placement_group_bundle_label_selector=[selector]).bind(), name=name,
+                               route_prefix=f"/{name}") for name, selector in selectors.items()]
+    try:
+        serve.run_many(targets, wait_for_applications_running=False)
+        deadline = time.monotonic() + 60
+        while serve.status().applications["on-this-node"].status != "RUNNING" and time.monotonic() < deadline:
+            time.sleep(1)
+        assert serve.get_app_handle("on-this-node").remote().result(timeout_s=30) == here
+        time.sleep(5)
+        assert serve.status().applications["on-serve-nodes"].status == "DEPLOYING"
+    finally:
+        for name in selectors:
+            serve.delete(name)
 
 
 @pytest.mark.parametrize("args, words", [

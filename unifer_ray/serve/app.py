@@ -36,6 +36,7 @@ from ray.serve import Application
 from ray.serve.llm import LLMConfig, build_llm_deployment
 from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
 
+from unifer_ray import placement
 from unifer_ray.config import ConfigError
 from unifer_ray.engines.vllm_env import vllm_env
 from unifer_ray.labels import CANONICAL, DATASETS
@@ -55,7 +56,14 @@ from unifer_ray.serve.checks import (
     validate,
 )
 from unifer_ray.serve.config import FerConfig, LimitsConfig, ServeConfig
-from unifer_ray.serve.images import ImageRejected, data_url_bytes, decode_base64, decode_image, image_bytes
+from unifer_ray.serve.images import (
+    FORMATS,
+    ImageRejected,
+    data_url_bytes,
+    decode_base64,
+    decode_image,
+    image_bytes,
+)
 
 HEALTH_TIMEOUT_S = 5.0
 _THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
@@ -95,6 +103,19 @@ def png_data_url(image: Image.Image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=1)  # the bytes only travel to a replica: speed over size
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def fer_image_url(data: bytes, limits: LimitsConfig, size: int) -> str:
+    """The `/v1/fer` image for vLLM, as FERBench sees it (RGB, size×size), from encoded bytes within the limits.
+
+    Bytes that already decode to an RGB image of that size go as they are (vLLM decodes them to the same pixels):
+    re-encoding a 224-pixel face as PNG takes about 5 ms, a quarter of the ingress's CPU time per request. Others
+    are converted, resized and sent as a PNG."""
+    image = decode_image(data, limits, size)
+    original = Image.open(io.BytesIO(data), formats=FORMATS)  # the header only; decode_image checked the rest
+    if original.mode == "RGB" and original.size == image.size:
+        return f"data:{original.get_format_mimetype()};base64,{base64.b64encode(data).decode('ascii')}"
+    return png_data_url(image)
 
 
 class FerIngress(OpenAiIngress):
@@ -150,13 +171,14 @@ class FerIngress(OpenAiIngress):
         try:
             data = (data_url_bytes(fer.image, self.limits.max_image_bytes) if fer.image[:5].lower() == "data:"
                     else decode_base64(fer.image, self.limits.max_image_bytes))
-            image = await asyncio.to_thread(decode_image, data, self.limits, self.fer_config.image_size)
+            # Off the event loop: decoding (and any re-encoding) takes milliseconds that other requests would wait.
+            url = await asyncio.to_thread(fer_image_url, data, self.limits, self.fer_config.image_size)
         except ImageRejected as exc:
             raise ApiError(400, f"image: {exc}", param="image") from None
         # FERBench's conversation: the image (resized as the benchmark resizes it), then the prompt; greedy.
         chat = ChatCompletionRequest(
             model=self.model_id, max_tokens=self.fer_config.max_new_tokens, temperature=0.0,
-            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_data_url(image)}},
+            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                                    {"type": "text", "text": ferbench_prompt(labels)}]}],
         )
         response = await anext(self._get_response(body=chat, call_method="chat"))
@@ -204,7 +226,7 @@ class FerIngress(OpenAiIngress):
             raise ApiError(400, f"{param}: {exc}", param=param) from None
         if url[:5].lower() == "data:":
             return url
-        return png_data_url(image)  # a fetched image: vLLM gets the decoded pixels, never the URL
+        return await asyncio.to_thread(png_data_url, image)  # a fetched image: vLLM gets its pixels, never the URL
 
     def candidate_labels(self, fer: FerRequest) -> list[str]:
         if fer.dataset is not None and fer.candidate_labels is not None:
@@ -270,7 +292,8 @@ def api_key_digest(api_key_env: str | None) -> str | None:
 
 def llm_config(config: ServeConfig) -> LLMConfig:
     """Ray's LLMConfig of the app, with the vLLM defaults every stage shares in the replicas' environment (set
-    variables win) and a local model path made absolute (replicas run in other directories)."""
+    variables win), a local model path made absolute (replicas run in other directories) and, on a role-labelled
+    cluster, the replicas on serve nodes (`unifer_ray.placement`)."""
     values = dict(config.llm_config)
     loading = dict(values["model_loading_config"])
     source = loading.get("model_source")
@@ -278,16 +301,24 @@ def llm_config(config: ServeConfig) -> LLMConfig:
         loading["model_source"] = str(Path(source).resolve())
     runtime_env = dict(values.get("runtime_env") or {})
     runtime_env["env_vars"] = vllm_env() | runtime_env.get("env_vars", {})
-    return LLMConfig.model_validate(values | {"model_loading_config": loading, "runtime_env": runtime_env})
+    deployment = dict(values.get("deployment_config") or {})
+    if serve_nodes := placement.selector("serve"):
+        # Ray Serve LLM's placement_group_config takes no label selector, but Serve's deployment options do and
+        # LLMServer passes deployment_config on: every bundle of a replica's placement group (the replica and its
+        # vLLM engine) goes on a serve node, never on a spot rollout node that has the same GPU.
+        deployment.setdefault("placement_group_bundle_label_selector", [serve_nodes])
+    return LLMConfig.model_validate(values | {"model_loading_config": loading, "runtime_env": runtime_env,
+                                              "deployment_config": deployment})
 
 
 def build_app(config: ServeConfig) -> Application:
     """The Serve application builder (`import_path: unifer_ray.serve.app:build_app`; the args are a ServeConfig):
-    one LLMServer deployment (vLLM, autoscaled by its deployment_config) behind FerIngress."""
+    one LLMServer deployment (vLLM, autoscaled by its deployment_config) behind FerIngress, both on serve nodes
+    where the cluster labels its node types."""
     settings = IngressSettings(limits=config.limits, fer=config.fer, api_key_sha256=api_key_digest(config.api_key_env))
     llm = llm_config(config)
     options = FerIngress.get_deployment_options([llm])
-    options["ray_actor_options"] = {"num_cpus": config.ingress.num_cpus}
+    options["ray_actor_options"] = {"num_cpus": config.ingress.num_cpus} | placement.actor_options("serve")
     options["autoscaling_config"] |= {"min_replicas": config.ingress.min_replicas,
                                       "max_replicas": config.ingress.max_replicas}
     ingress = make_fastapi_ingress(FerIngress, endpoint_map=ENDPOINTS, app=ingress_api())
