@@ -6,10 +6,15 @@ only `mode` differs. The first step of each run (actor warm-up) is left out of t
 runs' own metrics.jsonl (time/step_s, time/sync_s).
 
 By default the policy is a fresh random-init tiny model on a small synthetic set: every completion runs to
-max_new_tokens, so generation outweighs training. `--from-demo DIR` starts from a demo's SFT model and RLVR set
-instead (`unifer demo --out DIR` first), the balance of the real RLVR stage:
+max_new_tokens, so generation outweighs training, and every reward is 0, so the policy never moves (its rollout/learner
+mismatch is numerics alone). `--from-demo DIR` starts from a demo's SFT model and RLVR set instead (`unifer demo --out
+DIR` first), the balance of the real RLVR stage, with a policy that learns:
 
     python benchmarks/bench_rlvr.py --from-demo runs/demo
+
+One learner by default: on a cluster the rollout engines and the learners have GPUs of their own, and one_step_off's
+gain is their overlap. Here the one vLLM engine (1 OMP thread) and one learner (1 thread) model that on 2 cores;
+`--learners 0` keeps the config's count (the demo's 2), where overlapping makes three busy threads share two cores.
 """
 
 from __future__ import annotations
@@ -65,6 +70,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--num-cpus", type=float, default=4)
     parser.add_argument("--from-demo", metavar="DIR", help="the SFT model and RLVR set of `unifer demo --out DIR`")
+    parser.add_argument("--learners", type=int, default=1,
+                        help="learner actors (1 thread each); the config's own count with 0")
     args = parser.parse_args()
     data = read_yaml(args.config)
     if not isinstance(data, dict) or args.section not in data:
@@ -81,6 +88,8 @@ def main() -> None:
             write_synthetic_datasets(data_root, train_per_class=4, test_per_class=1, seed=0)
             write_rlvr_items(data_root, items)
             model_dir = build_tiny_model(tmp / "tiny", seed=0)
+        if args.learners:
+            section = section | {"learner": section.get("learner", {}) | {"num_workers": args.learners}}
         section = section | {"model": str(model_dir),
                              "data": section.get("data", {}) | {"paths": [str(items)], "image_root": str(data_root)}}
         init_ray(num_cpus=args.num_cpus)
