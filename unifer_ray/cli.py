@@ -41,8 +41,7 @@ def _bench_run(args: argparse.Namespace) -> None:
 
 
 def _bench_score(args: argparse.Namespace) -> None:
-    from unifer_ray.bench.metrics import score_files
-    from unifer_ray.bench.report import leaderboard_text
+    from unifer_ray.bench.report import leaderboard_text, score_files
 
     metrics = score_files(args.results, mode=args.mode, out_dir=args.out, model_names=args.model)
     print(leaderboard_text(metrics))
