@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from unifer_ray import storage
 from unifer_ray.bench.config import BenchConfig, BenchFile, BenchModel
 from unifer_ray.config import ConfigError, parse_config, read_yaml
-from unifer_ray.curate.config import CotConfig, RlvrConfig
+from unifer_ray.curate.config import CotSetConfig, RlvrSetConfig
 from unifer_ray.rl.config import RLVRConfig
 from unifer_ray.train.config import SFTConfig
 
@@ -83,8 +83,8 @@ class Pipeline:
 
         self.config: PipelineConfig = section("pipeline", PipelineConfig)
         wanted = set(self.config.stages)
-        self.cot = section("curate_cot", CotConfig) if "curate_cot" in wanted else None
-        self.rlvr_set = section("curate_rlvr", RlvrConfig) if "curate_rlvr" in wanted else None
+        self.cot = section("curate_cot", CotSetConfig) if "curate_cot" in wanted else None
+        self.rlvr_set = section("curate_rlvr", RlvrSetConfig) if "curate_rlvr" in wanted else None
         self.sft = section("sft", SFTConfig) if wanted & {"sft", "bench"} else None
         self.rlvr = section("rlvr", RLVRConfig) if wanted & {"rlvr", "bench", "serve"} else None
         self._check_handover(source)
@@ -118,8 +118,8 @@ class Pipeline:
     def run(self, stages: StageTable, *, model_prefix: str = "") -> dict:
         """Run the configured stages; returns what the report needs."""
         from unifer_ray.bench.pipeline import bench_and_score
-        from unifer_ray.curate.cot import run_cot
-        from unifer_ray.curate.rlvr import run_rlvr as run_rlvr_curation
+        from unifer_ray.curate.cot import curate_cot_set
+        from unifer_ray.curate.rlvr import curate_rlvr_set
         from unifer_ray.rl.controller import run_rlvr
         from unifer_ray.train.sft import run_sft
 
@@ -127,11 +127,11 @@ class Pipeline:
         outcome: dict = {}
 
         def curate_cot():
-            stats = run_cot(self.cot)
+            stats = curate_cot_set(self.cot)
             return stats, {"note": f"{stats['kept']} CoT traces kept of {stats['generated']} generated"}
 
         def curate_rlvr():
-            stats = run_rlvr_curation(self.rlvr_set)
+            stats = curate_rlvr_set(self.rlvr_set)
             return stats, {"note": f"{stats['items']} RLVR items, {stats['excluded_ferbench']} FERBench images excluded"}
 
         def sft():
