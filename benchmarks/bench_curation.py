@@ -48,7 +48,7 @@ def cluster_pss() -> int:
 class PeakMemory:
     """Samples cluster_pss() in a thread while the `with` block runs."""
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         self.peak, self._stop = cluster_pss(), threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()

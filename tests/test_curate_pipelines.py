@@ -4,8 +4,8 @@ planted FERBench images, a loopback S3 server, and a resumed interrupted run."""
 from __future__ import annotations
 
 import json
-from collections import Counter
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq

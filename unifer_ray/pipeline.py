@@ -132,7 +132,8 @@ class Pipeline:
 
         def curate_rlvr():
             stats = curate_rlvr_set(self.rlvr_set)
-            return stats, {"note": f"{stats['items']} RLVR items, {stats['excluded_ferbench']} FERBench images excluded"}
+            excluded = stats["excluded_ferbench"]
+            return stats, {"note": f"{stats['items']} RLVR items, {excluded} FERBench images excluded"}
 
         def sft():
             result = run_sft(self.sft)
@@ -140,17 +141,19 @@ class Pipeline:
 
         def rlvr():
             result = run_rlvr(self.rlvr)
-            return result, {"note": f"{result.steps} steps, policy version {result.policy_version} -> {result.model_dir}"}
+            note = f"{result.steps} steps, policy version {result.policy_version} -> {result.model_dir}"
+            return result, {"note": note}
 
         def bench():
-            models = [config.bench_model.model_copy(update={
-                "name": f"{model_prefix}{name}", "engine": config.bench_model.engine.model_copy(update={"model": path})})
+            base = config.bench_model
+            models = [base.model_copy(update={
+                "name": f"{model_prefix}{name}", "engine": base.engine.model_copy(update={"model": path})})
                 for name, path in self.models().items()]
             _, scored = bench_and_score(BenchConfig(files=config.ferbench, models=models, out_dir=config.bench_out_dir))
             metrics = {m.name: scored[m.name] for m in models}  # pipeline order: base, SFT, RLVR
             last = metrics[models[-1].name]["overall"]
-            return metrics, {"accuracy": last["accuracy"], "format_rate": last["format_rate"],
-                             "note": ", ".join(f"{m.name}: {metrics[m.name]['overall']['accuracy']:.3f}" for m in models)}
+            note = ", ".join(f"{m.name}: {metrics[m.name]['overall']['accuracy']:.3f}" for m in models)
+            return metrics, {"accuracy": last["accuracy"], "format_rate": last["format_rate"], "note": note}
 
         def serve():
             return serve_final_model(self.models()[list(self.models())[-1]], config.ferbench[0], config.serve)

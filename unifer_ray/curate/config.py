@@ -113,7 +113,7 @@ class CotFilters(_Strict):
     near_duplicate_jaccard: float = Field(0.9, gt=0.0, le=1.0)  # word-trigram Jaccard at which traces collapse
 
     @model_validator(mode="after")
-    def _bounds(self) -> "CotFilters":
+    def _bounds(self) -> CotFilters:
         if self.min_words > self.max_words:
             raise ValueError(f"min_words {self.min_words} exceeds max_words {self.max_words}")
         return self
@@ -154,7 +154,7 @@ class RlvrSetConfig(_Output):
     hash_batch_size: int = Field(64, gt=0)
 
     @model_validator(mode="after")
-    def _ferbench_root(self) -> "RlvrSetConfig":
+    def _ferbench_root(self) -> RlvrSetConfig:
         if self.ferbench_files and self.ferbench_image_root is None:
             raise ValueError("ferbench_files needs ferbench_image_root (their image_path is read below it)")
         return self

@@ -76,7 +76,7 @@ def balance(rows: list[dict], *, equalise: bool, max_per_class: int | None, seed
     for (dataset, _), members in by_class.items():
         rarest[dataset] = min(rarest.get(dataset, len(members)), len(members))
     kept: set[str] = set()
-    for (dataset, label), members in by_class.items():
+    for (dataset, _), members in by_class.items():
         cap = min(rarest[dataset] if equalise else len(members), max_per_class or len(members))
         chosen = sorted(members, key=lambda r: hashlib.sha256(f"{seed}:{r['id']}".encode()).hexdigest())[:cap]
         kept.update(r["id"] for r in chosen)

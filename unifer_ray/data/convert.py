@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from unifer_ray import storage
 from unifer_ray.data.schema import FerSample
