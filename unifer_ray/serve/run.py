@@ -117,5 +117,6 @@ def ask_served_model(config: ServeConfig, image: Image.Image, *,
         latency = time.perf_counter() - start
         client.close()
     text = "".join(pieces)
-    return {"url": f"{base_url}/v1", "model": model, "response": text, "label": parse_strict(text, list(candidate_labels)),
-            "chunks": len(pieces), "usage": usage, "ttft_s": ttft, "latency_s": latency}
+    return {"url": f"{base_url}/v1", "model": model, "response": text,
+            "label": parse_strict(text, list(candidate_labels)), "chunks": len(pieces), "usage": usage, "ttft_s": ttft,
+            "latency_s": latency}
