@@ -14,7 +14,7 @@ from unifer_ray.records import ErrorRecord, read_records
 @dataclass
 class ItemRows:
     rows: list[dict] = field(default_factory=list)  # valid items, one dict each, with `id` and `dataset`
-    errors: list[dict] = field(default_factory=list)  # {"source", "row", "id", "reason"}
+    errors: list[dict] = field(default_factory=list)  # bad items, as ErrorRecord.to_dict()
 
 
 def _problem(item: object) -> str | None:

@@ -36,7 +36,7 @@ BOOTSTRAP_SEED = 0
 @dataclass
 class ResultRows:
     rows: list[dict] = field(default_factory=list)  # normalised rows, failed inferences included (`error` set)
-    errors: list[dict] = field(default_factory=list)  # malformed rows: {"source", "row", "id", "reason"}
+    errors: list[dict] = field(default_factory=list)  # malformed rows, as ErrorRecord.to_dict()
 
 
 # ---------------------------------------------------------------- reading result files
