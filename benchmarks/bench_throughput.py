@@ -55,7 +55,8 @@ def one_at_a_time(model_dir: Path, items: list[dict], image_size: int, max_new_t
     start = time.perf_counter()
     for item in items:
         image = load_image(item["image_uri"], image_size)
-        messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": item["prompt"]}]}]
+        content = [{"type": "image", "image": image}, {"type": "text", "text": item["prompt"]}]
+        messages = [{"role": "user", "content": content}]
         text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         inputs = processor(text=[text], images=[image], return_tensors="pt")
         with torch.inference_mode():

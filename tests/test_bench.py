@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from unifer_ray.bench.config import BenchConfig, BenchFile, BenchModel
 from unifer_ray.bench.runner import run_bench, warn_if_the_pool_fills_the_cluster
 from unifer_ray.engines.spec import EngineSpec
@@ -62,7 +60,8 @@ def test_bench_on_vllm_keeps_every_item(ray_cluster, tiny_model_dir, synthetic_r
         json.dumps({**good[2], "image_path": good[3]["image_path"], "prompt": "why " * 600}),  # longer than context
     ]
     mixed = tmp_path / "mixed.jsonl"
-    mixed.write_text("\n".join([json.dumps(g) for g in good[:3]] + bad_lines + [json.dumps(g) for g in good[4:]]) + "\n")
+    lines = [json.dumps(g) for g in good[:3]] + bad_lines + [json.dumps(g) for g in good[4:]]
+    mixed.write_text("\n".join(lines) + "\n")
     engine = EngineSpec(engine="vllm", model=str(tiny_model_dir), vllm_kwargs={"max_model_len": 512})
     model = BenchModel(name="tiny-vllm", engine=engine, sampling={"max_new_tokens": 12}, image_size=56,
                        batch_size=4, max_concurrent_batches=2)
@@ -86,7 +85,8 @@ def test_bench_on_vllm_keeps_every_item(ray_cluster, tiny_model_dir, synthetic_r
 
     by_id = {f"ferplus:{g['image_path']}": g for g in good}
     ids = sorted(r["id"] for r in results)
-    requests = [ChatRequest.single_image(load_image(str(synthetic_root) + by_id[i]["image_path"], 56), by_id[i]["prompt"])
+    requests = [ChatRequest.single_image(load_image(str(synthetic_root) + by_id[i]["image_path"], 56),
+                                         by_id[i]["prompt"])
                 for i in ids]
     local = VLLMEngine(engine)
     expected = [group[0].text for group in local.generate(requests, SamplingParams(max_new_tokens=12))]

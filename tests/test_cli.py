@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
+from importlib.metadata import version
+from pathlib import Path
 
+import unifer_ray
+from unifer_ray.cli import build_parser
 from unifer_ray.labels import RAFDB
 
 
@@ -15,7 +20,8 @@ def unifer(*args: str) -> subprocess.CompletedProcess:
 
 def test_convert_ferbench_writes_reference_items(synthetic_root, tmp_path):
     out = tmp_path / "rafdb_qa.json"
-    proc = unifer("convert", "ferbench", "--dataset", "rafdb", "--root", str(synthetic_root / "RAF-DB"), "--out", str(out))
+    proc = unifer("convert", "ferbench", "--dataset", "rafdb", "--root", str(synthetic_root / "RAF-DB"),
+                  "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     items = json.loads(out.read_text())
     assert items and all(set(i) == {"image_path", "true_label", "prompt", "candidate_labels"} for i in items)
@@ -47,3 +53,39 @@ def test_bad_config_names_the_field(tmp_path):
     proc = unifer("bench", "run", "--config", str(config))
     assert proc.returncode == 2
     assert "files" in proc.stderr and "models.0.engine.model" in proc.stderr
+
+
+def _subcommands(parser: argparse.ArgumentParser, prefix: str = "unifer") -> dict[str, argparse.ArgumentParser]:
+    """Every runnable command ("unifer bench run", ...) and its parser."""
+    [group] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    out = {}
+    for name, sub in group.choices.items():
+        nested = any(isinstance(a, argparse._SubParsersAction) for a in sub._actions)
+        out |= _subcommands(sub, f"{prefix} {name}") if nested else {f"{prefix} {name}": sub}
+    return out
+
+
+def test_every_command_says_what_it_does_with_an_example():
+    commands = _subcommands(build_parser())
+    assert len(commands) == 12
+    for name, parser in commands.items():
+        help_text = parser.format_help()
+        assert parser.description, name
+        assert f"example:\n  {name} " in help_text, name
+
+
+def test_config_defaults_are_the_packaged_files_and_can_be_overridden(tmp_path):
+    commands = _subcommands(build_parser())
+    for name in ("unifer sft", "unifer rlvr", "unifer curate cot", "unifer pipeline", "unifer demo", "unifer serve"):
+        default = Path(commands[name].parse_args([]).config)
+        assert default.is_file() and default.parent == Path(unifer_ray.__file__).parent / "configs", name
+        assert "(default: the package's configs/" in " ".join(commands[name].format_help().split())
+    assert build_parser().parse_args(["sft", "--config", "mine.yaml"]).config == "mine.yaml"
+    # Without --config, `unifer sft` reads the packaged tiny.yaml: its error names that file.
+    proc = unifer("sft", "--section", "no_such_section")
+    assert proc.returncode == 2 and "tiny.yaml: has no 'no_such_section' section" in proc.stderr
+
+
+def test_version():
+    proc = unifer("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"unifer {version('unifer-ray')}"

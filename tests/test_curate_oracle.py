@@ -150,7 +150,7 @@ def test_every_prototype_has_a_gloss():
 
 def test_teacher_prompt_hint_modes_and_teacher_kinds_are_checked():
     from unifer_ray.config import ConfigError, parse_config
-    from unifer_ray.curate.config import CotConfig
+    from unifer_ray.curate.config import CotSetConfig
     from unifer_ray.curate.teachers import teacher_prompt
 
     labels = list(RAFDB.labels)
@@ -160,10 +160,10 @@ def test_teacher_prompt_hint_modes_and_teacher_kinds_are_checked():
     base = {"sources": [{"dataset": "rafdb", "root": "/x"}], "out_dir": "/o"}
     with pytest.raises(ConfigError, match="teacher kind 'openai'"):
         parse_config(base | {"teacher": {"kind": "engine", "name": "t", "engine": {"engine": "openai", "model": "m"}}},
-                     CotConfig)
+                     CotSetConfig)
     with pytest.raises(ConfigError, match="needs engine: openai"):
         parse_config(base | {"teacher": {"kind": "openai", "name": "t", "engine": {"engine": "hf", "model": "m"}}},
-                     CotConfig)
+                     CotSetConfig)
     with pytest.raises(ConfigError, match="unknown dataset layout"):
         parse_config(base | {"sources": [{"dataset": "imagenet", "root": "/x"}], "teacher": {"kind": "oracle"}},
-                     CotConfig)
+                     CotSetConfig)

@@ -4,8 +4,8 @@ planted FERBench images, a loopback S3 server, and a resumed interrupted run."""
 from __future__ import annotations
 
 import json
-from collections import Counter
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -14,10 +14,10 @@ from datasets import load_dataset
 
 from unifer_ray import storage
 from unifer_ray.config import parse_config
-from unifer_ray.curate.config import CotConfig, CurateSource, RlvrConfig
-from unifer_ray.curate.cot import run_cot
+from unifer_ray.curate.config import CotSetConfig, CurateSource, RlvrSetConfig
+from unifer_ray.curate.cot import curate_cot_set
 from unifer_ray.curate.ledger import done_ids
-from unifer_ray.curate.rlvr import run_rlvr
+from unifer_ray.curate.rlvr import curate_rlvr_set
 from unifer_ray.curate.samples import source_rows
 from unifer_ray.data.convert import convert_ferbench
 from unifer_ray.data.sources import read_samples
@@ -55,11 +55,11 @@ def test_a_fraction_of_a_source_is_stable_nested_and_keeps_every_class(tmp_path)
     assert 0.4 < len(half) / len(everything) < 0.6 and 0.1 < len(fifth) / len(everything) < 0.3
 
 
-def _oracle_config(sources: list[dict], out_dir: str, **overrides) -> CotConfig:
+def _oracle_config(sources: list[dict], out_dir: str, **overrides) -> CotSetConfig:
     data = {"sources": sources, "out_dir": out_dir, "k": 4, "m": 2, "rows_per_shard": 8, "load_batch_size": 8,
             "load_num_cpus": 1, "teacher": {"kind": "oracle", "wrong_rate": 0.2, "seed": 0, "batch_size": 8}}
     data.update(overrides)
-    return parse_config(data, CotConfig)
+    return parse_config(data, CotSetConfig)
 
 
 def test_cot_oracle_keeps_only_verified_traces_and_resumes(ray_cluster, synthetic_root, tmp_path):
@@ -71,7 +71,7 @@ def test_cot_oracle_keeps_only_verified_traces_and_resumes(ray_cluster, syntheti
     sources = [{"dataset": "rafdb", "root": str(rafdb)}, {"dataset": "sfew", "root": str(synthetic_root / "SFEW-2.0")}]
     out = tmp_path / "cot"
 
-    stats = run_cot(_oracle_config(sources, str(out)))
+    stats = curate_cot_set(_oracle_config(sources, str(out)))
 
     truth = _labels(synthetic_root, ("rafdb", "RAF-DB"), ("sfew", "SFEW-2.0"))
     assert stats["samples"] == len(truth) == 28 + 28
@@ -107,7 +107,7 @@ def test_cot_oracle_keeps_only_verified_traces_and_resumes(ray_cluster, syntheti
     data = Path(shards[-1]).read_bytes()
     Path(shards[-1]).write_bytes(data[: len(data) // 2])
 
-    again = run_cot(_oracle_config(sources, str(out)))
+    again = curate_cot_set(_oracle_config(sources, str(out)))
 
     assert again["this_run"]["images"] == lost_images + 1
     errors_again = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
@@ -127,9 +127,9 @@ def test_cot_with_the_tiny_engine_teacher_on_ray_data(ray_cluster, tiny_model_di
         "teacher": {"kind": "engine", "name": "tiny", "batch_size": 2, "image_size": 56,
                     "engine": {"engine": engine, "model": str(tiny_model_dir)},
                     "sampling": {"max_new_tokens": 12, "temperature": 1.0, "seed": 0}},
-    }, CotConfig)
+    }, CotSetConfig)
 
-    stats = run_cot(config)
+    stats = curate_cot_set(config)
 
     assert stats["images_done"] == 2 and stats["images_failed"] == 0
     assert stats["generated"] == 4 and stats["accounted"]
@@ -163,9 +163,9 @@ def test_rlvr_excludes_planted_ferbench_images(ray_cluster, synthetic_root, tmp_
         "sources": [{"dataset": "rafdb", "root": str(data / "RAF-DB")}], "out_dir": str(tmp_path / "rlvr"),
         "format": "parquet", "balance": True, "ferbench_files": [str(fb_file)],
         "ferbench_image_root": str(ferbench_root), "rows_per_shard": 8, "hash_batch_size": 8, "load_num_cpus": 1,
-    }, RlvrConfig)
+    }, RlvrSetConfig)
 
-    stats = run_rlvr(config)
+    stats = curate_rlvr_set(config)
 
     assert stats["ferbench"]["images"] == len(items) and stats["ferbench"]["unhashable"] == 0
     assert stats["excluded_ferbench"] == 2 and stats["images_done"] == 28
@@ -183,16 +183,16 @@ def test_rlvr_excludes_planted_ferbench_images(ray_cluster, synthetic_root, tmp_
     assert len(read) == len(rows) and all(Path(r["image_uri"]).is_file() for r in read)
 
 
-def _rlvr_on_s3(config: RlvrConfig, image_root: str) -> tuple[dict, list[dict]]:
+def _rlvr_on_s3(config: RlvrSetConfig, image_root: str) -> tuple[dict, list[dict]]:
     """Curate to S3 and read the items back: the stats and the rows read."""
-    stats = run_rlvr(config)
+    stats = curate_rlvr_set(config)
     return stats, read_rlvr(storage.join(config.out_dir, "items"), image_root=image_root).take_all()
 
 
 def test_rlvr_round_trip_through_s3(s3_server, ray_cluster, synthetic_root, tmp_path):
     out = f"{s3_server}/curate-{tmp_path.name}/rlvr"
     config = parse_config({"sources": [{"dataset": "sfew", "root": str(synthetic_root / "SFEW-2.0"), "limit": 10}],
-                           "out_dir": out, "tasks": ["mc", "binary"], "load_num_cpus": 1}, RlvrConfig)
+                           "out_dir": out, "tasks": ["mc", "binary"], "load_num_cpus": 1}, RlvrSetConfig)
     # The session's Ray workers were started with the S3 server's variables (conftest), as a job's runtime env would.
     stats, rows = _rlvr_on_s3(config, str(synthetic_root))
 

@@ -42,14 +42,16 @@ def requests_():
     return requests + [ChatRequest([{"role": "user", "content": "Describe the brows."}])]
 
 
-def recomputed_logprobs(engine: HFEngine, request: ChatRequest, token_ids: list[int], temperature: float) -> list[float]:
+def recomputed_logprobs(engine: HFEngine, request: ChatRequest, token_ids: list[int], temperature: float
+                        ) -> list[float]:
     """Log-probabilities of `token_ids` after the prompt, from one plain forward pass."""
     inputs = engine.processor(text=[chat_text(engine.processor, request)], images=request.images() or None,
                               return_tensors="pt")
     prompt_len = inputs["input_ids"].shape[1]
     inputs["input_ids"] = torch.cat([inputs["input_ids"], torch.tensor([token_ids])], dim=1)
     inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-    inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros(1, len(token_ids), dtype=torch.long)], dim=1)
+    generated_types = torch.zeros(1, len(token_ids), dtype=torch.long)
+    inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], generated_types], dim=1)
     with torch.inference_mode():
         logits = engine.model(**inputs).logits[0, prompt_len - 1 : -1].float()
     logprobs = torch.log_softmax(logits / temperature, dim=-1)
@@ -191,7 +193,8 @@ class ChatServer:
         self.in_flight -= 1
         choices = []
         for i in range(body["n"]):
-            answer = f"<think>{image.width}x{image.height} {image.getpixel((0, 0))} seed={body.get('seed')}</think><answer>{i}</answer>"
+            answer = (f"<think>{image.width}x{image.height} {image.getpixel((0, 0))} seed={body.get('seed')}</think>"
+                      f"<answer>{i}</answer>")
             logprobs = {"content": [{"token": "a", "logprob": -0.5, "bytes": [97], "top_logprobs": []}] * 3}
             choices.append({"index": i, "message": {"role": "assistant", "content": answer},
                             "finish_reason": "length" if body["max_tokens"] < 5 else "stop",
@@ -210,13 +213,15 @@ def test_openai_engine_over_http(monkeypatch):
     requests = [ChatRequest.single_image(image, f"question {i}") for i, image in enumerate(images)]
     with ChatServer() as server:
         engine = create_engine(openai_spec(server.base_url))
-        groups = engine.generate(requests, SamplingParams(max_new_tokens=16, temperature=0.5, n=2, seed=5, logprobs=True))
+        params = SamplingParams(max_new_tokens=16, temperature=0.5, n=2, seed=5, logprobs=True)
+        groups = engine.generate(requests, params)
         engine.close()
     assert server.max_in_flight == 2  # concurrent, and bounded by max_concurrency
     assert len(groups) == 5
     for image, group in zip(images, groups):
         assert [c.text for c in group] == [
-            f"<think>{image.width}x{image.height} {image.getpixel((0, 0))} seed=5</think><answer>{i}</answer>" for i in range(2)
+            f"<think>{image.width}x{image.height} {image.getpixel((0, 0))} seed=5</think><answer>{i}</answer>"
+            for i in range(2)
         ]
         assert all(c.logprobs == [-0.5] * 3 and c.finish_reason == "stop" and c.token_ids == [] for c in group)
     body = server.bodies[0]
@@ -235,10 +240,12 @@ def test_openai_engine_omits_unset_seed_and_reports_length(monkeypatch):
 
 def test_openai_server_error_names_the_request(monkeypatch):
     monkeypatch.setenv("TEST_FER_API_KEY", "test-key")
-    requests = [ChatRequest.single_image(random_image((20, 20), i), text) for i, text in enumerate(["ok", "please fail"])]
+    requests = [ChatRequest.single_image(random_image((20, 20), i), text)
+                for i, text in enumerate(["ok", "please fail"])]
     with ChatServer() as server:
         with pytest.raises(RequestFailed, match="request 1 failed: InternalServerError") as caught:
-            OpenAIEngine(openai_spec(server.base_url), max_retries=2).generate(requests, SamplingParams(max_new_tokens=4))
+            engine = OpenAIEngine(openai_spec(server.base_url), max_retries=2)
+            engine.generate(requests, SamplingParams(max_new_tokens=4))
     assert caught.value.index == 1
     assert sum("fail" in str(body["messages"]) for body in server.bodies) == 3  # one try and two retries
 

@@ -9,11 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from unifer_ray.bench.metrics import (
-    bootstrap_ci, compute_metrics, model_name_from_path, read_results, score_files,
-)
-from unifer_ray.bench.report import leaderboard_text
+from unifer_ray.bench.metrics import bootstrap_ci, compute_metrics, model_name_from_path, read_results
+from unifer_ray.bench.report import leaderboard_text, score_files
 from unifer_ray.labels import CANONICAL, DATASETS
+from unifer_ray.parsing import parsed_columns
 from unifer_ray.prompts import ferbench_prompt
 
 RAF = list(DATASETS["rafdb"].labels)
@@ -41,12 +40,13 @@ CRAFTED = [
 def _our_rows(model: str = "m", crafted=CRAFTED) -> list[dict]:
     rows = []
     for i, (dataset, true, response, error) in enumerate(crafted):
+        labels = RAF if dataset == "rafdb" else FER
+        parsed = parsed_columns(response, labels, dataset)  # as the runner writes them: what scoring reads
         rows.append({
             "id": f"{dataset}:/img/{i}.jpg", "model": model, "dataset": dataset, "image_path": f"/img/{i}.jpg",
-            "true_label": true, "candidate_labels": RAF if dataset == "rafdb" else FER, "response": response,
-            # Stale parse columns (as if written in another mode): scoring must ignore them.
-            "parsed_strict": "neutral", "parsed_paper": "neutral", "correct_strict": True, "correct_paper": True,
-            "format_ok": True, "latency_s": 0.5, "error": error,
+            "true_label": true, "candidate_labels": labels, "response": response, **parsed,
+            "correct_strict": parsed["parsed_strict"] == true, "correct_paper": parsed["parsed_paper"] == true,
+            "latency_s": 0.5, "error": error,
         })
     return rows
 

@@ -161,7 +161,7 @@ def test_strict_never_contradicts_paper_on_one_clean_answer(dataset):
             assert parse_strict(response, candidates) == label, response
             assert parse_paper(response, candidates, dataset) == label, response
     # A synonym answer agrees too, when the reasoning names no emotion (else step 2 may read the reasoning).
-    for synonym, name in list(SYNONYMS.items()) + [(v, k) for k, v in SYNONYMS.items()]:
+    for synonym, _ in list(SYNONYMS.items()) + [(v, k) for k, v in SYNONYMS.items()]:
         response = f"<think>Brows and lips were inspected.</think><answer>{synonym.title()}</answer>"
         strict = parse_strict(response, candidates)
         if strict is not None:

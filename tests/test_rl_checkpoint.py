@@ -5,8 +5,16 @@ from __future__ import annotations
 import pytest
 
 from unifer_ray import storage
-from unifer_ray.rl.checkpoint import (RunState, commit, latest, learner_uri, readable_dir, step_dirs, step_uri,
-                                      writable_dir)
+from unifer_ray.rl.checkpoint import (
+    RunState,
+    commit,
+    latest,
+    learner_uri,
+    readable_dir,
+    step_dirs,
+    step_uri,
+    writable_dir,
+)
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -11,8 +11,14 @@ import torch
 
 from unifer_ray.config import ConfigError, load_config, parse_config
 from unifer_ray.rl.config import RewardSpec, RLVRConfig
-from unifer_ray.rl.grpo import (aggregate, group_advantages, rollout_mismatch, sequence_weights, token_loss,
-                                truncated_is_weights)
+from unifer_ray.rl.grpo import (
+    aggregate,
+    group_advantages,
+    rollout_mismatch,
+    sequence_weights,
+    token_loss,
+    truncated_is_weights,
+)
 from unifer_ray.rl.rewards import RewardSet, accuracy_reward, format_reward, load_reward
 
 REPO = Path(__file__).resolve().parent.parent

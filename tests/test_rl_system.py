@@ -23,10 +23,10 @@ import ray
 import torch
 import yaml
 
+from unifer_ray.config import parse_config
 from unifer_ray.curate.config import CurateSource
 from unifer_ray.curate.rlvr import make_tasks
 from unifer_ray.curate.samples import source_rows
-from unifer_ray.config import parse_config
 from unifer_ray.engines import ChatRequest, SamplingParams
 from unifer_ray.engines.hf import HFEngine
 from unifer_ray.models.loading import load_model_and_processor

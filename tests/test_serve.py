@@ -31,7 +31,8 @@ from unifer_ray.labels import CANONICAL, DATASETS
 from unifer_ray.models.model_dir import local_model_dir
 from unifer_ray.parsing import parse_strict
 from unifer_ray.prompts import ferbench_prompt
-from unifer_ray.serve.app import fer_image_url, png_data_url as image_data_url, think_text
+from unifer_ray.serve.app import fer_image_url, think_text
+from unifer_ray.serve.app import png_data_url as image_data_url
 from unifer_ray.serve.config import LimitsConfig, ServeConfig, load_serve_file
 from unifer_ray.serve.run import running_app
 

@@ -13,10 +13,10 @@ from unifer_ray.config import ConfigError, load_config, parse_config
 from unifer_ray.curate.oracle import oracle_response, row_rng
 from unifer_ray.labels import DATASETS
 from unifer_ray.models.loading import load_model_and_processor
+from unifer_ray.parallel import deepspeed_config
 from unifer_ray.prompts import ferbench_prompt
 from unifer_ray.train.collate import IGNORE, SFTCollator
 from unifer_ray.train.config import SFTConfig
-from unifer_ray.parallel import deepspeed_config
 from unifer_ray.train.loop import StepPlan, parallel_settings, token_loss_sum
 from unifer_ray.train.optim import warmup_cosine
 

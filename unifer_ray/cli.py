@@ -1,4 +1,7 @@
-"""The `unifer` command."""
+"""The `unifer` command: FER with multimodal LLMs on Ray — data, FERBench, curation, SFT, RLVR, serving.
+
+Every stage reads its settings from a YAML config file (`--config`); without one it uses the package's
+configs/tiny.yaml, the demo's settings. `unifer <command> --help` shows each command's options and an example."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import argparse
 import json
 import logging
 import sys
+from importlib.metadata import PackageNotFoundError, version
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -41,8 +45,7 @@ def _bench_run(args: argparse.Namespace) -> None:
 
 
 def _bench_score(args: argparse.Namespace) -> None:
-    from unifer_ray.bench.metrics import score_files
-    from unifer_ray.bench.report import leaderboard_text
+    from unifer_ray.bench.report import leaderboard_text, score_files
 
     metrics = score_files(args.results, mode=args.mode, out_dir=args.out, model_names=args.model)
     print(leaderboard_text(metrics))
@@ -86,9 +89,9 @@ def _pipeline(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from unifer_ray.serve.run import DEFAULT_SERVE_CONFIG, serve_model
+    from unifer_ray.serve.run import serve_model
 
-    serve_model(args.model, args.config or DEFAULT_SERVE_CONFIG)
+    serve_model(args.model, args.config)
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -97,80 +100,122 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(args.config, args.out)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from unifer_ray.pipeline import STAGES
+CONFIG_HELP = "the YAML config file (default: the package's configs/{name})"
 
-    parser = argparse.ArgumentParser(prog="unifer", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
 
-    convert = sub.add_parser("convert", help="convert datasets").add_subparsers(dest="what", required=True)
-    fb = convert.add_parser("ferbench", help="a dataset in its original layout -> FERBench items (JSON)")
+def _command(sub, name: str, summary: str, example: str, func=None) -> argparse.ArgumentParser:
+    """A subcommand whose --help says what it does and shows one way to run it."""
+    parser = sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".",
+                            epilog=f"example:\n  {example}", formatter_class=argparse.RawDescriptionHelpFormatter)
+    if func is not None:
+        parser.set_defaults(func=func)
+    return parser
+
+
+def _add_config(parser: argparse.ArgumentParser, default: str | None, section: str | None = None) -> None:
+    from unifer_ray.config import packaged_config
+
+    if default is None:
+        parser.add_argument("--config", required=True, help="the YAML config file")
+    else:
+        parser.add_argument("--config", default=str(packaged_config(default)), help=CONFIG_HELP.format(name=default))
+    if section is not None:
+        parser.add_argument("--section", default=section, help=f"the config file's section (default: {section})")
+
+
+def _data_commands(sub) -> None:
+    convert = _command(sub, "convert", "convert datasets",
+                       "unifer convert ferbench --dataset rafdb --root data/RAF-DB --out ferbench/rafdb_qa.json")
+    fb = _command(convert.add_subparsers(dest="what", required=True), "ferbench",
+                  "a dataset in its original layout -> FERBench items (JSON)",
+                  "unifer convert ferbench --dataset rafdb --root data/RAF-DB --out ferbench/rafdb_qa.json", _convert)
     fb.add_argument("--dataset", required=True, choices=["rafdb", "ferplus", "affectnet", "sfew"])
     fb.add_argument("--root", required=True, help="the dataset's root directory")
     fb.add_argument("--out", required=True, help="the FERBench JSON file to write")
     fb.add_argument("--split", default="test")
     fb.add_argument("--path-prefix", default=None, help="prefix of image_path (default: /<dataset dir name>)")
-    fb.set_defaults(func=_convert)
 
-    synth = sub.add_parser("synth", help="render the four synthetic datasets in their original layouts")
+    synth = _command(sub, "synth", "render the four synthetic datasets in their original layouts",
+                     "unifer synth --out runs/data --train-per-class 50 --test-per-class 10", _synth)
     synth.add_argument("--out", required=True)
     synth.add_argument("--train-per-class", type=int, default=50)
     synth.add_argument("--test-per-class", type=int, default=10)
     synth.add_argument("--seed", type=int, default=0)
-    synth.set_defaults(func=_synth)
 
-    tiny = sub.add_parser("build-tiny", help="build the tiny random-init Qwen2.5-VL model")
+    tiny = _command(sub, "build-tiny", "build the tiny random-init Qwen2.5-VL model",
+                    "unifer build-tiny --out runs/models/tiny", _build_tiny)
     tiny.add_argument("--out", required=True)
     tiny.add_argument("--seed", type=int, default=0)
-    tiny.set_defaults(func=_build_tiny)
 
-    bench = sub.add_parser("bench", help="FERBench").add_subparsers(dest="what", required=True)
-    run = bench.add_parser("run", help="benchmark models on FERBench files with Ray Data")
-    run.add_argument("--config", required=True)
+
+def _bench_commands(sub) -> None:
+    bench = _command(sub, "bench", "FERBench: benchmark models, score result files",
+                     "unifer bench run --config configs/ferbench.yaml").add_subparsers(dest="what", required=True)
+    run = _command(bench, "run", "benchmark models on FERBench files with Ray Data, then score and report",
+                   "unifer bench run --config configs/ferbench.yaml --mode paper", _bench_run)
+    _add_config(run, None)
     run.add_argument("--section", default=None, help="the config file's section holding the bench config")
     run.add_argument("--mode", choices=["strict", "paper"], default="strict")
-    run.set_defaults(func=_bench_run)
-    score = bench.add_parser("score", help="score result files (ours or the reference format)")
+    score = _command(bench, "score", "score result files (ours or the reference format)",
+                     "unifer bench score --results rafdb_unifer_7b_results.json --mode paper --out report",
+                     _bench_score)
     score.add_argument("--results", nargs="+", required=True)
     score.add_argument("--mode", choices=["strict", "paper"], default="strict")
     score.add_argument("--out", required=True)
     score.add_argument("--model", nargs="*", default=None, help="model names for reference-format files")
-    score.set_defaults(func=_bench_score)
 
-    curate = sub.add_parser("curate", help="curate training sets with Ray Data").add_subparsers(dest="what", required=True)
+
+def _training_commands(sub) -> None:
+    curate = _command(sub, "curate", "curate training sets with Ray Data",
+                      "unifer curate cot --config configs/tiny.yaml")
+    curate_sets = curate.add_subparsers(dest="what", required=True)
     for what, text in (("cot", "the chain-of-thought SFT set"), ("rlvr", "the verifiable-answer RL set")):
-        p = curate.add_parser(what, help=text)
-        p.add_argument("--config", required=True)
-        p.add_argument("--section", default=None, help=f"the config file's section (default: curate_{what})")
-        p.set_defaults(func=_curate)
+        p = _command(curate_sets, what, f"curate {text}", f"unifer curate {what} --config configs/tiny.yaml", _curate)
+        _add_config(p, "tiny.yaml", section=f"curate_{what}")
 
-    sft = sub.add_parser("sft", help="cold-start SFT on the CoT set with Ray Train (DeepSpeed or DDP)")
-    sft.add_argument("--config", required=True)
-    sft.add_argument("--section", default="sft")
-    sft.set_defaults(func=_sft)
+    sft = _command(sub, "sft", "cold-start SFT on the CoT set with Ray Train (DeepSpeed or DDP)",
+                   "unifer sft --config configs/tiny.yaml --section sft", _sft)
+    _add_config(sft, "tiny.yaml", section="sft")
 
-    rlvr = sub.add_parser("rlvr", help="GRPO with rollout and learner actors exchanging weights")
-    rlvr.add_argument("--config", required=True)
-    rlvr.add_argument("--section", default="rlvr")
+    rlvr = _command(sub, "rlvr", "GRPO with rollout and learner actors exchanging weights",
+                    "unifer rlvr --config configs/tiny.yaml --resume", _rlvr)
+    _add_config(rlvr, "tiny.yaml", section="rlvr")
     rlvr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    rlvr.set_defaults(func=_rlvr)
 
-    pipeline = sub.add_parser("pipeline", help="curate -> SFT -> RLVR -> FERBench -> Serve from one config file")
-    pipeline.add_argument("--config", required=True)
-    pipeline.add_argument("--stages", nargs="+", default=None,
-                          choices=STAGES,
+
+def _pipeline_commands(sub) -> None:
+    from unifer_ray.pipeline import STAGES
+
+    pipeline = _command(sub, "pipeline", "curate -> SFT -> RLVR -> FERBench -> Serve from one config file",
+                        "unifer pipeline --config configs/qwen2_5_vl_7b.yaml --stages sft rlvr bench", _pipeline)
+    _add_config(pipeline, "tiny.yaml")
+    pipeline.add_argument("--stages", nargs="+", default=None, choices=STAGES,
                           help="run only these stages (default: the file's pipeline.stages)")
-    pipeline.set_defaults(func=_pipeline)
 
-    serve = sub.add_parser("serve", help="serve a model (OpenAI-compatible + /v1/fer) with Ray Serve; Ctrl-C stops")
+    serve = _command(sub, "serve", "serve a model (OpenAI-compatible + /v1/fer) with Ray Serve; Ctrl-C stops",
+                     "unifer serve --model runs/demo/models/tiny-rlvr", _serve)
     serve.add_argument("--model", default=None, help="a model directory or s3:// prefix (default: the config's)")
-    serve.add_argument("--config", default=None, help="a Serve config file (default: configs/serve.yaml)")
-    serve.set_defaults(func=_serve)
+    _add_config(serve, "serve.yaml")
 
-    demo = sub.add_parser("demo", help="the whole system on the embedded default (CPU, synthetic faces)")
-    demo.add_argument("--config", default=None, help="default: configs/tiny.yaml settings built in")
-    demo.add_argument("--out", default="runs/demo")
-    demo.set_defaults(func=_demo)
+    demo = _command(sub, "demo", "the whole system on the embedded default (CPU, synthetic faces)",
+                    "unifer demo --out runs/demo", _demo)
+    _add_config(demo, "tiny.yaml")
+    demo.add_argument("--out", default="runs/demo", help="every runs/demo path of the config moves below this")
+
+
+def _version() -> str:
+    try:
+        return version("unifer-ray")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unifer", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_data_commands, _bench_commands, _training_commands, _pipeline_commands):
+        add(sub)
     return parser
 
 

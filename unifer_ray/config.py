@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 from typing import TypeVar
 
@@ -13,6 +14,12 @@ T = TypeVar("T", bound=BaseModel)
 
 class ConfigError(ValueError):
     pass
+
+
+def packaged_config(name: str) -> Path:
+    """A config file of the repository's `configs/`, found where the package is installed: the package links to
+    that folder and ships its YAML files as package data, so a non-editable install has them too."""
+    return Path(str(resources.files("unifer_ray") / "configs" / name))
 
 
 def parse_config(data: object, cls: type[T], source: str = "config") -> T:

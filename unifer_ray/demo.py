@@ -13,9 +13,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from unifer_ray.config import ConfigError, parse_config, read_yaml
+from unifer_ray.config import ConfigError, packaged_config, parse_config, read_yaml
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+DEFAULT_CONFIG = packaged_config("tiny.yaml")
 DEMO_PREFIX = "runs/demo"
 
 
@@ -87,5 +87,6 @@ def run_demo(config_path: str | None, out: str) -> Path:
 
     print("\n=== stages ===")
     print(stages.text())
-    print(f"\nreport: {report} (and report.json, plots); leaderboard: {pipeline.config.bench_out_dir}/report/leaderboard.md")
+    print(f"\nreport: {report} (and report.json, plots); "
+          f"leaderboard: {pipeline.config.bench_out_dir}/report/leaderboard.md")
     return report

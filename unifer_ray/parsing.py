@@ -4,6 +4,7 @@
 - `parse_paper`: the lenient extractor of the paper's evaluators (zfkarl/UniFER, eval_*/code/eval_unifer.py),
   reproduced with its quirks so that our numbers are comparable with the paper's tables.
 - `is_format_compliant`: <think>…</think><answer>…</answer> and nothing else; the RL format reward uses it too.
+- `parsed_columns`: all three at once, the columns FERBench's result rows carry and its metrics read.
 """
 
 from __future__ import annotations
@@ -179,3 +180,15 @@ def parse_paper(response: str | None, candidates: Sequence[str], dataset: str | 
         if any(word in lowered for word in words):
             return label
     return UNKNOWN
+
+
+# ---------------------------------------------------------------- both
+
+
+def parsed_columns(response: str | None, candidates: Sequence[str], dataset: str | None) -> dict:
+    """What the benchmark writes beside a response and scores from: its label in each mode and its format check.
+
+    The one place responses are parsed for FERBench, so that result files and their metrics always agree."""
+    return {"parsed_strict": parse_strict(response, candidates),
+            "parsed_paper": parse_paper(response, candidates, dataset),
+            "format_ok": is_format_compliant(response)}

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from unifer_ray import storage
 from unifer_ray.bench.config import BenchConfig, BenchFile, BenchModel
 from unifer_ray.config import ConfigError, parse_config, read_yaml
-from unifer_ray.curate.config import CotConfig, RlvrConfig
+from unifer_ray.curate.config import CotSetConfig, RlvrSetConfig
 from unifer_ray.rl.config import RLVRConfig
 from unifer_ray.train.config import SFTConfig
 
@@ -83,8 +83,8 @@ class Pipeline:
 
         self.config: PipelineConfig = section("pipeline", PipelineConfig)
         wanted = set(self.config.stages)
-        self.cot = section("curate_cot", CotConfig) if "curate_cot" in wanted else None
-        self.rlvr_set = section("curate_rlvr", RlvrConfig) if "curate_rlvr" in wanted else None
+        self.cot = section("curate_cot", CotSetConfig) if "curate_cot" in wanted else None
+        self.rlvr_set = section("curate_rlvr", RlvrSetConfig) if "curate_rlvr" in wanted else None
         self.sft = section("sft", SFTConfig) if wanted & {"sft", "bench"} else None
         self.rlvr = section("rlvr", RLVRConfig) if wanted & {"rlvr", "bench", "serve"} else None
         self._check_handover(source)
@@ -118,8 +118,8 @@ class Pipeline:
     def run(self, stages: StageTable, *, model_prefix: str = "") -> dict:
         """Run the configured stages; returns what the report needs."""
         from unifer_ray.bench.pipeline import bench_and_score
-        from unifer_ray.curate.cot import run_cot
-        from unifer_ray.curate.rlvr import run_rlvr as run_rlvr_curation
+        from unifer_ray.curate.cot import curate_cot_set
+        from unifer_ray.curate.rlvr import curate_rlvr_set
         from unifer_ray.rl.controller import run_rlvr
         from unifer_ray.train.sft import run_sft
 
@@ -127,12 +127,13 @@ class Pipeline:
         outcome: dict = {}
 
         def curate_cot():
-            stats = run_cot(self.cot)
+            stats = curate_cot_set(self.cot)
             return stats, {"note": f"{stats['kept']} CoT traces kept of {stats['generated']} generated"}
 
         def curate_rlvr():
-            stats = run_rlvr_curation(self.rlvr_set)
-            return stats, {"note": f"{stats['items']} RLVR items, {stats['excluded_ferbench']} FERBench images excluded"}
+            stats = curate_rlvr_set(self.rlvr_set)
+            excluded = stats["excluded_ferbench"]
+            return stats, {"note": f"{stats['items']} RLVR items, {excluded} FERBench images excluded"}
 
         def sft():
             result = run_sft(self.sft)
@@ -140,17 +141,19 @@ class Pipeline:
 
         def rlvr():
             result = run_rlvr(self.rlvr)
-            return result, {"note": f"{result.steps} steps, policy version {result.policy_version} -> {result.model_dir}"}
+            note = f"{result.steps} steps, policy version {result.policy_version} -> {result.model_dir}"
+            return result, {"note": note}
 
         def bench():
-            models = [config.bench_model.model_copy(update={
-                "name": f"{model_prefix}{name}", "engine": config.bench_model.engine.model_copy(update={"model": path})})
+            base = config.bench_model
+            models = [base.model_copy(update={
+                "name": f"{model_prefix}{name}", "engine": base.engine.model_copy(update={"model": path})})
                 for name, path in self.models().items()]
             _, scored = bench_and_score(BenchConfig(files=config.ferbench, models=models, out_dir=config.bench_out_dir))
             metrics = {m.name: scored[m.name] for m in models}  # pipeline order: base, SFT, RLVR
             last = metrics[models[-1].name]["overall"]
-            return metrics, {"accuracy": last["accuracy"], "format_rate": last["format_rate"],
-                             "note": ", ".join(f"{m.name}: {metrics[m.name]['overall']['accuracy']:.3f}" for m in models)}
+            note = ", ".join(f"{m.name}: {metrics[m.name]['overall']['accuracy']:.3f}" for m in models)
+            return metrics, {"accuracy": last["accuracy"], "format_rate": last["format_rate"], "note": note}
 
         def serve():
             return serve_final_model(self.models()[list(self.models())[-1]], config.ferbench[0], config.serve)

@@ -1,4 +1,4 @@
-"""Read FERBench item files (the reference JSON arrays, or JSONL) into validated rows."""
+"""Read FERBench item files (the reference JSON arrays, JSONL or Parquet) into validated rows."""
 
 from __future__ import annotations
 
@@ -8,31 +8,13 @@ from dataclasses import dataclass, field
 from unifer_ray import storage
 from unifer_ray.data.schema import FERBENCH_KEYS
 from unifer_ray.labels import dataset_of
+from unifer_ray.records import ErrorRecord, read_records
 
 
 @dataclass
 class ItemRows:
     rows: list[dict] = field(default_factory=list)  # valid items, one dict each, with `id` and `dataset`
-    errors: list[dict] = field(default_factory=list)  # {"source", "row", "id", "reason"}
-
-
-def _raw_items(path: str) -> list[tuple[int, object]]:
-    """(row number, parsed item) pairs; a malformed JSONL line becomes (row, exception)."""
-    text = storage.read_text(path)
-    if text.lstrip().startswith("["):
-        try:
-            return list(enumerate(json.loads(text)))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not a valid JSON array: {exc}") from None
-    out: list[tuple[int, object]] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            out.append((lineno, json.loads(line)))
-        except json.JSONDecodeError as exc:
-            out.append((lineno, exc))
-    return out
+    errors: list[dict] = field(default_factory=list)  # bad items, as ErrorRecord.to_dict()
 
 
 def _problem(item: object) -> str | None:
@@ -58,7 +40,7 @@ def read_items(path: str, *, image_root: str, dataset: str | None = None, limit:
     """Validated FERBench rows of one file. `image_path` is resolved below `image_root` into `image_uri`."""
     result = ItemRows()
     seen: set[str] = set()
-    for row, item in _raw_items(path):
+    for row, item in read_records(path):
         if limit is not None and len(result.rows) >= limit:
             break
         problem = _problem(item)
@@ -69,7 +51,7 @@ def read_items(path: str, *, image_root: str, dataset: str | None = None, limit:
         if problem is None and item_id in seen:
             problem = f"duplicate item {item['image_path']!r}"
         if problem is not None:
-            result.errors.append({"source": path, "row": row, "id": item_id, "reason": problem})
+            result.errors.append(ErrorRecord(path, problem, row=row, id=item_id).to_dict())
             continue
         seen.add(item_id)
         result.rows.append({

@@ -1,10 +1,11 @@
 """FERBench scoring: result rows -> accuracy, bootstrap CI, macro P/R/F1, per-class table, confusion matrix.
 
-Two kinds of result files score the same way, because scoring re-parses every response with the chosen mode:
+Two kinds of result files score the same way, from the parsed columns of `parsing.parsed_columns`:
 - ours (Parquet or JSONL, written by the benchmark runner): `model`, `dataset`, `true_label`, `candidate_labels`,
-  `response`, ... (the runner's parsed_*/correct_* columns are not trusted, they may come from another mode);
+  `response`, and the runner's `parsed_strict`, `parsed_paper`, `format_ok`, which are scored as they are;
 - the reference format (the paper's inference scripts): a JSON array of FERBench items plus `model_response` and
-  maybe `error`; the dataset comes from the candidate list, the model name from `model_names` or the file name.
+  maybe `error`; its responses are parsed as the runner parses, on reading. The dataset comes from the candidate
+  list, the model name from `model_names` or the file name.
 
 Rows with a truthy `error` (failed inference) are excluded from the metrics and counted, as the reference does.
 """
@@ -12,23 +13,21 @@ Rows with a truthy `error` (failed inference) are excluded from the metrics and 
 from __future__ import annotations
 
 import json
-import logging
 import posixpath
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 from sklearn.metrics import precision_recall_fscore_support
 
 from unifer_ray import storage
 from unifer_ray.labels import CANONICAL, DATASETS, canonical, dataset_of
-from unifer_ray.parsing import UNKNOWN, is_format_compliant, parse_paper, parse_strict
-
-log = logging.getLogger(__name__)
+from unifer_ray.parsing import UNKNOWN, parsed_columns
+from unifer_ray.records import ErrorRecord, read_records
 
 MODES = ("strict", "paper")
+PARSED_COLUMNS = ("parsed_strict", "parsed_paper", "format_ok")
+OUR_COLUMNS = ("response", "dataset", *PARSED_COLUMNS)  # required in our rows, beside the labels
 OVERALL = "overall"  # the key of the pooled scores, next to the dataset keys
 BOOTSTRAP_RESAMPLES = 1000
 BOOTSTRAP_SEED = 0
@@ -37,7 +36,7 @@ BOOTSTRAP_SEED = 0
 @dataclass
 class ResultRows:
     rows: list[dict] = field(default_factory=list)  # normalised rows, failed inferences included (`error` set)
-    errors: list[dict] = field(default_factory=list)  # malformed rows: {"source", "row", "id", "reason"}
+    errors: list[dict] = field(default_factory=list)  # malformed rows, as ErrorRecord.to_dict()
 
 
 # ---------------------------------------------------------------- reading result files
@@ -55,28 +54,6 @@ def model_name_from_path(path: str) -> str:
     return stem.removesuffix("_results") or stem
 
 
-def _raw_rows(path: str) -> list[tuple[int, object]]:
-    """(row number, raw row) pairs of one file; a malformed JSONL line becomes (line number, exception)."""
-    if path.endswith(".parquet"):
-        fs, inner = storage.filesystem(path)
-        return list(enumerate(pq.read_table(inner, filesystem=fs).to_pylist()))
-    text = storage.read_text(path)
-    if text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not a valid JSON array: {exc}") from None
-        return list(enumerate(rows))
-    out: list[tuple[int, object]] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                out.append((lineno, json.loads(line)))
-            except json.JSONDecodeError as exc:
-                out.append((lineno, exc))
-    return out
-
-
 def _normalise_row(raw: object, *, source: str, row: int, model_name: str | None) -> dict:
     """One result row (ours or the reference format) in our columns; raises ValueError saying what is wrong."""
     if isinstance(raw, json.JSONDecodeError):
@@ -84,7 +61,7 @@ def _normalise_row(raw: object, *, source: str, row: int, model_name: str | None
     if not isinstance(raw, dict):
         raise ValueError(f"a result row must be an object, got {type(raw).__name__}")
     reference = "response" not in raw and "model_response" in raw
-    required = ("true_label", "candidate_labels") + (("model_response",) if reference else ("response", "dataset"))
+    required = ("true_label", "candidate_labels") + (("model_response",) if reference else OUR_COLUMNS)
     missing = [k for k in required if k not in raw]
     if missing:
         raise ValueError(f"missing field(s) {missing} (neither our result row nor a reference row)")
@@ -112,11 +89,12 @@ def _normalise_row(raw: object, *, source: str, row: int, model_name: str | None
     if error is True:  # the reference scripts flag a failure with True and write the message as the response
         error = response or "error"
     row_id = raw.get("id") or (f"{dataset}:{raw['image_path']}" if raw.get("image_path") else f"{source}#{row}")
+    parsed = parsed_columns(response, candidates, dataset) if reference else {k: raw[k] for k in PARSED_COLUMNS}
     return {
         "id": str(row_id), "model": model, "dataset": dataset, "true_label": raw["true_label"],
         "candidate_labels": list(candidates), "response": response or "", "error": str(error),
         "source": source, "row": row,
-    }
+    } | parsed
 
 
 def _result_files(path: str) -> list[str]:
@@ -138,12 +116,12 @@ def read_results(path: str, model_name: str | None = None) -> ResultRows:
     bad rows become error records."""
     out = ResultRows()
     for source in _result_files(str(path)):
-        for row, raw in _raw_rows(source):
+        for row, raw in read_records(source):
             try:
                 out.rows.append(_normalise_row(raw, source=source, row=row, model_name=model_name))
             except ValueError as exc:
                 row_id = raw.get("id") if isinstance(raw, dict) else None
-                out.errors.append({"source": source, "row": row, "id": row_id, "reason": str(exc)})
+                out.errors.append(ErrorRecord(source, str(exc), row=row, id=row_id).to_dict())
     return out
 
 
@@ -152,11 +130,9 @@ def read_results(path: str, model_name: str | None = None) -> ResultRows:
 
 def predict(row: dict, mode: str) -> str:
     """The row's predicted label under `mode`; "unknown" when the response names none."""
-    if mode == "strict":
-        return parse_strict(row["response"], row["candidate_labels"]) or UNKNOWN
-    if mode == "paper":
-        return parse_paper(row["response"], row["candidate_labels"], row["dataset"])
-    raise ValueError(f"unknown scoring mode {mode!r}; expected one of {MODES}")
+    if mode not in MODES:
+        raise ValueError(f"unknown scoring mode {mode!r}; expected one of {MODES}")
+    return row[f"parsed_{mode}"] or UNKNOWN
 
 
 def bootstrap_ci(correct: int, n: int, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED
@@ -253,7 +229,7 @@ def compute_metrics(rows: list[dict], mode: str) -> dict:
         scored = [row for row in group if not row.get("error")]
         y_true = [row["true_label"] for row in scored]
         y_pred = [predict(row, mode) for row in scored]
-        format_ok = [is_format_compliant(row["response"]) for row in scored]
+        format_ok = [bool(row["format_ok"]) for row in scored]
         n_errors = len(group) - len(scored)
         out[dataset] = {"mode": mode} | label_metrics(y_true, y_pred, format_ok, candidates, n_errors)
         if _in_taxonomy(candidates + y_pred):
@@ -267,61 +243,3 @@ def compute_metrics(rows: list[dict], mode: str) -> dict:
     out[OVERALL] = {"mode": mode, "datasets": pooled["datasets"]} | label_metrics(
         pooled["y_true"], pooled["y_pred"], pooled["format_ok"], labels, pooled["n_errors"])
     return out
-
-
-# ---------------------------------------------------------------- files in, report out
-
-
-def _names_per_path(paths: Sequence[str], model_names: Sequence[str] | None) -> list[str | None]:
-    if not model_names:
-        return [None] * len(paths)
-    if len(model_names) == 1:
-        return [model_names[0]] * len(paths)
-    if len(model_names) != len(paths):
-        raise ValueError(f"got {len(model_names)} model names for {len(paths)} result paths; "
-                         "give one name for all of them or one per path")
-    return list(model_names)
-
-
-def score_files(paths: Sequence[str], *, mode: str, out_dir: str, model_names: Sequence[str] | None = None) -> dict:
-    """Score result files (ours and/or the reference format) of one or more models and write the report.
-
-    `model_names`: one name for every file, or one per path (a directory's files share its name); without it a
-    row's `model` column names its model, or, for reference files, the file name (see model_name_from_path).
-    Writes `metrics.json` (models -> datasets -> metrics), `errors.jsonl` (malformed rows and failed inferences,
-    one record each), `leaderboard.md` and the confusion-matrix PNGs to `out_dir`; returns the metrics.
-    """
-    from unifer_ray.bench.report import write_report  # report.py builds on this module, hence the late import
-
-    if mode not in MODES:
-        raise ValueError(f"unknown scoring mode {mode!r}; expected one of {MODES}")
-    results = ResultRows()
-    for path, name in zip(paths, _names_per_path(paths, model_names)):
-        part = read_results(path, model_name=name)
-        results.rows += part.rows
-        results.errors += part.errors
-
-    by_model: dict[str, list[dict]] = {}
-    seen: set[tuple[str, str, str]] = set()
-    for row in results.rows:
-        key = (row["model"], row["dataset"], row["id"])
-        if key in seen:
-            results.errors.append({"source": row["source"], "row": row["row"], "id": row["id"],
-                                   "reason": f"duplicate result for model {row['model']!r}; the first one is scored"})
-            continue
-        seen.add(key)
-        by_model.setdefault(row["model"], []).append(row)
-    if not by_model:
-        first = results.errors[0]["reason"] if results.errors else "the files hold no rows"
-        raise ValueError(f"no scorable result rows in {list(paths)} ({len(results.errors)} bad rows; first: {first})")
-    for err in results.errors:
-        log.warning("bad result row %s row %s: %s", err["source"], err["row"], err["reason"])
-
-    failed = [{"source": r["source"], "row": r["row"], "id": r["id"], "reason": f"inference failed: {r['error']}"}
-              for rows in by_model.values() for r in rows if r["error"]]
-    metrics = {model: compute_metrics(rows, mode) for model, rows in sorted(by_model.items())}
-    storage.write_text(storage.join(out_dir, "metrics.json"), json.dumps(metrics, indent=2))
-    storage.write_text(storage.join(out_dir, "errors.jsonl"),
-                       "".join(json.dumps(e, default=str) + "\n" for e in results.errors + failed))
-    write_report(metrics, out_dir, mode)
-    return metrics

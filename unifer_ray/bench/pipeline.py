@@ -6,8 +6,7 @@ import logging
 
 from unifer_ray import storage
 from unifer_ray.bench.config import BenchConfig
-from unifer_ray.bench.metrics import score_files
-from unifer_ray.bench.report import leaderboard_text
+from unifer_ray.bench.report import leaderboard_text, score_files
 from unifer_ray.bench.runner import ModelRun, run_bench
 
 log = logging.getLogger(__name__)

@@ -1,17 +1,24 @@
-"""FERBench report: the leaderboard (markdown, terminal text) and a confusion-matrix PNG per model and dataset."""
+"""FERBench report: result files in, metrics out, with the leaderboard (markdown, terminal text) and a
+confusion-matrix PNG per model and dataset."""
 
 from __future__ import annotations
 
 import io
+import json
+import logging
 import re
+from collections.abc import Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from unifer_ray import storage
-from unifer_ray.bench.metrics import OVERALL, dataset_order
+from unifer_ray.bench.metrics import MODES, OVERALL, ResultRows, compute_metrics, dataset_order, read_results
 from unifer_ray.labels import DATASETS
+from unifer_ray.records import ErrorRecord, write_jsonl
+
+log = logging.getLogger(__name__)
 
 
 def _pct(value: float | None) -> str:
@@ -133,3 +140,58 @@ def write_report(metrics: dict, out_dir: str, mode: str) -> None:
             title = f"{model} — {_display(dataset)} ({mode}): accuracy {_pct(m['accuracy'])}%, n={m['n']}"
             name = f"confusion_{safe_name(model)}_{safe_name(dataset)}.png"
             storage.write_bytes(storage.join(str(out_dir), name), confusion_png(m, title))
+
+
+# ---------------------------------------------------------------- files in, report out
+
+
+def _names_per_path(paths: Sequence[str], model_names: Sequence[str] | None) -> list[str | None]:
+    if not model_names:
+        return [None] * len(paths)
+    if len(model_names) == 1:
+        return [model_names[0]] * len(paths)
+    if len(model_names) != len(paths):
+        raise ValueError(f"got {len(model_names)} model names for {len(paths)} result paths; "
+                         "give one name for all of them or one per path")
+    return list(model_names)
+
+
+def score_files(paths: Sequence[str], *, mode: str, out_dir: str, model_names: Sequence[str] | None = None) -> dict:
+    """Score result files (ours and/or the reference format) of one or more models and write the report.
+
+    `model_names`: one name for every file, or one per path (a directory's files share its name); without it a
+    row's `model` column names its model, or, for reference files, the file name (see model_name_from_path).
+    Writes `metrics.json` (models -> datasets -> metrics), `errors.jsonl` (malformed rows and failed inferences,
+    one record each), `leaderboard.md` and the confusion-matrix PNGs to `out_dir`; returns the metrics.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown scoring mode {mode!r}; expected one of {MODES}")
+    results = ResultRows()
+    for path, name in zip(paths, _names_per_path(paths, model_names)):
+        part = read_results(path, model_name=name)
+        results.rows += part.rows
+        results.errors += part.errors
+
+    by_model: dict[str, list[dict]] = {}
+    seen: set[tuple[str, str, str]] = set()
+    for row in results.rows:
+        key = (row["model"], row["dataset"], row["id"])
+        if key in seen:
+            reason = f"duplicate result for model {row['model']!r}; the first one is scored"
+            results.errors.append(ErrorRecord(row["source"], reason, row=row["row"], id=row["id"]).to_dict())
+            continue
+        seen.add(key)
+        by_model.setdefault(row["model"], []).append(row)
+    if not by_model:
+        first = results.errors[0]["reason"] if results.errors else "the files hold no rows"
+        raise ValueError(f"no scorable result rows in {list(paths)} ({len(results.errors)} bad rows; first: {first})")
+    for err in results.errors:
+        log.warning("bad result row %s row %s: %s", err["source"], err["row"], err["reason"])
+
+    failed = [ErrorRecord(r["source"], f"inference failed: {r['error']}", row=r["row"], id=r["id"]).to_dict()
+              for rows in by_model.values() for r in rows if r["error"]]
+    metrics = {model: compute_metrics(rows, mode) for model, rows in sorted(by_model.items())}
+    storage.write_text(storage.join(out_dir, "metrics.json"), json.dumps(metrics, indent=2))
+    write_jsonl(storage.join(out_dir, "errors.jsonl"), results.errors + failed)
+    write_report(metrics, out_dir, mode)
+    return metrics

@@ -18,7 +18,8 @@ from unifer_ray.bench.items import ItemRows, read_items
 from unifer_ray.data.images import load_image_batch
 from unifer_ray.engines import engine_label
 from unifer_ray.engines.batch import add_generation
-from unifer_ray.parsing import is_format_compliant, parse_paper, parse_strict
+from unifer_ray.parsing import parsed_columns
+from unifer_ray.records import ErrorRecord, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ RESULT_COLUMNS = (
     "parsed_paper", "correct_strict", "correct_paper", "format_ok", "latency_s", "num_tokens", "engine", "status",
     "error",
 )
+UNPARSED = {"parsed_strict": None, "parsed_paper": None, "format_ok": False}  # a failed inference's columns
 
 
 @dataclass
@@ -48,22 +50,18 @@ class ModelRun:
 def score_batch(batch: dict[str, np.ndarray], *, model: str, engine: str) -> dict[str, np.ndarray]:
     """Parse each response in both modes and mark it; rows that carry an error are kept, marked `error`."""
     n = len(batch["id"])
-    cols: dict[str, list] = {k: [] for k in ("response", "parsed_strict", "parsed_paper", "correct_strict",
-                                              "correct_paper", "format_ok", "status")}
+    cols: dict[str, list] = {k: [] for k in ("response", *UNPARSED, "correct_strict", "correct_paper", "status")}
     for i in range(n):
         candidates = [str(c) for c in batch["candidate_labels"][i]]
         responses = batch["responses"][i]
         text = str(responses[0]) if len(responses) else ""
         failed = bool(batch["error"][i])
-        strict = None if failed else parse_strict(text, candidates)
-        paper = None if failed else parse_paper(text, candidates, str(batch["dataset"][i]))
-        cols["response"].append(text)
-        cols["parsed_strict"].append(strict)
-        cols["parsed_paper"].append(paper)
-        cols["correct_strict"].append(strict == batch["true_label"][i])
-        cols["correct_paper"].append(paper == batch["true_label"][i])
-        cols["format_ok"].append(False if failed else is_format_compliant(text))
-        cols["status"].append("error" if failed else "scored")
+        parsed = UNPARSED if failed else parsed_columns(text, candidates, str(batch["dataset"][i]))
+        row = parsed | {"response": text, "status": "error" if failed else "scored",
+                        "correct_strict": parsed["parsed_strict"] == batch["true_label"][i],
+                        "correct_paper": parsed["parsed_paper"] == batch["true_label"][i]}
+        for k, v in row.items():
+            cols[k].append(v)
     out = {k: batch[k] for k in ("id", "dataset", "image_path", "true_label", "latency_s", "num_tokens", "error")}
     out["candidate_labels"] = _object_array([[str(c) for c in cands] for cands in batch["candidate_labels"]])
     out["model"] = np.full(n, model, dtype=object)
@@ -95,10 +93,6 @@ def _latest_by_id(rows: list[dict]) -> tuple[dict[str, dict], dict[str, dict]]:
     for row in rows:
         (scored if row["status"] == "scored" else errors)[row["id"]] = row
     return scored, {k: v for k, v in errors.items() if k not in scored}
-
-
-def _write_jsonl(uri: str, rows: list[dict]) -> None:
-    storage.write_text(uri, "".join(json.dumps(r, default=str) + "\n" for r in rows))
 
 
 def warn_if_the_pool_fills_the_cluster(model: BenchModel, config: BenchConfig) -> bool:
@@ -143,12 +137,13 @@ def run_model(model: BenchModel, items: ItemRows, config: BenchConfig) -> ModelR
     scored, failed = _latest_by_id(_read_shards(shards))
     valid_ids = {row["id"] for row in items.rows}
     results = [{k: r[k] for k in RESULT_COLUMNS} for i, r in sorted(scored.items()) if i in valid_ids]
-    errors = [{"id": r["id"], "source": r["image_path"], "reason": r["error"]} for i, r in sorted(failed.items()) if i in valid_ids]
+    errors = [ErrorRecord(r["image_path"], r["error"], id=r["id"]).to_dict()
+              for i, r in sorted(failed.items()) if i in valid_ids]
     errors += items.errors
     results_path = storage.join(model_dir, "results.jsonl")
     errors_path = storage.join(model_dir, "errors.jsonl")
-    _write_jsonl(results_path, results)
-    _write_jsonl(errors_path, errors)
+    write_jsonl(results_path, results)
+    write_jsonl(errors_path, errors)
     return ModelRun(model.name, len(items.rows) + len(items.errors), len(results), len(errors), len(todo),
                     seconds, results_path, errors_path)
 

@@ -113,7 +113,7 @@ class CotFilters(_Strict):
     near_duplicate_jaccard: float = Field(0.9, gt=0.0, le=1.0)  # word-trigram Jaccard at which traces collapse
 
     @model_validator(mode="after")
-    def _bounds(self) -> "CotFilters":
+    def _bounds(self) -> CotFilters:
         if self.min_words > self.max_words:
             raise ValueError(f"min_words {self.min_words} exceeds max_words {self.max_words}")
         return self
@@ -129,7 +129,8 @@ class _Output(_Strict):
     load_num_cpus: float = Field(0.5, gt=0)  # CPUs of each task of the CPU stages (decode, hash, filter)
 
 
-class CotConfig(_Output):
+# The *Set* configs build training sets; training on them is train.config.SFTConfig and rl.config.RLVRConfig.
+class CotSetConfig(_Output):
     teacher: TeacherConfig
     k: int = Field(4, gt=0)  # candidate traces per image
     m: int = Field(2, gt=0)  # traces kept per image at most, best first
@@ -140,7 +141,7 @@ class CotConfig(_Output):
 RLVR_TASKS = ("mc", "mc_shuffled", "binary", "unified")
 
 
-class RlvrConfig(_Output):
+class RlvrSetConfig(_Output):
     tasks: list[Literal["mc", "mc_shuffled", "binary", "unified"]] = Field(default_factory=lambda: list(RLVR_TASKS),
                                                                           min_length=1)
     # Class balancing: each dataset's classes are cut down to its rarest class's count (and to max_per_class).
@@ -153,7 +154,7 @@ class RlvrConfig(_Output):
     hash_batch_size: int = Field(64, gt=0)
 
     @model_validator(mode="after")
-    def _ferbench_root(self) -> "RlvrConfig":
+    def _ferbench_root(self) -> RlvrSetConfig:
         if self.ferbench_files and self.ferbench_image_root is None:
             raise ValueError("ferbench_files needs ferbench_image_root (their image_path is read below it)")
         return self

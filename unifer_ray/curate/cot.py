@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Iterator
 
 from unifer_ray import storage
-from unifer_ray.curate.config import CotConfig, OracleTeacherConfig
+from unifer_ray.curate.config import CotSetConfig, OracleTeacherConfig
 from unifer_ray.curate.filters import KEPT, REJECTION_REASONS, filter_batch
 from unifer_ray.curate.ledger import nest, run_ledger
 from unifer_ray.curate.samples import all_source_rows
@@ -26,7 +26,7 @@ from unifer_ray.prompts import ferbench_prompt
 log = logging.getLogger(__name__)
 
 
-def cot_rows(config: CotConfig) -> tuple[list[dict], list[dict]]:
+def cot_rows(config: CotSetConfig) -> tuple[list[dict], list[dict]]:
     """Input rows (one per train image, with the question and the teacher's prompt) and the sources' errors."""
     rows, errors = all_source_rows(config.sources,
                                    with_action_params=isinstance(config.teacher, OracleTeacherConfig))
@@ -64,7 +64,7 @@ def count_cot(batch: dict) -> dict[str, int]:
     return dict(counts)
 
 
-def run_cot(config: CotConfig) -> dict:
+def curate_cot_set(config: CotSetConfig) -> dict:
     """Curate the CoT set into `config.out_dir`; a rerun resumes. Returns the stats (also in stats.json)."""
     rows, source_errors = cot_rows(config)
     if not rows:

@@ -17,6 +17,7 @@ from unifer_ray import storage
 from unifer_ray.bench.items import read_items
 from unifer_ray.curate.ledger import object_array
 from unifer_ray.data.images import ImageError, load_image
+from unifer_ray.records import ErrorRecord
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def ferbench_hashes(files: list[str], image_root: str, cache_uri: str, batch_siz
     if rows:
         ds = ray.data.from_items(rows).map_batches(hash_batch, fn_kwargs={"decode": False}, batch_size=batch_size)
         hashed = ds.select_columns(["id", "image_uri", "image_sha256", "error"]).take_all()
-    errors += [{"source": r["image_uri"], "id": r["id"], "reason": f"FERBench {r['error']}"} for r in hashed
+    errors += [ErrorRecord(r["image_uri"], f"FERBench {r['error']}", id=r["id"]).to_dict() for r in hashed
                if r["error"]]
     result = {"key": key, "images": len(rows),
               "hashes": sorted({r["image_sha256"] for r in hashed if not r["error"]}), "errors": errors}

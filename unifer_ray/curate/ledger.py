@@ -24,6 +24,7 @@ from ray.data.datasource import BlockBasedFileDatasink
 from ray.data.expressions import col
 
 from unifer_ray import storage
+from unifer_ray.records import ErrorRecord, jsonl_text, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,7 @@ class JsonlDatasink(BlockBasedFileDatasink):
         super().__init__(path, file_format="jsonl", **kwargs)
 
     def write_block_to_file(self, block: BlockAccessor, file) -> None:
-        rows = block.to_arrow().to_pylist()
-        file.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8"))
+        file.write(jsonl_text(block.to_arrow().to_pylist()).encode("utf-8"))
 
 
 def write_items(ledger: ray.data.Dataset, expand: Callable[[dict], Iterator[dict]], items_dir: str,
@@ -98,7 +98,7 @@ def summarise(ledger: ray.data.Dataset, done: set[str], count_batch: Callable[[d
     def one_row(batch: dict) -> dict:
         ok = batch["error"] == ""
         counts = count_batch({k: v[ok] for k, v in batch.items()}) if ok.any() else {}
-        failed = [{"source": str(u), "id": str(i), "reason": str(e), "run": int(r)}
+        failed = [ErrorRecord(str(u), str(e), id=str(i)).to_dict() | {"run": int(r)}
                   for i, u, e, r in zip(*(batch[k][~ok] for k in ("id", "image_uri", "error", "run")))]
         return {"counts": object_array([json.dumps(counts)]), "failed": object_array([json.dumps(failed)])}
 
@@ -109,11 +109,7 @@ def summarise(ledger: ray.data.Dataset, done: set[str], count_batch: Callable[[d
         for e in json.loads(row["failed"]):
             if e["id"] not in done and e["run"] >= latest.get(e["id"], e)["run"]:
                 latest[e["id"]] = e
-    return dict(sorted(totals.items())), [{k: latest[i][k] for k in ("source", "id", "reason")} for i in sorted(latest)]
-
-
-def write_jsonl(uri: str, rows: list[dict]) -> None:
-    storage.write_text(uri, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
+    return dict(sorted(totals.items())), [{k: v for k, v in latest[i].items() if k != "run"} for i in sorted(latest)]
 
 
 def nest(flat: dict[str, int]) -> dict:

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from unifer_ray import storage
-from unifer_ray.curate.config import RlvrConfig
+from unifer_ray.curate.config import RlvrSetConfig
 from unifer_ray.curate.leakage import ferbench_hashes, hash_batch
 from unifer_ray.curate.ledger import LEDGER_KEYS, nest, object_array, run_ledger
 from unifer_ray.curate.oracle import row_rng
@@ -76,7 +76,7 @@ def balance(rows: list[dict], *, equalise: bool, max_per_class: int | None, seed
     for (dataset, _), members in by_class.items():
         rarest[dataset] = min(rarest.get(dataset, len(members)), len(members))
     kept: set[str] = set()
-    for (dataset, label), members in by_class.items():
+    for (dataset, _), members in by_class.items():
         cap = min(rarest[dataset] if equalise else len(members), max_per_class or len(members))
         chosen = sorted(members, key=lambda r: hashlib.sha256(f"{seed}:{r['id']}".encode()).hexdigest())[:cap]
         kept.update(r["id"] for r in chosen)
@@ -123,7 +123,7 @@ def count_rlvr(batch: dict) -> dict[str, int]:
     return dict(counts)
 
 
-def run_rlvr(config: RlvrConfig) -> dict:
+def curate_rlvr_set(config: RlvrSetConfig) -> dict:
     """Curate the RLVR set into `config.out_dir`; a rerun resumes. Returns the stats (also in stats.json)."""
     listed, source_errors = all_source_rows(config.sources)
     if not listed:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from unifer_ray.config import load_config
-from unifer_ray.curate.config import CotConfig, RlvrConfig
-from unifer_ray.curate.cot import run_cot
-from unifer_ray.curate.rlvr import run_rlvr
+from unifer_ray.curate.config import CotSetConfig, RlvrSetConfig
+from unifer_ray.curate.cot import curate_cot_set
+from unifer_ray.curate.rlvr import curate_rlvr_set
 
-PIPELINES = {"cot": (CotConfig, run_cot), "rlvr": (RlvrConfig, run_rlvr)}
+PIPELINES = {"cot": (CotSetConfig, curate_cot_set), "rlvr": (RlvrSetConfig, curate_rlvr_set)}
 SECTIONS = {"cot": "curate_cot", "rlvr": "curate_rlvr"}  # a config file's section of each pipeline
 
 

@@ -6,14 +6,15 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from unifer_ray import storage
 from unifer_ray.data.schema import FerSample
 from unifer_ray.data.sources import read_samples
 from unifer_ray.labels import DATASETS
 from unifer_ray.prompts import ferbench_prompt
+from unifer_ray.records import write_jsonl
 
 
 def to_ferbench_items(samples: Iterable[FerSample], path_prefix: str) -> list[dict]:
@@ -70,8 +71,9 @@ def convert_ferbench(
     storage.write_text(out, json.dumps(items, indent=2, ensure_ascii=False))  # the reference files' format
 
     stem = posixpath.splitext(str(out))[0]
-    errors_path = _write_jsonl(stem + ".errors.jsonl", result.errors)
-    dropped_path = _write_jsonl(stem + ".dropped.jsonl", result.dropped)
+    errors_path, dropped_path = stem + ".errors.jsonl", stem + ".dropped.jsonl"
+    write_jsonl(errors_path, result.errors)
+    write_jsonl(dropped_path, result.dropped)
     return {
         "dataset": dataset,
         "split": split,
@@ -85,8 +87,3 @@ def convert_ferbench(
         "image_dir": image_dir if images_written else None,
     }
 
-
-def _write_jsonl(path: str, records: list[dict]) -> str:
-    # Written even when empty, so that a file left by an earlier run never speaks for this one.
-    storage.write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    return path

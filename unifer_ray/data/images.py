@@ -46,7 +46,8 @@ def load_image(source: str | bytes, size: int | None = None) -> Image.Image:
     return image
 
 
-def load_image_batch(batch: dict[str, np.ndarray], *, size: int, source_column: str = "image_uri") -> dict[str, np.ndarray]:
+def load_image_batch(batch: dict[str, np.ndarray], *, size: int, source_column: str = "image_uri"
+                     ) -> dict[str, np.ndarray]:
     """Ray Data batch UDF: adds `image` (uint8 size×size×3) and fills `error` for rows whose image is unusable.
 
     Bad rows stay in the stream, with a zero image and their reason, so that nothing is lost downstream.

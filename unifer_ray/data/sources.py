@@ -28,6 +28,7 @@ from PIL import Image
 
 from unifer_ray.data.schema import FerSample
 from unifer_ray.labels import AFFECTNET, FERPLUS, RAFDB, SFEW, label_in
+from unifer_ray.records import ErrorRecord
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -62,10 +63,10 @@ class SourceResult:
     dropped: list[dict] = field(default_factory=list)  # rows the dataset's own rules exclude
 
     def add_error(self, source: str | Path, row: int | str, reason: str) -> None:
-        self.errors.append({"source": str(source), "row": row, "reason": reason})
+        self.errors.append(ErrorRecord(str(source), reason, row=row).to_dict())
 
     def add_dropped(self, source: str | Path, row: int | str, reason: str) -> None:
-        self.dropped.append({"source": str(source), "row": row, "reason": reason})
+        self.dropped.append(ErrorRecord(str(source), reason, row=row).to_dict())
 
 
 def read_samples(

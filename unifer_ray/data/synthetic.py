@@ -17,15 +17,16 @@ import io
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from unifer_ray.labels import AFFECTNET, DATASETS, RAFDB, canonical, dataset_spec
+from unifer_ray.records import ErrorRecord
 
 ACTIONS_FILE = "synthetic_actions.jsonl"
 
@@ -543,5 +544,5 @@ def load_action_params(dataset_root: str | Path, errors: list[dict] | None = Non
                 reason = str(exc).replace("\n", " ")
                 if errors is None:
                     raise ValueError(f"{path} line {row}: {reason}") from None
-                errors.append({"source": str(path), "row": row, "reason": reason})
+                errors.append(ErrorRecord(str(path), reason, row=row).to_dict())
     return params

@@ -21,12 +21,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import ray
 
 from unifer_ray import storage
 from unifer_ray.labels import DATASETS
 from unifer_ray.parsing import is_format_compliant
+from unifer_ray.records import ErrorRecord, read_records
 
 TRAINING_FILE_SUFFIXES = (".json", ".jsonl", ".parquet")
 _SOLUTION = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
@@ -60,35 +60,6 @@ def training_files(paths: str | list[str]) -> list[str]:
         else:
             files.append(path)
     return files
-
-
-def raw_rows(path: str) -> Iterator[tuple[int, object]]:
-    """(row number, raw row) pairs of one file: a JSON array's index, a JSONL line number, a Parquet row index.
-
-    A malformed JSONL line comes out as (line number, the JSONDecodeError); an unreadable file raises.
-    """
-    if path.endswith(".parquet"):
-        fs, inner = storage.filesystem(path)
-        row = 0
-        for batch in pq.ParquetFile(fs.open_input_file(inner)).iter_batches(batch_size=4096):
-            for item in batch.to_pylist():
-                yield row, item
-                row += 1
-        return
-    text = storage.read_text(path)
-    if text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not a valid JSON array: {exc}") from None
-        yield from enumerate(items)
-        return
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield lineno, exc
 
 
 def dataset_from_path(image_path: str) -> str:
@@ -146,7 +117,7 @@ def _file_rows(item: dict, *, fmt: ItemFormat, image_root: str | None) -> Iterat
     """Ray Data flat_map UDF: one file path in, its rows out (every row has the same columns)."""
     source = item["path"]
     try:
-        for row, raw in raw_rows(source):
+        for row, raw in read_records(source):
             try:
                 out = validate_item(raw, fmt, source=source, row=row, image_root=image_root) | {"error": ""}
             except ValueError as exc:
@@ -182,4 +153,4 @@ def read_rlvr(paths: str | list[str], image_root: str | None = None, *, keep_err
 def error_records(ds: ray.data.Dataset) -> list[dict]:
     """The error records of a dataset read with `keep_errors=True`: {source, row, id, reason}."""
     bad = ds.filter(lambda r: bool(r["error"])).select_columns(["source", "row", "id", "error"])
-    return [{"source": r["source"], "row": r["row"], "id": r["id"], "reason": r["error"]} for r in bad.take_all()]
+    return [ErrorRecord(r["source"], r["error"], row=r["row"], id=r["id"]).to_dict() for r in bad.take_all()]

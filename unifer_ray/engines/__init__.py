@@ -5,7 +5,8 @@ from __future__ import annotations
 from unifer_ray.engines.base import ChatRequest, Completion, GenerationEngine, SamplingParams
 from unifer_ray.engines.spec import EngineSpec
 
-__all__ = ["ChatRequest", "Completion", "EngineSpec", "GenerationEngine", "SamplingParams", "create_engine", "engine_label", "resolve_engine"]
+__all__ = ["ChatRequest", "Completion", "EngineSpec", "GenerationEngine", "SamplingParams", "create_engine",
+           "engine_label", "resolve_engine"]
 
 
 def resolve_engine(spec: EngineSpec) -> str:

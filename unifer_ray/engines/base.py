@@ -32,11 +32,12 @@ class ChatRequest:
     messages: list[dict[str, Any]]
 
     @classmethod
-    def single_image(cls, image: Image.Image, text: str) -> "ChatRequest":
+    def single_image(cls, image: Image.Image, text: str) -> ChatRequest:
         return cls([{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": text}]}])
 
     def images(self) -> list[Image.Image]:
-        return [p["image"] for m in self.messages if isinstance(m["content"], list) for p in m["content"] if p["type"] == "image"]
+        return [p["image"] for m in self.messages if isinstance(m["content"], list)
+                for p in m["content"] if p["type"] == "image"]
 
 
 @dataclass

@@ -121,7 +121,8 @@ def _chat_processor(model: str):
 
 
 def vllm_requests(batch: dict[str, np.ndarray], *, model: str, sampling: dict) -> dict[str, np.ndarray]:
-    """Rows → vLLM requests: `prompt` (the chat text), `multimodal_data`, `sampling_params`; n rows per row for n samples.
+    """Rows → vLLM requests: `prompt` (the chat text), `multimodal_data`, `sampling_params`; n rows per row for n
+    samples.
 
     A row that already failed stays in the stream (a Ray Data stream cannot set rows aside and add them back without
     computing its source twice): it asks for one token of its text alone, and the output stage keeps its error.
@@ -134,7 +135,8 @@ def vllm_requests(batch: dict[str, np.ndarray], *, model: str, sampling: dict) -
     out: dict[str, list] = {k: [] for k in [*rows, "prompt", "multimodal_data", "sampling_params", "sample"]}
     for i, question in enumerate(batch["prompt"]):
         failed = bool(batch["error"][i])
-        content = [{"type": "text", "text": str(question)}] if failed else [{"type": "image"}, {"type": "text", "text": str(question)}]
+        text = {"type": "text", "text": str(question)}
+        content = [text] if failed else [{"type": "image"}, text]
         prompt = chat_text(processor, ChatRequest([{"role": "user", "content": content}]))
         for k in range(params.n):
             for key, column in rows.items():
@@ -163,7 +165,8 @@ def vllm_outputs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     ok = [not errors[i] for i in range(n)]
     out = {k: v for k, v in batch.items() if k not in VLLM_OUTPUT_COLUMNS and k != "prompt"}
     out["responses"] = _column([[str(texts[i])] if ok[i] else [] for i in range(n)])
-    out["num_tokens"] = np.array([int(batch["num_generated_tokens"][i]) if ok[i] else 0 for i in range(n)], dtype=np.int64)
+    out["num_tokens"] = np.array([int(batch["num_generated_tokens"][i]) if ok[i] else 0 for i in range(n)],
+                                 dtype=np.int64)
     out["latency_s"] = np.array([float(batch["time_taken_llm"][i]) if ok[i] else 0.0 for i in range(n)])
     out["error"] = errors
     return out
@@ -174,7 +177,8 @@ def gather_samples(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     order = np.argsort(group["sample"])
     errors = [str(e) for e in group["error"][order] if e]
     first = order[0]
-    out = {k: v[first : first + 1] for k, v in group.items() if k not in ("sample", "responses", "num_tokens", "latency_s", "error")}
+    per_sample = ("sample", "responses", "num_tokens", "latency_s", "error")
+    out = {k: v[first : first + 1] for k, v in group.items() if k not in per_sample}
     out["responses"] = _column([[] if errors else [r[0] for r in group["responses"][order]]])
     out["num_tokens"] = np.array([int(group["num_tokens"].sum())])
     out["latency_s"] = np.array([float(group["latency_s"].max())])

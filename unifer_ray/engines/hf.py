@@ -41,7 +41,7 @@ class HFEngine(GenerationEngine):
         self.pad_id = pad if pad is not None else tokenizer.pad_token_id
 
     @classmethod
-    def from_spec(cls, spec: EngineSpec) -> "HFEngine":
+    def from_spec(cls, spec: EngineSpec) -> HFEngine:
         model, processor = load_model_and_processor(spec.model, dtype=spec.dtype)
         return cls(model, processor, max_batch_size=spec.max_batch_size)
 
@@ -96,7 +96,8 @@ class HFEngine(GenerationEngine):
 
         # Request i's samples are rows i*per_prompt ... ; greedy rows are read n times, as separate completions.
         rows = [[i * per_prompt + j % per_prompt for j in range(params.n)] for i in range(len(requests))]
-        return [[self._completion(new_tokens[row], None if logprobs is None else logprobs[row]) for row in group] for group in rows]
+        return [[self._completion(new_tokens[row], None if logprobs is None else logprobs[row]) for row in group]
+                for group in rows]
 
     def _completion(self, tokens: list[int], logprobs: list[float] | None) -> Completion:
         end = next((i + 1 for i, token in enumerate(tokens) if token in self.stop_ids), None)

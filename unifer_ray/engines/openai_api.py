@@ -59,7 +59,8 @@ class OpenAIEngine(GenerationEngine):
             raise RuntimeError(f"engine 'openai' reads its API key from ${spec.api_key_env}, which is not set")
         self.spec = spec
         self._omit = openai.omit  # leaves a parameter out of the request body
-        self.client = openai.OpenAI(base_url=spec.base_url, api_key=api_key, timeout=spec.timeout_s, max_retries=max_retries)
+        self.client = openai.OpenAI(base_url=spec.base_url, api_key=api_key, timeout=spec.timeout_s,
+                                    max_retries=max_retries)
 
     def generate(self, requests: list[ChatRequest], params: SamplingParams) -> list[list[Completion]]:
         with ThreadPoolExecutor(max_workers=self.spec.max_concurrency) as pool:

@@ -36,7 +36,8 @@ class EngineActor:
         latency = np.zeros(n, dtype=np.float64)
         todo = [i for i in range(n) if not errors[i]]
         if todo:
-            requests = [ChatRequest.single_image(Image.fromarray(batch["image"][i]), str(batch["prompt"][i])) for i in todo]
+            requests = [ChatRequest.single_image(Image.fromarray(batch["image"][i]), str(batch["prompt"][i]))
+                        for i in todo]
             start = time.perf_counter()
             try:
                 outputs = self.engine.generate(requests, self.params)

@@ -64,7 +64,8 @@ class VLLMEngine(GenerationEngine):
             raise ImportError(f"engine 'vllm' needs the vllm package ({exc}). {CPU_BUILD_HINT}; "
                               "elsewhere use engine 'hf' (or 'auto', which picks hf there)") from exc
         if not Path(spec.model).is_dir():
-            raise FileNotFoundError(f"model directory {spec.model} does not exist (engine 'vllm' loads local directories)")
+            raise FileNotFoundError(
+                f"model directory {spec.model} does not exist (engine 'vllm' loads local directories)")
         self.processor = AutoProcessor.from_pretrained(spec.model, local_files_only=True)
         import torch
 

@@ -38,7 +38,8 @@ def load_model_and_processor(
     """
     path = Path(local_model_dir(str(path)))
     if not path.is_dir():
-        raise FileNotFoundError(f"model directory {path} does not exist (models are loaded from local directories only)")
+        raise FileNotFoundError(
+            f"model directory {path} does not exist (models are loaded from local directories only)")
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model directory {path} has no config.json: not a saved transformers checkpoint")
     target = resolve_device(device)

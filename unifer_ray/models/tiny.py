@@ -79,7 +79,8 @@ CHAT_TEMPLATE = r"""
 
 # Qwen2's pre-tokenizer split: contractions, letter runs, single digits, punctuation runs, whitespace.
 QWEN2_SPLIT_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 
 
@@ -114,7 +115,7 @@ class TinyModelConfig(BaseModel):
     max_pixels: int = Field(112 * 112, gt=0)
 
     @model_validator(mode="after")
-    def _check_shapes(self) -> "TinyModelConfig":
+    def _check_shapes(self) -> TinyModelConfig:
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
             raise ValueError("hidden_size must divide by num_heads, and num_heads by num_kv_heads")
         if (self.hidden_size // self.num_heads) % 8:
@@ -267,7 +268,8 @@ def build_tiny_model(out_dir: str | Path, *, seed: int = 0, config: TinyModelCon
     }
     image_processor, video_processor = Qwen2VLImageProcessor(**pixels), Qwen2VLVideoProcessor(**pixels)
     processor = Qwen2_5_VLProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor, chat_template=CHAT_TEMPLATE
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
+        chat_template=CHAT_TEMPLATE
     )
 
     # Seed a private RNG stream: the weights depend on `seed` only, and the caller's RNG state is left alone.

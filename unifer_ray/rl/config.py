@@ -51,7 +51,7 @@ class RolloutConfig(_Strict):
     sync_timeout_s: float = Field(300, gt=0)  # one weight update
 
     @model_validator(mode="after")
-    def _engine(self) -> "RolloutConfig":
+    def _engine(self) -> RolloutConfig:
         tp = int(self.engine.vllm_kwargs.get("tensor_parallel_size", 1))
         if self.num_gpus and self.engine.engine == "vllm" and self.num_gpus != tp:
             raise ValueError(f"num_gpus {self.num_gpus} must equal the vLLM tensor_parallel_size {tp}")
@@ -74,7 +74,7 @@ class LearnerConfig(_Strict):
     optimizer: OptimizerConfig = OptimizerConfig(lr=1e-6, warmup_ratio=0.0)
 
     @model_validator(mode="after")
-    def _precision(self) -> "LearnerConfig":
+    def _precision(self) -> LearnerConfig:
         if self.precision == "bf16" and not self.use_gpu:
             raise ValueError("precision: bf16 needs use_gpu (CPU training runs in fp32)")
         return self
@@ -123,7 +123,8 @@ DEFAULT_REWARDS = [RewardSpec(name="accuracy"), RewardSpec(name="format")]
 
 
 class RLVRConfig(_Strict):
-    model: str  # the starting policy (and the KL reference): a Hugging Face directory (local or s3://), e.g. the SFT output
+    # The starting policy (and the KL reference): a Hugging Face directory (local or s3://), e.g. the SFT output.
+    model: str
     data: PromptData
     output_dir: str  # the final policy, a Hugging Face directory (model + processor); local or s3://
     checkpoint_dir: str  # checkpoints and `latest`; local or s3://
@@ -143,7 +144,7 @@ class RLVRConfig(_Strict):
     sample_log_every: int = Field(0, ge=0)  # write every completion of every k-th step to samples.jsonl (0: never)
 
     @model_validator(mode="after")
-    def _check(self) -> "RLVRConfig":
+    def _check(self) -> RLVRConfig:
         if self.log_dir is None and storage.is_s3(self.checkpoint_dir):
             raise ValueError("log_dir: required when checkpoint_dir is s3:// (TensorBoard writes local files)")
         names = [r.name for r in self.rewards]

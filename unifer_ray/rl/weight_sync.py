@@ -36,7 +36,7 @@ class WeightSync(ABC):
         rollouts.restore = self.restore
 
     @staticmethod
-    def create(config: SyncConfig, learners: LearnerGroup, rollouts: RolloutGroup) -> "WeightSync":
+    def create(config: SyncConfig, learners: LearnerGroup, rollouts: RolloutGroup) -> WeightSync:
         if config.kind == "nccl":
             return NCCLSync(learners, rollouts, config)
         return ObjectStoreSync(learners, rollouts)

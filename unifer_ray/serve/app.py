@@ -22,7 +22,6 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
-from starlette.exceptions import HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.llm._internal.serve.core.configs.openai_api_models import (
@@ -35,6 +34,7 @@ from ray.llm._internal.serve.core.ingress.ingress import init as new_ingress_api
 from ray.serve import Application
 from ray.serve.llm import LLMConfig, build_llm_deployment
 from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
+from starlette.exceptions import HTTPException
 
 from unifer_ray import placement
 from unifer_ray.config import ConfigError
@@ -201,7 +201,8 @@ class FerIngress(OpenAiIngress):
             return
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
-            raise ApiError(401, "missing API key: send the header 'Authorization: Bearer <key>'", "authentication_error")
+            raise ApiError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
+                           "authentication_error")
         if not hmac.compare_digest(sha256_hex(key.strip()), self.api_key_sha256):
             raise ApiError(401, "invalid API key", "authentication_error")
 

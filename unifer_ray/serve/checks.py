@@ -127,7 +127,7 @@ class Message(BaseModel):
     content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] | None = None
 
     @model_validator(mode="after")
-    def _check_content(self) -> "Message":
+    def _check_content(self) -> Message:
         if self.content is None and self.role != "assistant":  # only an assistant's tool call may leave it out
             raise ValueError(f"a {self.role} message needs content")
         return self

@@ -28,7 +28,7 @@ class IngressConfig(BaseModel):
     max_replicas: int = Field(1, ge=1)
 
     @model_validator(mode="after")
-    def _check_range(self) -> "IngressConfig":
+    def _check_range(self) -> IngressConfig:
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
         return self
@@ -65,7 +65,7 @@ class LimitsConfig(BaseModel):
         return prefixes
 
     @model_validator(mode="after")
-    def _check_tokens(self) -> "LimitsConfig":
+    def _check_tokens(self) -> LimitsConfig:
         if self.default_max_tokens > self.max_tokens:
             raise ValueError(f"default_max_tokens ({self.default_max_tokens}) exceeds max_tokens ({self.max_tokens})")
         return self

@@ -11,10 +11,11 @@ from pathlib import Path
 
 from PIL import Image
 
+from unifer_ray.config import packaged_config
 from unifer_ray.labels import CANONICAL
 from unifer_ray.serve.config import ServeConfig, load_serve_file
 
-DEFAULT_SERVE_CONFIG = Path(__file__).resolve().parent.parent.parent / "configs" / "serve.yaml"
+DEFAULT_SERVE_CONFIG = packaged_config("serve.yaml")
 
 
 def with_model(config: ServeConfig, model: str | Path) -> ServeConfig:
@@ -116,5 +117,6 @@ def ask_served_model(config: ServeConfig, image: Image.Image, *,
         latency = time.perf_counter() - start
         client.close()
     text = "".join(pieces)
-    return {"url": f"{base_url}/v1", "model": model, "response": text, "label": parse_strict(text, list(candidate_labels)),
-            "chunks": len(pieces), "usage": usage, "ttft_s": ttft, "latency_s": latency}
+    return {"url": f"{base_url}/v1", "model": model, "response": text,
+            "label": parse_strict(text, list(candidate_labels)), "chunks": len(pieces), "usage": usage, "ttft_s": ttft,
+            "latency_s": latency}

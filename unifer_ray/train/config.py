@@ -68,7 +68,7 @@ class SFTConfig(BaseModel):
     report_every: int = Field(1, gt=0)  # steps per ray.train.report (every step is logged either way)
 
     @model_validator(mode="after")
-    def _check(self) -> "SFTConfig":
+    def _check(self) -> SFTConfig:
         if self.log_dir is None and storage.is_s3(self.storage_path):
             raise ValueError("log_dir: required when storage_path is s3:// (TensorBoard writes local files)")
         if self.precision == "bf16" and not self.use_gpu:

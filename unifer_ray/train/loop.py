@@ -40,7 +40,7 @@ class StepPlan:
     total_steps: int
 
     @classmethod
-    def of(cls, config: SFTConfig, num_rows: int) -> "StepPlan":
+    def of(cls, config: SFTConfig, num_rows: int) -> StepPlan:
         per_epoch = num_rows // config.global_batch_size  # the remainder of an epoch is dropped
         if per_epoch == 0:
             raise ValueError(f"{num_rows} training rows make no global batch of {config.global_batch_size} "

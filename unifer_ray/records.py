@@ -1,0 +1,69 @@
+"""Record files and error records: what every reader and writer of items, results and ledgers shares.
+
+- `read_records`: the rows of a JSON array (the released and reference files), JSONL or Parquet file, local or
+  s3://, numbered as a person finds them: a JSON array's index, a JSONL line number, a Parquet row index.
+- `write_jsonl`: JSON Lines, UTF-8 text as is, written whole or not at all (`jsonl_text` for other writers).
+- `ErrorRecord`: why one row or image was not used, {source, row, id, reason}, in every errors table.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import pyarrow.parquet as pq
+
+from unifer_ray import storage
+
+PARQUET_BATCH_ROWS = 4096
+
+
+@dataclass(frozen=True)
+class ErrorRecord:
+    source: str  # the file, folder or image the bad row came from
+    reason: str
+    row: int | str | None = None  # row number in `source` (a file name in folder sources); None: not row-based
+    id: str | None = None  # the item's id; None where the source has no ids yet
+
+    def to_dict(self) -> dict:
+        """The record as the errors tables write it: `source`, then `row` and `id` where known, then `reason`."""
+        fields = {"source": self.source, "row": self.row, "id": self.id}
+        return {k: v for k, v in fields.items() if v is not None} | {"reason": self.reason}
+
+
+def read_records(path: str) -> Iterator[tuple[int, object]]:
+    """(row number, raw row) pairs of one file, streamed for Parquet.
+
+    A malformed JSONL line comes out as (line number, its JSONDecodeError), so a caller can report it and go on;
+    an unreadable file or a malformed JSON array raises.
+    """
+    if path.endswith(".parquet"):
+        fs, inner = storage.filesystem(path)
+        batches = pq.ParquetFile(fs.open_input_file(inner)).iter_batches(batch_size=PARQUET_BATCH_ROWS)
+        yield from enumerate(row for batch in batches for row in batch.to_pylist())
+        return
+    text = storage.read_text(path)
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not a valid JSON array: {exc}") from None
+        yield from enumerate(items)
+        return
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield lineno, exc
+
+
+def jsonl_text(rows: Iterable[dict]) -> str:
+    """One JSON object a line, UTF-8 text as is (escaping every non-ASCII character helps no reader)."""
+    return "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows)
+
+
+def write_jsonl(uri: str, rows: Iterable[dict]) -> None:
+    """An empty `rows` still writes the file, so that a file of an earlier run never speaks for this one."""
+    storage.write_text(uri, jsonl_text(rows))
