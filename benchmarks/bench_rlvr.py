@@ -37,7 +37,7 @@ from unifer_ray.prompts import ferbench_prompt
 from unifer_ray.ray_utils import init_ray
 from unifer_ray.rl.config import RLVRConfig
 from unifer_ray.rl.controller import run_rlvr
-from unifer_ray.rl.metrics import read_records
+from unifer_ray.rl.metrics import read_run_log
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -60,7 +60,7 @@ def run(section: dict, tmp: Path, mode: str, steps: int) -> list[dict]:
                                      "checkpoint_dir": str(out / "checkpoints"), "log_dir": str(out / "logs"),
                                      "checkpoint_every": steps, "sample_log_every": 0}, RLVRConfig)
     run_rlvr(config)
-    return read_records(out / "logs")[1:]  # without the warm-up step
+    return read_run_log(out / "logs")[1:]  # without the warm-up step
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ from unifer_ray.rl.checkpoint import latest
 from unifer_ray.rl.config import PromptData, RLVRConfig, SyncConfig
 from unifer_ray.rl.controller import run_rlvr
 from unifer_ray.rl.learner import LearnerGroup
-from unifer_ray.rl.metrics import read_records
+from unifer_ray.rl.metrics import read_run_log
 from unifer_ray.rl.prompts import PromptSource
 from unifer_ray.rl.rewards import accuracy_reward, format_reward
 from unifer_ray.rl.rollout import RolloutGroup
@@ -245,13 +245,13 @@ def stopped_run(ray_cluster, tmp_path_factory, tiny_model_dir, synthetic_root):
 def test_a_killed_rollout_actor_is_replaced_and_no_step_trains_on_fabricated_rewards(stopped_run):
     tmp, config, killed = stopped_run
     assert killed, "a rollout actor was killed mid-run"
-    records = read_records(tmp / "logs")
+    records = read_run_log(tmp / "logs")
     assert [r["step"] for r in records] == [1, 2, 3]  # every planned step before the stop ran
     # The weight sync of step 1 found the worker dead; its replacement got version 1 and generated steps 2 and 3.
     assert [r["rollout_replacements"] for r in records] == [1, 0, 0]
     assert all(r["samples"] == PROMPTS * GROUP and r["prompts"] == PROMPTS for r in records)
     # Every scored sample is a real completion of the engine, and its reward is what the functions say of it.
-    samples = read_records(tmp / "logs", "samples.jsonl")
+    samples = read_run_log(tmp / "logs", "samples.jsonl")
     assert len(samples) == 3 * PROMPTS * GROUP
     texts = [s["completion"] for s in samples]
     answers = [s["answer"] for s in samples]
@@ -275,13 +275,13 @@ def test_resume_continues_at_the_right_step_and_policy_version(stopped_run, tiny
     CHAOS["stop_after"] = None
     result = run_rlvr(parse_config(config, RLVRConfig), resume=True)
     assert (result.steps, result.policy_version) == (4, 4)
-    resumed = [r for r in read_records(tmp / "logs") if r["attempt"] == 2]
+    resumed = [r for r in read_run_log(tmp / "logs") if r["attempt"] == 2]
     assert [(r["step"], r["policy_version"]) for r in resumed] == [(3, 3), (4, 4)]
     assert resumed[0]["rollout_logprob_gap"] < SAME_POLICY_GAP  # rollouts and learners: the checkpoint's weights
 
     # Step 3 ran again from the checkpoint: the same prompts (batch 2), the same version-2 weights and the same
     # seed, so exactly the completions the first attempt generated before the stop.
-    samples = read_records(tmp / "logs", "samples.jsonl")
+    samples = read_run_log(tmp / "logs", "samples.jsonl")
     first, again = ([s for s in samples if s["step"] == 3 and s["attempt"] == attempt] for attempt in (0, 2))
     items = PromptSource(parse_config(config, RLVRConfig).data, prompts_per_step=PROMPTS, seed=0).batch(2)
     assert [s["id"] for s in again] == [item["id"] for item in items for _ in range(GROUP)]
@@ -352,7 +352,7 @@ def test_job_submitted_to_a_head_node_runs_rlvr(head_node, tmp_path, tiny_model_
     status = ray_cli(env, "job", "status", "--address", address, "--log-color", "false", "rlvr-test").stdout
     assert "Job 'rlvr-test' succeeded" in status, logs[-3000:]
 
-    records = read_records(tmp_path / "logs")
+    records = read_run_log(tmp_path / "logs")
     assert [(r["step"], r["policy_version"]) for r in records] == [(1, 1), (2, 2)]
     for record in records:
         assert record["samples"] == PROMPTS * GROUP

@@ -9,7 +9,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from unifer_ray.bench.report import accuracy_table
-from unifer_ray.rl.metrics import read_records
+from unifer_ray.rl.metrics import read_run_log
 
 SFT_PLOT = "sft_loss.png"
 RLVR_PLOT = "rlvr_rewards.png"
@@ -63,8 +63,8 @@ def accuracy_plot(metrics: dict, path: Path) -> None:
 def write_pipeline_report(report_dir: Path, stage_rows: list[dict], bench_metrics: dict | None, *,
                           sft_log: str | None, rlvr_log: str | None) -> Path:
     report_dir.mkdir(parents=True, exist_ok=True)
-    sft = last_per_step(read_records(sft_log)) if sft_log else []
-    rlvr = last_per_step(read_records(rlvr_log)) if rlvr_log else []
+    sft = last_per_step(read_run_log(sft_log)) if sft_log else []
+    rlvr = last_per_step(read_run_log(rlvr_log)) if rlvr_log else []
     plots = []
     if sft:
         curve_plot(sft, {"loss": "loss (assistant tokens)"}, "SFT", report_dir / SFT_PLOT)

@@ -3,6 +3,7 @@
 - `read_records`: the rows of a JSON array (the released and reference files), JSONL or Parquet file, local or
   s3://, numbered as a person finds them: a JSON array's index, a JSONL line number, a Parquet row index.
 - `write_jsonl`: JSON Lines, UTF-8 text as is, written whole or not at all (`jsonl_text` for other writers).
+- `append_jsonl` / `read_log`: the local logs a run appends to (metrics, samples, errors).
 - `ErrorRecord`: why one row or image was not used, {source, row, id, reason}, in every errors table.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyarrow.parquet as pq
 
@@ -67,3 +69,16 @@ def jsonl_text(rows: Iterable[dict]) -> str:
 def write_jsonl(uri: str, rows: Iterable[dict]) -> None:
     """An empty `rows` still writes the file, so that a file of an earlier run never speaks for this one."""
     storage.write_text(uri, jsonl_text(rows))
+
+
+def append_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    """Append to a local log (a resumed run adds to its history)."""
+    text = jsonl_text(rows)
+    if text:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text)
+
+
+def read_log(path: Path) -> list[dict]:
+    """Every record of a local JSONL log; none when it does not exist yet."""
+    return [row for _, row in read_records(str(path))] if path.exists() else []

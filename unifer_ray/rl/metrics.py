@@ -7,9 +7,10 @@ the one that counts (records and samples carry `attempt`, the step the run start
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
+
+from unifer_ray.records import append_jsonl, read_log
 
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
@@ -43,13 +44,8 @@ class RunLog:
         self.tensorboard.close()
 
     def _append(self, name: str, rows: list[dict]) -> None:
-        if rows:
-            with open(self.dir / name, "a", encoding="utf-8") as f:
-                f.writelines(json.dumps(row) + "\n" for row in rows)
+        append_jsonl(self.dir / name, rows)
 
 
-def read_records(log_dir: str | Path, name: str = METRICS_FILE) -> list[dict]:
-    path = Path(log_dir) / name
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+def read_run_log(log_dir: str | Path, name: str = METRICS_FILE) -> list[dict]:
+    return read_log(Path(log_dir) / name)

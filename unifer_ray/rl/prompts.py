@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from unifer_ray.data.training_sets import read_rlvr
+from unifer_ray.records import ErrorRecord
 from unifer_ray.rl.config import PromptData
 
 COLUMNS = ("id", "dataset", "task", "image_uri", "problem", "solution", "answer", "source", "row")
@@ -18,7 +19,7 @@ class PromptSource:
     def __init__(self, config: PromptData, *, prompts_per_step: int, seed: int):
         ds = read_rlvr(config.paths, config.image_root, keep_errors=True)
         rows = ds.take_all()
-        self.errors = [{"source": r["source"], "row": r["row"], "id": r["id"], "reason": r["error"]}
+        self.errors = [ErrorRecord(r["source"], r["error"], row=r["row"], id=r["id"]).to_dict()
                        for r in rows if r["error"]]
         # Ray Data's block order is not fixed, and a curation run names its shards afresh: sort by item id first,
         # so that the same items give the same epochs.

@@ -28,6 +28,7 @@ from unifer_ray.engines import ChatRequest, Completion, EngineSpec, SamplingPara
 from unifer_ray.engines.hf import HFEngine, chat_text
 from unifer_ray.engines.vllm_env import vllm_env
 from unifer_ray.ray_utils import THREAD_ENV
+from unifer_ray.records import ErrorRecord
 from unifer_ray.rl.config import RolloutConfig
 
 # Imported by vLLM in its workers: registers our CPU weight-transfer backend with vLLM's registry.
@@ -139,7 +140,7 @@ SHARED_MEMORY = "/dev/shm" if os.path.isdir("/dev/shm") else None  # None: the t
 
 
 def _error(item: dict, reason: str) -> dict:
-    return {"source": item.get("source", ""), "row": item.get("row"), "id": item["id"], "reason": reason}
+    return ErrorRecord(item.get("source", ""), reason, row=item.get("row"), id=item["id"]).to_dict()
 
 
 @dataclass

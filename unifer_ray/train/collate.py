@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from unifer_ray.data.images import ImageError, load_image
+from unifer_ray.records import ErrorRecord
 
 IGNORE = -100  # the label cross-entropy skips
 
@@ -119,5 +120,4 @@ class SFTCollator:
 
 
 def _error(row: dict, reason: str) -> dict:
-    return {"source": str(row.get("source", "")), "row": row.get("row"), "id": str(row.get("id", "")),
-            "reason": reason}
+    return ErrorRecord(str(row.get("source", "")), reason, row=row.get("row"), id=str(row.get("id", ""))).to_dict()

@@ -6,13 +6,14 @@ the driver's node, so the driver can follow the same files for its progress bar.
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ray.train import UserCallback
+
+from unifer_ray.records import append_jsonl, read_log
 
 METRICS_FILE = "metrics.jsonl"
 ERRORS_FILE = "errors.jsonl"
@@ -34,13 +35,9 @@ class MetricsLogger(UserCallback):
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         report = metrics[0]  # every worker reports the same all-reduced numbers; rank 0's are the ones kept
-        with open(self.log_dir / METRICS_FILE, "a", encoding="utf-8") as f:
-            for record in report["records"]:
-                f.write(json.dumps(record | {"start_step": report["start_step"]}) + "\n")
-        errors = [error for worker in metrics for error in worker["errors"]]
-        if errors:
-            with open(self.log_dir / ERRORS_FILE, "a", encoding="utf-8") as f:
-                f.writelines(json.dumps(error) + "\n" for error in errors)
+        append_jsonl(self.log_dir / METRICS_FILE,
+                     [record | {"start_step": report["start_step"]} for record in report["records"]])
+        append_jsonl(self.log_dir / ERRORS_FILE, [error for worker in metrics for error in worker["errors"]])
         writer = self._writer()
         for record in report["records"]:
             for name in SCALARS:
@@ -56,11 +53,8 @@ class MetricsLogger(UserCallback):
 
 
 def last_record(log_dir: str | Path) -> dict | None:
-    path = Path(log_dir) / METRICS_FILE
-    if not path.exists():
-        return None
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return json.loads(lines[-1]) if lines else None
+    records = read_log(Path(log_dir) / METRICS_FILE)
+    return records[-1] if records else None
 
 
 def run_with_progress(fit: Callable[[], Any], log_dir: str | Path, total_steps: int, poll_s: float = 1.0) -> Any:
