@@ -18,6 +18,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
+from unifer_ray.models.loading import load_model_and_processor
 from unifer_ray.train.config import OptimizerConfig
 from unifer_ray.train.optim import build_optimizer
 
@@ -42,6 +43,10 @@ class ParallelSettings:
     def global_batch_size(self) -> int:
         return self.micro_batch_size * self.micro_batches * self.world_size
 
+    @property
+    def zero3(self) -> bool:
+        return self.strategy == "deepspeed" and self.zero_stage == 3
+
 
 def deepspeed_config(settings: ParallelSettings) -> dict[str, Any]:
     """DeepSpeed's config; optimizer and scheduler are ours (passed to deepspeed.initialize)."""
@@ -60,6 +65,69 @@ def deepspeed_config(settings: ParallelSettings) -> dict[str, Any]:
         "steps_per_print": 2**31 - 1,  # our own metrics say it
         "wall_clock_breakdown": False,
     }
+
+
+def training_dtype(settings: ParallelSettings) -> str:
+    """The dtype a trainable model is loaded in. DeepSpeed's bf16 keeps fp32 master weights in its optimizer, so the
+    model itself starts in bf16 (no fp32 copy is ever built); DDP autocasts, so its weights stay fp32."""
+    return "bfloat16" if settings.bf16 and settings.strategy == "deepspeed" else "float32"
+
+
+class _ZeRO3Loading:
+    """What transformers asks of the DeepSpeed config it loads under (is_zero3, config). Its own HfDeepSpeedConfig
+    needs `accelerate`, which nothing else here uses."""
+
+    def __init__(self, config: dict[str, Any]):
+        self.config = config
+
+    def is_zero3(self) -> bool:
+        return True
+
+
+@contextlib.contextmanager
+def sharded_loading(settings: ParallelSettings):
+    """Under ZeRO-3, models loaded inside the block are built inside `deepspeed.zero.Init` (transformers' own ZeRO-3
+    path: rank 0 reads the files, every rank keeps its partition), so no rank ever holds a whole model. Elsewhere,
+    nothing changes. Scoped: a model loaded later (a full copy to generate with) is an ordinary one."""
+    if not settings.zero3:
+        yield
+        return
+    import deepspeed
+    from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    # zero.Init partitions over DeepSpeed's view of the group: it adopts the existing one (deepspeed.initialize would
+    # do the same, later).
+    deepspeed.init_distributed(dist.get_backend(), auto_mpi_discovery=False)
+    loading = _ZeRO3Loading(deepspeed_config(settings))  # transformers holds a weak reference only
+    set_hf_deepspeed_config(loading)
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+
+
+def load_trainable(model_dir: str, settings: ParallelSettings, device: torch.device) -> tuple[torch.nn.Module, Any]:
+    """The starting policy in its training dtype, partitioned from the start under ZeRO-3; and its processor."""
+    with sharded_loading(settings):
+        return load_model_and_processor(model_dir, dtype=training_dtype(settings), device=str(device))
+
+
+def load_reference(model_dir: str, settings: ParallelSettings, device: torch.device) -> torch.nn.Module:
+    """The frozen starting policy, for KL. Under ZeRO-3 it is sharded like the policy (an inference-only DeepSpeed
+    engine: no optimizer, no gradients), 1/N per rank, gathered layer by layer in its forward pass: every rank must
+    call it alike. Otherwise a full copy, bf16 when training in bf16."""
+    with sharded_loading(settings):
+        model, _ = load_model_and_processor(model_dir, dtype="bfloat16" if settings.bf16 else "float32",
+                                            device=str(device))
+    model.requires_grad_(False)
+    if not settings.zero3:
+        return model
+    import deepspeed
+
+    config = {k: v for k, v in deepspeed_config(settings).items() if k != "gradient_clipping"}
+    engine, *_ = deepspeed.initialize(model=model, config=config, dist_init_required=False)
+    engine.eval()
+    return engine
 
 
 class DataParallel:

@@ -25,7 +25,7 @@ from unifer_ray.data.images import load_image
 from unifer_ray.engines.base import ChatRequest, SamplingParams
 from unifer_ray.engines.hf import HFEngine, chat_text
 from unifer_ray.models.loading import load_model_and_processor
-from unifer_ray.parallel import DataParallel, ParallelSettings
+from unifer_ray.parallel import DataParallel, ParallelSettings, load_reference, load_trainable
 from unifer_ray.ray_utils import THREAD_ENV
 from unifer_ray.rl.checkpoint import readable_dir, writable_dir
 from unifer_ray.rl.config import GRPOConfig, LearnerConfig, RLVRConfig
@@ -153,18 +153,16 @@ class LearnerWorker:
             torch.set_num_threads(self.config.torch_threads)
         self.device = join_process_group(master_addr, master_port, self.rank, self.world_size, self.config.use_gpu)
         seed_everything(self.seed + self.rank)
-        model, self.processor = load_model_and_processor(self.model_dir, dtype="float32", device=str(self.device))
-        prepare_model(model, self.config)
         config = self.config
-        self.parallel = DataParallel(model, ParallelSettings(
+        settings = ParallelSettings(
             strategy=config.strategy, zero_stage=config.zero_stage, use_gpu=config.use_gpu, bf16=config.bf16,
             micro_batch_size=config.micro_batch_size, micro_batches=self.micro_batches, world_size=self.world_size,
-            optimizer=config.optimizer, total_steps=self.total_steps))
-        self.reference = None
-        if self.grpo.beta > 0:  # the frozen starting policy
-            dtype = "bfloat16" if self.config.bf16 else "float32"
-            self.reference, _ = load_model_and_processor(self.model_dir, dtype=dtype, device=str(self.device))
-            self.reference.requires_grad_(False)
+            optimizer=config.optimizer, total_steps=self.total_steps)
+        model, self.processor = load_trainable(self.model_dir, settings, self.device)
+        prepare_model(model, config)
+        self.parallel = DataParallel(model, settings)
+        # The frozen starting policy; with beta 0 the loss has no KL term.
+        self.reference = load_reference(self.model_dir, settings, self.device) if self.grpo.beta > 0 else None
 
     def train(self, rows: list[dict]) -> dict:
         """GRPO on this rank's rows: reference and old log-probabilities, then `updates_per_batch` optimizer steps.

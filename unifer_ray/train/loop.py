@@ -24,8 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from unifer_ray.models.loading import load_model_and_processor
-from unifer_ray.parallel import DataParallel, ParallelSettings
+from unifer_ray.parallel import DataParallel, ParallelSettings, load_trainable
 from unifer_ray.train.collate import IGNORE, Batch, SFTCollator
 from unifer_ray.train.config import SFTConfig
 
@@ -173,9 +172,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         torch.set_num_threads(config.torch_threads)
     seed_everything(config.seed)
 
-    model, processor = load_model_and_processor(config.model, dtype="float32", device=str(device))
+    settings = parallel_settings(config, plan.total_steps)
+    model, processor = load_trainable(config.model, settings, device)
     prepare_model(model, config)
-    parallel = DataParallel(model, parallel_settings(config, plan.total_steps))
+    parallel = DataParallel(model, settings)
     start_step = step = restore(parallel, ray.train.get_checkpoint())
     stepper = Stepper(parallel, SFTCollator(processor, image_size=config.image_size, max_seq_len=config.max_seq_len),
                       device, rank)
