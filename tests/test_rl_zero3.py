@@ -13,7 +13,7 @@ from test_rl_system import rl_config
 from unifer_ray.config import parse_config
 from unifer_ray.models.loading import load_model_and_processor
 from unifer_ray.rl.config import RLVRConfig
-from unifer_ray.rl.learner import LearnerGroup, completion_logprobs, policy_batch
+from unifer_ray.rl.learner import LearnerGroup, TrainRow, completion_logprobs, policy_batch
 from unifer_ray.rl.prompts import PromptSource
 
 WORLD = 2
@@ -31,11 +31,11 @@ def zero3(ray_cluster, tmp_path_factory, tiny_model_dir, synthetic_root):
     learners.shutdown()
 
 
-def rows(config: RLVRConfig, tokenizer) -> list[dict]:
+def rows(config: RLVRConfig, tokenizer) -> list[TrainRow]:
     items = PromptSource(config.data, prompts_per_step=config.grpo.prompts_per_step, seed=0).batch(0)
     completions = ["<think>a smile</think><answer>happy</answer>", "<answer>sad</answer>"]
-    return [{"image_uri": item["image_uri"], "problem": item["problem"], "advantage": sign, "weight": 0.25,
-             "completion_ids": tokenizer.encode(text, add_special_tokens=False)}
+    return [TrainRow(image_uri=item["image_uri"], problem=item["problem"], advantage=sign, weight=0.25,
+                     completion_ids=tokenizer.encode(text, add_special_tokens=False))
             for item in items for text, sign in zip(completions, (1.0, -1.0))]
 
 

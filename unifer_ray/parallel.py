@@ -10,21 +10,75 @@ to divide by its accumulation steps): the gradient is that of the global loss wh
 from __future__ import annotations
 
 import contextlib
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from unifer_ray.models.loading import load_model_and_processor
-from unifer_ray.train.config import OptimizerConfig
-from unifer_ray.train.optim import build_optimizer
+from unifer_ray.optim import OptimizerConfig, build_optimizer
 
 DEEPSPEED_TAG = "deepspeed"  # DeepSpeed's sub-directory inside a checkpoint
 TORCH_STATE = "torch_state.pt"  # DDP's trainable weights, optimizer and scheduler inside a checkpoint
 RNG_FILE = "rng_rank{rank}.pt"  # each rank's random state inside a checkpoint
+
+
+class ParallelConfig(BaseModel):
+    """The training workers, their parallelism and optimisation: SFT's and the RL learners' alike."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_workers: int = Field(1, gt=0)
+    use_gpu: bool = False  # one GPU per worker
+    num_cpus: float = Field(1.0, gt=0)  # per worker; fractional on small machines
+    torch_threads: int = Field(1, gt=0)  # CPU threads per worker (ignored on GPU)
+    strategy: Literal["deepspeed", "ddp"] = "deepspeed"
+    zero_stage: Literal[2, 3] = 2  # deepspeed only
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    gradient_checkpointing: bool = False
+    freeze_vision_tower: bool = False  # the vision blocks stay fixed (RL never syncs them); the merger trains
+    micro_batch_size: int = Field(1, gt=0)  # sequences per worker per forward pass
+    optimizer: OptimizerConfig = OptimizerConfig()
+
+    @model_validator(mode="after")
+    def _precision(self) -> "ParallelConfig":
+        if self.precision == "bf16" and not self.use_gpu:
+            raise ValueError("precision: bf16 needs use_gpu (CPU training runs in fp32)")
+        return self
+
+    @property
+    def bf16(self) -> bool:
+        return self.precision == "bf16" or (self.precision == "auto" and self.use_gpu)
+
+    def settings(self, *, grad_accum_steps: int, total_steps: int) -> "ParallelSettings":
+        return ParallelSettings(strategy=self.strategy, zero_stage=self.zero_stage, use_gpu=self.use_gpu,
+                                bf16=self.bf16, micro_batch_size=self.micro_batch_size,
+                                grad_accum_steps=grad_accum_steps, world_size=self.num_workers,
+                                optimizer=self.optimizer, total_steps=total_steps)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare_model(model: torch.nn.Module, config: ParallelConfig) -> None:
+    """Training mode, no KV cache; optionally a frozen vision tower and gradient checkpointing."""
+    model.train()
+    model.config.use_cache = False
+    if config.freeze_vision_tower:
+        for name, param in model.model.visual.named_parameters():
+            if not name.startswith("merger."):
+                param.requires_grad_(False)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 @dataclass(frozen=True)
@@ -34,14 +88,14 @@ class ParallelSettings:
     use_gpu: bool
     bf16: bool
     micro_batch_size: int  # rows per forward pass
-    micro_batches: int  # forward passes per optimizer step, the same on every rank (gradient accumulation)
+    grad_accum_steps: int  # forward passes per optimizer step, the same on every rank
     world_size: int
     optimizer: OptimizerConfig
     total_steps: int  # optimizer steps of the run, for the learning-rate schedule
 
     @property
     def global_batch_size(self) -> int:
-        return self.micro_batch_size * self.micro_batches * self.world_size
+        return self.micro_batch_size * self.grad_accum_steps * self.world_size
 
     @property
     def zero3(self) -> bool:
@@ -56,7 +110,7 @@ def deepspeed_config(settings: ParallelSettings) -> dict[str, Any]:
         zero["stage3_gather_16bit_weights_on_model_save"] = True  # export gathers the full weights on rank 0
     return {
         "train_micro_batch_size_per_gpu": settings.micro_batch_size,
-        "gradient_accumulation_steps": settings.micro_batches,
+        "gradient_accumulation_steps": settings.grad_accum_steps,
         "train_batch_size": settings.global_batch_size,
         "gradient_clipping": settings.optimizer.max_grad_norm,
         "bf16": {"enabled": settings.bf16},
@@ -133,8 +187,8 @@ def load_reference(model_dir: str, settings: ParallelSettings, device: torch.dev
 class DataParallel:
     """`micro_step` runs one micro-batch's forward and backward; `step` ends the optimizer step.
 
-    Every rank runs `settings.micro_batches` micro-steps per step (a rank short of rows replays one at weight zero,
-    so that every collective meets). DDP autocasts to bf16 when asked; DeepSpeed holds the model in bf16 itself.
+    Every rank runs `settings.grad_accum_steps` micro-steps per step (a rank short of rows replays one at weight
+    zero, so that every collective meets). DDP autocasts to bf16 when asked; DeepSpeed holds the model in bf16 itself.
     """
 
     def __init__(self, model: torch.nn.Module, settings: ParallelSettings):
