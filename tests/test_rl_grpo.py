@@ -260,6 +260,7 @@ def test_config_errors_name_the_field():
     cases = [
         (minimal(grpo={"group_size": 1}), "grpo.group_size"),
         (minimal(grpo={"aggregation": "mean"}), "grpo.aggregation"),
+        (minimal(grpo={"advantage": "ppo"}), "grpo.advantage"),
         (minimal(checkpoint_dir="s3://bucket/c"), "log_dir"),
         (minimal(rewards=[{"name": "a"}, {"name": "a"}]), "unique"),
         (minimal(sync={"kind": "nccl"}), "nccl"),
