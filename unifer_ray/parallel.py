@@ -178,8 +178,7 @@ def load_reference(model_dir: str, settings: ParallelSettings, device: torch.dev
         return model
     import deepspeed
 
-    config = {k: v for k, v in deepspeed_config(settings).items() if k != "gradient_clipping"}
-    engine, *_ = deepspeed.initialize(model=model, config=config, dist_init_required=False)
+    engine, *_ = deepspeed.initialize(model=model, config=deepspeed_config(settings), dist_init_required=False)
     engine.eval()
     return engine
 
