@@ -227,7 +227,7 @@ def test_the_path_check_accepts_relative_inputs_inside_the_upload():
     problems = check_config(REPO / "configs" / "tiny.yaml", CLUSTER / "aws.yaml",
                             runtime_env=CLUSTER / "runtime_env.yaml", section="sft", workdir=REPO)
     assert {p.field for p in problems} == {"sft.model", "sft.data[0]", "sft.image_root", "sft.output_dir",
-                                           "sft.storage_path"}
+                                           "sft.checkpoint_dir"}
 
 
 # ---------------------------------------------------------------------------------------------- driver and placement

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_group_advantages_by_hand():
     rewards = np.array([[1.0, 0.0, 0.0, 1.0], [2.0, 0.0, 1.0, 1.0]])
-    advantages, all_equal = group_advantages(rewards, scale_std=True, eps=1e-4)
+    advantages, all_equal = group_advantages(rewards, "grpo", eps=1e-4)
     # Group 1: mean 0.5, sample std sqrt((4 * 0.25) / 3) = sqrt(1/3).
     s1 = math.sqrt(1 / 3) + 1e-4
     # Group 2: mean 1, deviations (1, -1, 0, 0), sample std sqrt(2/3).
@@ -41,17 +41,17 @@ def test_group_advantages_by_hand():
 
 def test_advantages_without_std_scaling_and_all_equal_groups():
     rewards = np.array([[1.0, 1.0, 1.0], [0.0, 3.0, 0.0]])
-    advantages, all_equal = group_advantages(rewards, scale_std=False, eps=1e-4)
+    advantages, all_equal = group_advantages(rewards, "dr_grpo", eps=1e-4)
     np.testing.assert_allclose(advantages, [[0.0, 0.0, 0.0], [-1.0, 2.0, -1.0]])
     assert all_equal.tolist() == [True, False]
     # Scaled, an all-equal group still has zero advantages (0 / (0 + eps)), not NaN.
-    scaled, _ = group_advantages(rewards, scale_std=True, eps=1e-4)
+    scaled, _ = group_advantages(rewards, "grpo", eps=1e-4)
     assert scaled[0].tolist() == [0.0, 0.0, 0.0]
 
 
 def test_advantages_need_groups_of_two():
     with pytest.raises(ValueError, match="G >= 2"):
-        group_advantages(np.array([[1.0], [0.0]]), scale_std=True, eps=1e-4)
+        group_advantages(np.array([[1.0], [0.0]]), "grpo", eps=1e-4)
 
 
 # ---------------------------------------------------------------- per-token loss
@@ -266,6 +266,7 @@ def test_config_errors_name_the_field():
     cases = [
         (minimal(grpo={"group_size": 1}), "grpo.group_size"),
         (minimal(grpo={"aggregation": "mean"}), "grpo.aggregation"),
+        (minimal(grpo={"advantage": "ppo"}), "grpo.advantage"),
         (minimal(checkpoint_dir="s3://bucket/c"), "log_dir"),
         (minimal(rewards=[{"name": "a"}, {"name": "a"}]), "unique"),
         (minimal(sync={"kind": "nccl"}), "nccl"),

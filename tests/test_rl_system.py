@@ -33,7 +33,7 @@ from unifer_ray.models.loading import load_model_and_processor
 from unifer_ray.rl.checkpoint import latest
 from unifer_ray.rl.config import PromptData, RLVRConfig, SyncConfig
 from unifer_ray.rl.controller import run_rlvr
-from unifer_ray.rl.learner import LearnerGroup
+from unifer_ray.rl.learner import LearnerGroup, TrainRow
 from unifer_ray.rl.metrics import read_run_log
 from unifer_ray.rl.prompts import PromptSource
 from unifer_ray.rl.rewards import accuracy_reward, format_reward
@@ -99,9 +99,9 @@ def test_the_prompt_order_is_the_same_however_the_shards_are_named(ray_cluster, 
 # ---------------------------------------------------------------- weight sync
 
 
-def train_rows(rollout, signs) -> list[dict]:
-    return [{"image_uri": item["image_uri"], "problem": item["problem"], "completion_ids": c.token_ids,
-             "rollout_logprobs": c.logprobs, "advantage": sign, "weight": 1 / (PROMPTS * GROUP)}
+def train_rows(rollout, signs) -> list[TrainRow]:
+    return [TrainRow(image_uri=item["image_uri"], problem=item["problem"], completion_ids=c.token_ids,
+                     rollout_logprobs=c.logprobs, advantage=sign, weight=1 / (PROMPTS * GROUP))
             for item, group in zip(rollout.items, rollout.completions) for c, sign in zip(group, signs)]
 
 

@@ -13,12 +13,12 @@ from unifer_ray.config import ConfigError, load_config, parse_config
 from unifer_ray.curate.oracle import oracle_response, row_rng
 from unifer_ray.labels import DATASETS
 from unifer_ray.models.loading import load_model_and_processor
+from unifer_ray.optim import warmup_cosine
 from unifer_ray.parallel import deepspeed_config
 from unifer_ray.prompts import ferbench_prompt
 from unifer_ray.train.collate import IGNORE, SFTCollator
 from unifer_ray.train.config import SFTConfig
-from unifer_ray.train.loop import StepPlan, parallel_settings, token_loss_sum
-from unifer_ray.train.optim import warmup_cosine
+from unifer_ray.train.loop import StepPlan, token_loss_sum
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -100,7 +100,7 @@ def test_warmup_then_cosine_to_the_floor():
 
 
 def _config(**overrides) -> SFTConfig:
-    base = {"model": "m", "data": ["cot.jsonl"], "output_dir": "out", "storage_path": "runs"}
+    base = {"model": "m", "data": ["cot.jsonl"], "output_dir": "out", "checkpoint_dir": "runs/sft"}
     return parse_config(base | overrides, SFTConfig, source="test")
 
 
@@ -119,8 +119,8 @@ def test_bad_configs_name_the_field():
         _config(strategy="fsdp")
     with pytest.raises(ConfigError, match="zero_stage"):
         _config(zero_stage=1)
-    with pytest.raises(ConfigError, match="log_dir: required when storage_path is s3"):
-        _config(storage_path="s3://bucket/runs")
+    with pytest.raises(ConfigError, match="log_dir: required when checkpoint_dir is s3"):
+        _config(checkpoint_dir="s3://bucket/runs/sft")
     with pytest.raises(ConfigError, match="optimizer.lr"):
         _config(optimizer={"lr": 0})
     with pytest.raises(ConfigError, match="precision: bf16 needs use_gpu"):
@@ -133,8 +133,8 @@ def test_the_paper_setting_config_is_valid():
     assert config.bf16 and config.gradient_checkpointing
     assert (config.micro_batch_size, config.grad_accum_steps, config.global_batch_size) == (1, 4, 16)
     assert (config.epochs, config.image_size) == (2, 224)
-    assert all(uri.startswith("s3://") for uri in (config.storage_path, config.output_dir, *config.data))
-    ds = deepspeed_config(parallel_settings(config, total_steps=100))
+    assert all(uri.startswith("s3://") for uri in (config.checkpoint_dir, config.output_dir, *config.data))
+    ds = deepspeed_config(config.settings(grad_accum_steps=config.grad_accum_steps, total_steps=100))
     assert ds["train_batch_size"] == 16 and ds["gradient_accumulation_steps"] == 4
     assert ds["train_micro_batch_size_per_gpu"] == 1
     assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"] is True

@@ -33,7 +33,7 @@ def cot_file(synthetic_root, tmp_path_factory) -> Path:
 
 def sft_config(tiny_model_dir, cot_file, synthetic_root, out: Path, **overrides) -> SFTConfig:
     base = dict(model=str(tiny_model_dir), data=[str(cot_file)], image_root=str(synthetic_root),
-                output_dir=str(out / "model"), storage_path=str(out / "runs"), num_workers=1, cpus_per_worker=1,
+                output_dir=str(out / "model"), checkpoint_dir=str(out / "runs" / "sft"), num_workers=1, num_cpus=1,
                 strategy="ddp", micro_batch_size=2, grad_accum_steps=2, max_steps=4, image_size=56,
                 checkpoint_every=2, optimizer={"lr": 3e-3, "warmup_ratio": 0.25})
     return SFTConfig(**(base | overrides))
@@ -48,7 +48,7 @@ def test_two_workers_follow_the_one_worker_loss_curve(ray_cluster, tiny_model_di
     # Same global batch of 4 rows: 1 worker × 2 rows × 2 accumulation steps (DDP), 2 workers × 2 rows (ZeRO-3).
     one = sft_config(tiny_model_dir, cot_file, synthetic_root, tmp_path / "one", strategy="ddp")
     two = sft_config(tiny_model_dir, cot_file, synthetic_root, tmp_path / "two", strategy="deepspeed", zero_stage=3,
-                     num_workers=2, cpus_per_worker=0.5, grad_accum_steps=1)
+                     num_workers=2, num_cpus=0.5, grad_accum_steps=1)
     result_one, result_two = run_sft(one, progress=False), run_sft(two, progress=False)
     assert result_one.steps == result_two.steps == 4
 
@@ -107,7 +107,7 @@ def _kill_a_worker_after(step: int, metrics_dir: str, killed: dict) -> None:
 def test_a_killed_worker_resumes_from_the_last_checkpoint_and_the_best_k_are_kept(ray_cluster, tiny_model_dir,
                                                                                   cot_file, synthetic_root, tmp_path):
     config = sft_config(tiny_model_dir, cot_file, synthetic_root, tmp_path, strategy="deepspeed", zero_stage=2,
-                        num_workers=2, cpus_per_worker=0.5, micro_batch_size=1, max_steps=10, checkpoint_every=2,
+                        num_workers=2, num_cpus=0.5, micro_batch_size=1, max_steps=10, checkpoint_every=2,
                         max_failures=1, keep_checkpoints=1)
     killed: dict = {}
     killer = threading.Thread(target=_kill_a_worker_after, args=(3, config.metrics_dir, killed), daemon=True)
@@ -139,7 +139,7 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint_and_the_best_k_are_kep
     loss_at = {r["step"]: r["loss"] for r in history}  # the last record of a step is the one that counts
     checkpointed = range(config.checkpoint_every, 11, config.checkpoint_every)
     kept = set(sorted(checkpointed, key=loss_at.get)[:1]) | {10}
-    run_dir = Path(config.storage_path, config.run_name)
+    run_dir = Path(config.checkpoint_dir)
     assert {p.name for p in run_dir.glob("checkpoint_*") if p.is_dir()} == {checkpoint_dir_name(s) for s in kept}
     for step in kept:
         assert json.loads((run_dir / checkpoint_dir_name(step) / "train_state.json").read_text()) == {"step": step}
@@ -150,7 +150,7 @@ def test_checkpoints_and_model_on_s3_and_a_rerun_resumes(s3_server, ray_cluster,
     base = f"{s3_server}/sft-{tmp_path.name}"
     storage.write_bytes(f"{base}/cot/cot.jsonl", cot_file.read_bytes())
     config = sft_config(tiny_model_dir, cot_file, synthetic_root, tmp_path, data=[f"{base}/cot"],
-                        storage_path=f"{base}/runs", output_dir=f"{base}/model", log_dir=str(tmp_path / "logs"),
+                        checkpoint_dir=f"{base}/runs/sft", output_dir=f"{base}/model", log_dir=str(tmp_path / "logs"),
                         max_steps=2, checkpoint_every=1)
     first = run_sft(config, progress=False)
     assert first.steps == 2
@@ -165,7 +165,7 @@ def test_checkpoints_and_model_on_s3_and_a_rerun_resumes(s3_server, ray_cluster,
         (local / uri.rsplit("/", 1)[1]).write_bytes(storage.read_bytes(uri))
     model, processor = load_model_and_processor(local)
     assert processor.tokenizer.convert_tokens_to_ids("<|im_end|>") in model.generation_config.eos_token_id
-    checkpoint = f"{base}/runs/{config.run_name}/{checkpoint_dir_name(2)}"
+    checkpoint = f"{base}/runs/sft/{checkpoint_dir_name(2)}"
     assert first.checkpoint == checkpoint
     assert f"{checkpoint}/train_state.json" in storage.list_files(f"{base}/runs")
 

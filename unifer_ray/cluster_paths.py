@@ -27,7 +27,7 @@ from unifer_ray.config import read_yaml
 # Config keys that hold paths every node must see: inputs, and outputs that workers write.
 INPUT_KEYS = {"model", "path", "paths", "data", "image_root", "root", "ferbench_files", "ferbench_image_root",
               "config"}
-OUTPUT_KEYS = {"out_dir", "output_dir", "checkpoint_dir", "storage_path", "bench_out_dir"}
+OUTPUT_KEYS = {"out_dir", "output_dir", "checkpoint_dir", "bench_out_dir"}
 DRIVER_KEYS = {"log_dir", "report_dir"}  # written by the driver alone, on the head: local is fine
 
 

@@ -10,20 +10,75 @@ to divide by its accumulation steps): the gradient is that of the global loss wh
 from __future__ import annotations
 
 import contextlib
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from unifer_ray.train.config import OptimizerConfig
-from unifer_ray.train.optim import build_optimizer
+from unifer_ray.models.loading import load_model_and_processor
+from unifer_ray.optim import OptimizerConfig, build_optimizer
 
 DEEPSPEED_TAG = "deepspeed"  # DeepSpeed's sub-directory inside a checkpoint
 TORCH_STATE = "torch_state.pt"  # DDP's trainable weights, optimizer and scheduler inside a checkpoint
 RNG_FILE = "rng_rank{rank}.pt"  # each rank's random state inside a checkpoint
+
+
+class ParallelConfig(BaseModel):
+    """The training workers, their parallelism and optimisation: SFT's and the RL learners' alike."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_workers: int = Field(1, gt=0)
+    use_gpu: bool = False  # one GPU per worker
+    num_cpus: float = Field(1.0, gt=0)  # per worker; fractional on small machines
+    torch_threads: int = Field(1, gt=0)  # CPU threads per worker (ignored on GPU)
+    strategy: Literal["deepspeed", "ddp"] = "deepspeed"
+    zero_stage: Literal[2, 3] = 2  # deepspeed only
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    gradient_checkpointing: bool = False
+    freeze_vision_tower: bool = False  # the vision blocks stay fixed (RL never syncs them); the merger trains
+    micro_batch_size: int = Field(1, gt=0)  # sequences per worker per forward pass
+    optimizer: OptimizerConfig = OptimizerConfig()
+
+    @model_validator(mode="after")
+    def _precision(self) -> ParallelConfig:
+        if self.precision == "bf16" and not self.use_gpu:
+            raise ValueError("precision: bf16 needs use_gpu (CPU training runs in fp32)")
+        return self
+
+    @property
+    def bf16(self) -> bool:
+        return self.precision == "bf16" or (self.precision == "auto" and self.use_gpu)
+
+    def settings(self, *, grad_accum_steps: int, total_steps: int) -> ParallelSettings:
+        return ParallelSettings(strategy=self.strategy, zero_stage=self.zero_stage, use_gpu=self.use_gpu,
+                                bf16=self.bf16, micro_batch_size=self.micro_batch_size,
+                                grad_accum_steps=grad_accum_steps, world_size=self.num_workers,
+                                optimizer=self.optimizer, total_steps=total_steps)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare_model(model: torch.nn.Module, config: ParallelConfig) -> None:
+    """Training mode, no KV cache; optionally a frozen vision tower and gradient checkpointing."""
+    model.train()
+    model.config.use_cache = False
+    if config.freeze_vision_tower:
+        for name, param in model.model.visual.named_parameters():
+            if not name.startswith("merger."):
+                param.requires_grad_(False)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 @dataclass(frozen=True)
@@ -33,14 +88,18 @@ class ParallelSettings:
     use_gpu: bool
     bf16: bool
     micro_batch_size: int  # rows per forward pass
-    micro_batches: int  # forward passes per optimizer step, the same on every rank (gradient accumulation)
+    grad_accum_steps: int  # forward passes per optimizer step, the same on every rank
     world_size: int
     optimizer: OptimizerConfig
     total_steps: int  # optimizer steps of the run, for the learning-rate schedule
 
     @property
     def global_batch_size(self) -> int:
-        return self.micro_batch_size * self.micro_batches * self.world_size
+        return self.micro_batch_size * self.grad_accum_steps * self.world_size
+
+    @property
+    def zero3(self) -> bool:
+        return self.strategy == "deepspeed" and self.zero_stage == 3
 
 
 def deepspeed_config(settings: ParallelSettings) -> dict[str, Any]:
@@ -51,7 +110,7 @@ def deepspeed_config(settings: ParallelSettings) -> dict[str, Any]:
         zero["stage3_gather_16bit_weights_on_model_save"] = True  # export gathers the full weights on rank 0
     return {
         "train_micro_batch_size_per_gpu": settings.micro_batch_size,
-        "gradient_accumulation_steps": settings.micro_batches,
+        "gradient_accumulation_steps": settings.grad_accum_steps,
         "train_batch_size": settings.global_batch_size,
         "gradient_clipping": settings.optimizer.max_grad_norm,
         "bf16": {"enabled": settings.bf16},
@@ -62,11 +121,73 @@ def deepspeed_config(settings: ParallelSettings) -> dict[str, Any]:
     }
 
 
+def training_dtype(settings: ParallelSettings) -> str:
+    """The dtype a trainable model is loaded in. DeepSpeed's bf16 keeps fp32 master weights in its optimizer, so the
+    model itself starts in bf16 (no fp32 copy is ever built); DDP autocasts, so its weights stay fp32."""
+    return "bfloat16" if settings.bf16 and settings.strategy == "deepspeed" else "float32"
+
+
+class _ZeRO3Loading:
+    """What transformers asks of the DeepSpeed config it loads under (is_zero3, config). Its own HfDeepSpeedConfig
+    needs `accelerate`, which nothing else here uses."""
+
+    def __init__(self, config: dict[str, Any]):
+        self.config = config
+
+    def is_zero3(self) -> bool:
+        return True
+
+
+@contextlib.contextmanager
+def sharded_loading(settings: ParallelSettings):
+    """Under ZeRO-3, models loaded inside the block are built inside `deepspeed.zero.Init` (transformers' own ZeRO-3
+    path: rank 0 reads the files, every rank keeps its partition), so no rank ever holds a whole model. Elsewhere,
+    nothing changes. Scoped: a model loaded later (a full copy to generate with) is an ordinary one."""
+    if not settings.zero3:
+        yield
+        return
+    import deepspeed
+    from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    # zero.Init partitions over DeepSpeed's view of the group: it adopts the existing one (deepspeed.initialize would
+    # do the same, later).
+    deepspeed.init_distributed(dist.get_backend(), auto_mpi_discovery=False)
+    loading = _ZeRO3Loading(deepspeed_config(settings))  # transformers holds a weak reference only
+    set_hf_deepspeed_config(loading)
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+
+
+def load_trainable(model_dir: str, settings: ParallelSettings, device: torch.device) -> tuple[torch.nn.Module, Any]:
+    """The starting policy in its training dtype, partitioned from the start under ZeRO-3; and its processor."""
+    with sharded_loading(settings):
+        return load_model_and_processor(model_dir, dtype=training_dtype(settings), device=str(device))
+
+
+def load_reference(model_dir: str, settings: ParallelSettings, device: torch.device) -> torch.nn.Module:
+    """The frozen starting policy, for KL. Under ZeRO-3 it is sharded like the policy (an inference-only DeepSpeed
+    engine: no optimizer, no gradients), 1/N per rank, gathered layer by layer in its forward pass: every rank must
+    call it alike. Otherwise a full copy, bf16 when training in bf16."""
+    with sharded_loading(settings):
+        model, _ = load_model_and_processor(model_dir, dtype="bfloat16" if settings.bf16 else "float32",
+                                            device=str(device))
+    model.requires_grad_(False)
+    if not settings.zero3:
+        return model
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=model, config=deepspeed_config(settings), dist_init_required=False)
+    engine.eval()
+    return engine
+
+
 class DataParallel:
     """`micro_step` runs one micro-batch's forward and backward; `step` ends the optimizer step.
 
-    Every rank runs `settings.micro_batches` micro-steps per step (a rank short of rows replays one at weight zero,
-    so that every collective meets). DDP autocasts to bf16 when asked; DeepSpeed holds the model in bf16 itself.
+    Every rank runs `settings.grad_accum_steps` micro-steps per step (a rank short of rows replays one at weight
+    zero, so that every collective meets). DDP autocasts to bf16 when asked; DeepSpeed holds the model in bf16 itself.
     """
 
     def __init__(self, model: torch.nn.Module, settings: ParallelSettings):

@@ -95,3 +95,10 @@ def list_files(uri: str | Path, suffix: str = "") -> list[str]:
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
     return ["s3://" + f for f in files] if is_s3(uri) else files
+
+
+def copy_tree(local_dir: str | Path, target: str) -> None:
+    """Copy a local directory to `target` (local or s3://), file by file, each write atomic."""
+    local_dir = Path(local_dir)
+    for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+        write_bytes(join(target, path.relative_to(local_dir).as_posix()), path.read_bytes())

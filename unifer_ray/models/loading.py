@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from unifer_ray.models.model_dir import local_model_dir
 
@@ -49,4 +50,6 @@ def load_model_and_processor(
     model = AutoModelForImageTextToText.from_pretrained(
         path, dtype=resolve_dtype(dtype, target), local_files_only=True
     )
-    return model.to(target).eval(), processor
+    if not is_deepspeed_zero3_enabled():  # built partitioned, on this rank's device, by deepspeed.zero.Init
+        model = model.to(target)
+    return model.eval(), processor

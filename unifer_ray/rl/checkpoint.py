@@ -20,7 +20,6 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from unifer_ray import storage
-from unifer_ray.train.sft import copy_tree
 
 LATEST = "latest"
 STATE_FILE = "state.json"
@@ -44,7 +43,7 @@ def writable_dir(uri: str) -> Iterator[Path]:
         return
     with tempfile.TemporaryDirectory(prefix="rlvr-upload-") as tmp:
         yield Path(tmp)
-        copy_tree(tmp, uri)
+        storage.copy_tree(tmp, uri)
 
 
 @contextmanager

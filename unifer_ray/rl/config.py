@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from unifer_ray import storage
 from unifer_ray.engines.spec import EngineSpec
-from unifer_ray.train.config import OptimizerConfig
+from unifer_ray.optim import OptimizerConfig
+from unifer_ray.parallel import ParallelConfig
+from unifer_ray.rl.grpo import ADVANTAGES, AGGREGATIONS
 
 
 class _Strict(BaseModel):
@@ -58,30 +60,18 @@ class RolloutConfig(_Strict):
         return self
 
 
-class LearnerConfig(_Strict):
-    """M actors in one torch.distributed group (NCCL on GPU, gloo on CPU)."""
+class LearnerConfig(ParallelConfig):
+    """M actors in one torch.distributed group (NCCL on GPU, gloo on CPU); ParallelConfig's fields, RL's defaults.
+    Their gradient accumulation follows from the batch: grpo.prompts_per_step × group_size rows over the learners."""
 
-    num_workers: int = Field(1, gt=0)
-    use_gpu: bool = False  # one GPU per learner
-    num_cpus: float = Field(1.0, gt=0)
-    torch_threads: int = Field(1, gt=0)  # CPU threads per learner (ignored on GPU)
-    strategy: Literal["deepspeed", "ddp"] = "deepspeed"
-    zero_stage: Literal[2, 3] = 2  # deepspeed only
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    gradient_checkpointing: bool = False
-    freeze_vision_tower: bool = False  # the vision blocks stay fixed (and are never synced); the merger trains
-    micro_batch_size: int = Field(4, gt=0)  # sequences per forward pass
+    micro_batch_size: int = Field(4, gt=0)
     optimizer: OptimizerConfig = OptimizerConfig(lr=1e-6, warmup_ratio=0.0)
 
-    @model_validator(mode="after")
-    def _precision(self) -> LearnerConfig:
-        if self.precision == "bf16" and not self.use_gpu:
-            raise ValueError("precision: bf16 needs use_gpu (CPU training runs in fp32)")
-        return self
 
-    @property
-    def bf16(self) -> bool:
-        return self.precision == "bf16" or (self.precision == "auto" and self.use_gpu)
+def _registered(registry: dict, name: str) -> str:
+    if name not in registry:
+        raise ValueError(f"{name!r} is not one of {', '.join(registry)}")
+    return name
 
 
 class GRPOConfig(_Strict):
@@ -95,12 +85,22 @@ class GRPOConfig(_Strict):
     clip_eps: float = Field(0.2, gt=0)  # ratio clipped to [1 - clip_eps, 1 + clip_eps_high]
     clip_eps_high: float | None = Field(None, gt=0)  # DAPO's clip-higher; default clip_eps
     updates_per_batch: int = Field(1, gt=0)  # optimizer steps on one batch (μ); >1 makes the clipping bite
-    scale_std: bool = True  # advantages (r - mean) / (std + eps); False: r - mean (Dr. GRPO)
+    advantage: str = "grpo"  # grpo: (r - mean) / (std + std_eps); dr_grpo: r - mean (rl/grpo.py ADVANTAGES)
     std_eps: float = Field(1e-4, gt=0)
-    aggregation: Literal["grpo", "dr_grpo", "dapo"] = "grpo"
+    aggregation: str = "grpo"  # grpo, dr_grpo or dapo (rl/grpo.py AGGREGATIONS)
     # Truncated importance sampling: samples come from the rollout engine (vLLM's numerics, and one version old in
     # one_step_off), so each token's loss is weighted by min(π_old / π_rollout, cap). None: no correction.
     rollout_is_cap: float | None = Field(2.0, gt=0)
+
+    @field_validator("advantage")
+    @classmethod
+    def _advantage(cls, name: str) -> str:
+        return _registered(ADVANTAGES, name)
+
+    @field_validator("aggregation")
+    @classmethod
+    def _aggregation(cls, name: str) -> str:
+        return _registered(AGGREGATIONS, name)
 
     @property
     def clip_high(self) -> float:

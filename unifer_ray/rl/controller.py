@@ -22,7 +22,7 @@ from unifer_ray.engines import SamplingParams
 from unifer_ray.rl.checkpoint import RunState, commit, latest, learner_uri, step_uri
 from unifer_ray.rl.config import RLVRConfig
 from unifer_ray.rl.grpo import group_advantages, sequence_weights
-from unifer_ray.rl.learner import LearnerGroup
+from unifer_ray.rl.learner import LearnerGroup, TrainRow
 from unifer_ray.rl.metrics import METRICS_FILE, RunLog
 from unifer_ray.rl.prompts import PromptSource
 from unifer_ray.rl.rewards import RewardSet, accuracy_reward, format_reward
@@ -43,7 +43,7 @@ class RLVRResult:
 
 @dataclass
 class ScoredBatch:
-    rows: list[dict]  # what the learners train on, one row per completion
+    rows: list[TrainRow]  # what the learners train on, one row per completion
     record: dict  # the step's sample metrics
     samples: list[dict]  # per-completion log rows
 
@@ -61,8 +61,8 @@ def score(rollout: Rollout, rewards: RewardSet, config: RLVRConfig, *, learner_v
     items = [item for item, group in zip(rollout.items, rollout.completions) for _ in group]
     texts = [c.text for c in completions]
     total, per_function = rewards.score(texts, items)
-    advantages, all_equal = group_advantages(total.reshape(len(rollout.items), grpo.group_size),
-                                             scale_std=grpo.scale_std, eps=grpo.std_eps)
+    advantages, all_equal = group_advantages(total.reshape(len(rollout.items), grpo.group_size), grpo.advantage,
+                                             eps=grpo.std_eps)
     advantages = advantages.reshape(-1)
     lengths = np.array([len(c.token_ids) for c in completions])
     weights = sequence_weights(lengths, grpo.aggregation, grpo.max_new_tokens)
@@ -72,8 +72,8 @@ def score(rollout: Rollout, rewards: RewardSet, config: RLVRConfig, *, learner_v
         raise RuntimeError(f"step {step}: samples of policy versions {sorted(set(versions.tolist()))} for learner "
                            f"version {learner_version} break the {config.mode} staleness bound")
 
-    rows = [{"image_uri": item["image_uri"], "problem": item["problem"], "completion_ids": c.token_ids,
-             "rollout_logprobs": c.logprobs, "advantage": float(a), "weight": float(w)}
+    rows = [TrainRow(image_uri=item["image_uri"], problem=item["problem"], completion_ids=c.token_ids,
+                     advantage=float(a), weight=float(w), rollout_logprobs=c.logprobs)
             for item, c, a, w in zip(items, completions, advantages, weights)]
     record = {
         "prompts": len(rollout.items),
@@ -173,7 +173,7 @@ def run_steps(config: RLVRConfig, state: RunState, prompts: PromptSource, reward
 
         step_s = time.perf_counter() - step_started
         logprob_s, train_s = stats.pop("time_logprob_s"), stats.pop("time_train_s")
-        generated = sum(len(r["completion_ids"]) for r in batch.rows)
+        generated = sum(len(r.completion_ids) for r in batch.rows)
         record = {
             "step": state.step, "epoch": state.epoch, "policy_version": state.version, **batch.record, **stats,
             "time/generate_s": rollout.generate_s, "time/generate_wait_s": rollout.wait_s,

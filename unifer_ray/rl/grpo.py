@@ -6,7 +6,8 @@ Aggregations (what one optimizer step minimises; `L_i` = completion i's tokens, 
 - `dr_grpo`: a constant normaliser, Σ_i Σ_t ℓ_it / (B · max_new_tokens), so long answers are not down-weighted;
 - `dapo`: the token mean over the whole batch, Σ_i Σ_t ℓ_it / Σ_i L_i.
 Each is a per-completion weight on its token-loss sum (`sequence_weights`), computed once for the global batch, so
-the loss is the same however the batch is sharded over learners and micro-batches.
+the loss is the same however the batch is sharded over learners and micro-batches. Advantage estimators and
+aggregations are registries by name (ADVANTAGES, AGGREGATIONS): the names the config accepts.
 """
 
 from __future__ import annotations
@@ -17,33 +18,56 @@ import numpy as np
 import torch
 
 
-def group_advantages(rewards: np.ndarray, *, scale_std: bool, eps: float) -> tuple[np.ndarray, np.ndarray]:
-    """Advantages of rewards shaped (groups, G): r - mean(group), divided by (std(group) + eps) with `scale_std`.
+def _std_scaled(rewards: np.ndarray, eps: float) -> np.ndarray:
+    """GRPO: (r - mean) / (std + eps), the sample std (n - 1)."""
+    centred = rewards - rewards.mean(axis=1, keepdims=True)
+    return centred / (rewards.std(axis=1, ddof=1, keepdims=True) + eps)
 
-    The std is the sample standard deviation (n - 1). Also returns which groups' rewards are all equal: their
-    advantages are zero, so they teach nothing but the KL term.
-    """
+
+def _mean_centred(rewards: np.ndarray, eps: float) -> np.ndarray:
+    """Dr. GRPO: r - mean. Dividing by the std up-weights groups whose rewards barely differ."""
+    return rewards - rewards.mean(axis=1, keepdims=True)
+
+
+ADVANTAGES = {"grpo": _std_scaled, "dr_grpo": _mean_centred}
+
+
+def group_advantages(rewards: np.ndarray, estimator: str, *, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """Advantages of rewards shaped (groups, G) by the ADVANTAGES `estimator`. Also returns which groups' rewards
+    are all equal: their advantages are zero, so they teach nothing but the KL term."""
     rewards = np.asarray(rewards, dtype=np.float64)
     if rewards.ndim != 2 or rewards.shape[1] < 2:
         raise ValueError(f"rewards must be shaped (groups, G >= 2), got {rewards.shape}")
-    advantages = rewards - rewards.mean(axis=1, keepdims=True)
-    if scale_std:
-        advantages = advantages / (rewards.std(axis=1, ddof=1, keepdims=True) + eps)
     all_equal = (rewards == rewards[:, :1]).all(axis=1)
-    return advantages, all_equal
+    return _lookup(ADVANTAGES, estimator, "advantage estimator")(rewards, eps), all_equal
+
+
+def _grpo_weights(lengths: np.ndarray, max_new_tokens: int) -> np.ndarray:
+    return 1.0 / (len(lengths) * np.maximum(lengths, 1.0))  # an empty completion has no token to weigh
+
+
+def _dr_grpo_weights(lengths: np.ndarray, max_new_tokens: int) -> np.ndarray:
+    return np.full(len(lengths), 1.0 / (len(lengths) * max_new_tokens))
+
+
+def _dapo_weights(lengths: np.ndarray, max_new_tokens: int) -> np.ndarray:
+    return np.full(len(lengths), 1.0 / max(lengths.sum(), 1.0))
+
+
+AGGREGATIONS = {"grpo": _grpo_weights, "dr_grpo": _dr_grpo_weights, "dapo": _dapo_weights}
 
 
 def sequence_weights(lengths: np.ndarray, aggregation: str, max_new_tokens: int) -> np.ndarray:
     """The weight of each completion's token-loss sum in the batch loss (see the module docstring)."""
-    lengths = np.asarray(lengths, dtype=np.float64)
-    count = len(lengths)
-    if aggregation == "grpo":  # an empty completion has no token to weigh
-        return 1.0 / (count * np.maximum(lengths, 1.0))
-    if aggregation == "dr_grpo":
-        return np.full(count, 1.0 / (count * max_new_tokens))
-    if aggregation == "dapo":
-        return np.full(count, 1.0 / max(lengths.sum(), 1.0))
-    raise ValueError(f"unknown loss aggregation {aggregation!r}; expected grpo, dr_grpo or dapo")
+    weigh = _lookup(AGGREGATIONS, aggregation, "loss aggregation")
+    return weigh(np.asarray(lengths, dtype=np.float64), max_new_tokens)
+
+
+def _lookup(registry: dict, name: str, kind: str):
+    try:
+        return registry[name]
+    except KeyError:
+        raise ValueError(f"unknown {kind} {name!r}; expected one of {', '.join(registry)}") from None
 
 
 def truncated_is_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, cap: float) -> torch.Tensor:

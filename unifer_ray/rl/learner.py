@@ -12,7 +12,7 @@ import os
 import socket
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -25,16 +25,31 @@ from unifer_ray.data.images import load_image
 from unifer_ray.engines.base import ChatRequest, SamplingParams
 from unifer_ray.engines.hf import HFEngine, chat_text
 from unifer_ray.models.loading import load_model_and_processor
-from unifer_ray.parallel import DataParallel, ParallelSettings
+from unifer_ray.parallel import DataParallel, load_reference, load_trainable, prepare_model, seed_everything
 from unifer_ray.ray_utils import THREAD_ENV
 from unifer_ray.rl.checkpoint import readable_dir, writable_dir
 from unifer_ray.rl.config import GRPOConfig, LearnerConfig, RLVRConfig
 from unifer_ray.rl.grpo import aggregate, rollout_mismatch, token_loss, truncated_is_weights
 from unifer_ray.rl.logprobs import token_logprobs
-from unifer_ray.train.loop import prepare_model, seed_everything
 
 # Sums each learner returns from `train`; the group adds them up over ranks.
 SUMS = ("tokens", "kl", "entropy", "clipped", "loss", "gap", "mismatch_k3", "is_clipped", "gap_tokens")
+
+
+@dataclass(frozen=True)
+class TrainRow:
+    """One completion as the controller sends it to a learner."""
+
+    image_uri: str
+    problem: str
+    completion_ids: list[int]  # the sampled tokens
+    advantage: float
+    weight: float  # the completion's weight in the batch loss (rl/grpo.py sequence_weights); 0 for fillers
+    rollout_logprobs: list[float] | None = None  # what the rollout engine reported for completion_ids
+
+    def filler(self) -> TrainRow:
+        """This row at weight 0: replayed where a rank is short of rows, so that every collective meets."""
+        return replace(self, weight=0.0)
 
 
 @dataclass
@@ -51,21 +66,20 @@ class PolicyBatch:
     rollout_logprobs: torch.Tensor | None  # (B, C) what the rollout engine reported: importance weights, metrics
 
 
-def policy_batch(processor: Any, rows: list[dict], *, image_size: int, device: torch.device) -> PolicyBatch:
-    """Rows with image_uri, problem, completion_ids, advantage, weight (and rollout_logprobs) → a PolicyBatch."""
-    requests = [ChatRequest.single_image(load_image(r["image_uri"], image_size), r["problem"]) for r in rows]
+def policy_batch(processor: Any, rows: list[TrainRow], *, image_size: int, device: torch.device) -> PolicyBatch:
+    requests = [ChatRequest.single_image(load_image(r.image_uri, image_size), r.problem) for r in rows]
     encoded = processor(text=[chat_text(processor, r) for r in requests], images=[r.images()[0] for r in requests],
                         padding=True, padding_side="left", return_tensors="pt")
-    width = max(1, max(len(r["completion_ids"]) for r in rows))
+    width = max(1, max(len(r.completion_ids) for r in rows))
     ids = torch.full((len(rows), width), processor.tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width))
     rollout = torch.zeros((len(rows), width))
     for i, row in enumerate(rows):
-        n = len(row["completion_ids"])
-        ids[i, :n] = torch.tensor(row["completion_ids"], dtype=torch.long)
+        n = len(row.completion_ids)
+        ids[i, :n] = torch.tensor(row.completion_ids, dtype=torch.long)
         mask[i, :n] = 1.0
-        if row.get("rollout_logprobs") is not None:
-            rollout[i, :n] = torch.tensor(row["rollout_logprobs"])
+        if row.rollout_logprobs is not None:
+            rollout[i, :n] = torch.tensor(row.rollout_logprobs)
     token_ids = torch.cat([encoded["input_ids"], ids], dim=1)
     # The model finds its image slots by token id. A sampled image/video placeholder is plain text to the engine that
     # sampled it: it is embedded as itself, but blanked in the ids the model searches for slots.
@@ -76,14 +90,14 @@ def policy_batch(processor: Any, rows: list[dict], *, image_size: int, device: t
     inputs["attention_mask"] = torch.cat([encoded["attention_mask"], mask.long()], dim=1)
     if "mm_token_type_ids" in encoded:  # completion tokens are text
         inputs["mm_token_type_ids"] = torch.cat([encoded["mm_token_type_ids"], torch.zeros_like(ids)], dim=1)
-    has_rollout = all(r.get("rollout_logprobs") is not None for r in rows)
+    has_rollout = all(r.rollout_logprobs is not None for r in rows)
     return PolicyBatch(
         inputs={k: v.to(device) for k, v in inputs.items()},
         token_ids=token_ids.to(device),
         completion_ids=ids.to(device),
         mask=mask.to(device),
-        advantages=torch.tensor([r["advantage"] for r in rows], dtype=torch.float32, device=device),
-        weights=torch.tensor([r["weight"] for r in rows], dtype=torch.float32, device=device),
+        advantages=torch.tensor([r.advantage for r in rows], dtype=torch.float32, device=device),
+        weights=torch.tensor([r.weight for r in rows], dtype=torch.float32, device=device),
         rollout_logprobs=rollout.to(device) if has_rollout else None,
     )
 
@@ -136,13 +150,13 @@ class LearnerWorker:
     """One rank of the learner group (a Ray actor)."""
 
     def __init__(self, learner: dict, grpo: dict, *, model_dir: str, image_size: int, rank: int, world_size: int,
-                 micro_batches: int, total_steps: int, seed: int):
+                 grad_accum_steps: int, total_steps: int, seed: int):
         self.config = LearnerConfig.model_validate(learner)
         self.grpo = GRPOConfig.model_validate(grpo)
         self.model_dir = model_dir
         self.image_size = image_size
         self.rank, self.world_size = rank, world_size
-        self.micro_batches, self.total_steps = micro_batches, total_steps
+        self.grad_accum_steps, self.total_steps = grad_accum_steps, total_steps
         self.seed = seed
 
     def address(self) -> tuple[str, int]:
@@ -153,30 +167,23 @@ class LearnerWorker:
             torch.set_num_threads(self.config.torch_threads)
         self.device = join_process_group(master_addr, master_port, self.rank, self.world_size, self.config.use_gpu)
         seed_everything(self.seed + self.rank)
-        model, self.processor = load_model_and_processor(self.model_dir, dtype="float32", device=str(self.device))
+        settings = self.config.settings(grad_accum_steps=self.grad_accum_steps, total_steps=self.total_steps)
+        model, self.processor = load_trainable(self.model_dir, settings, self.device)
         prepare_model(model, self.config)
-        config = self.config
-        self.parallel = DataParallel(model, ParallelSettings(
-            strategy=config.strategy, zero_stage=config.zero_stage, use_gpu=config.use_gpu, bf16=config.bf16,
-            micro_batch_size=config.micro_batch_size, micro_batches=self.micro_batches, world_size=self.world_size,
-            optimizer=config.optimizer, total_steps=self.total_steps))
-        self.reference = None
-        if self.grpo.beta > 0:  # the frozen starting policy
-            dtype = "bfloat16" if self.config.bf16 else "float32"
-            self.reference, _ = load_model_and_processor(self.model_dir, dtype=dtype, device=str(self.device))
-            self.reference.requires_grad_(False)
+        self.parallel = DataParallel(model, settings)
+        # The frozen starting policy; with beta 0 the loss has no KL term.
+        self.reference = load_reference(self.model_dir, settings, self.device) if self.grpo.beta > 0 else None
 
-    def train(self, rows: list[dict]) -> dict:
+    def train(self, rows: list[TrainRow]) -> dict:
         """GRPO on this rank's rows: reference and old log-probabilities, then `updates_per_batch` optimizer steps.
 
         Returns this rank's sums (SUMS) and timings; rows of weight 0 are fillers and count in no statistic.
         """
         grpo, mb = self.grpo, self.config.micro_batch_size
         chunks = [rows[i : i + mb] for i in range(0, len(rows), mb)]
-        if len(chunks) > self.micro_batches:
-            raise ValueError(f"rank {self.rank}: {len(rows)} rows exceed {self.micro_batches} micro-batches of {mb}")
-        filler = [r | {"weight": 0.0} for r in chunks[0]]
-        chunks += [filler] * (self.micro_batches - len(chunks))  # every rank runs the same collectives
+        if len(chunks) > self.grad_accum_steps:
+            raise ValueError(f"rank {self.rank}: {len(rows)} rows exceed {self.grad_accum_steps} micro-batches of {mb}")
+        chunks += [[r.filler() for r in chunks[0]]] * (self.grad_accum_steps - len(chunks))
         batches = [policy_batch(self.processor, chunk, image_size=self.image_size, device=self.device)
                    for chunk in chunks]
 
@@ -321,7 +328,7 @@ class LearnerGroup:
         self.world_size = learner.num_workers
         self.updates_per_batch = config.grpo.updates_per_batch
         rows_per_rank = math.ceil(config.batch_size / self.world_size)
-        micro_batches = math.ceil(rows_per_rank / learner.micro_batch_size)
+        grad_accum_steps = math.ceil(rows_per_rank / learner.micro_batch_size)
         name = f"learner-{uuid.uuid4().hex[:8]}"
         options = {"num_cpus": learner.num_cpus, "num_gpus": 1 if learner.use_gpu else 0,
                    "runtime_env": {"env_vars": THREAD_ENV}, **placement.actor_options("learner")}
@@ -329,17 +336,17 @@ class LearnerGroup:
             ray.remote(concurrency_groups={"abort": 1})(LearnerWorker).options(name=f"{name}-{rank}", **options).remote(
                 learner.model_dump(), config.grpo.model_dump(), model_dir=model_dir,
                 image_size=config.data.image_size, rank=rank, world_size=self.world_size,
-                micro_batches=micro_batches, total_steps=config.steps * config.grpo.updates_per_batch,
+                grad_accum_steps=grad_accum_steps, total_steps=config.steps * config.grpo.updates_per_batch,
                 seed=config.seed)
             for rank in range(self.world_size)
         ]
         master_addr, master_port = ray.get(self.workers[0].address.remote())
         ray.get([w.setup.remote(master_addr, master_port) for w in self.workers])
 
-    def train(self, rows: list[dict]) -> dict:
+    def train(self, rows: list[TrainRow]) -> dict:
         """One GRPO step on the batch `rows` (each rank takes a contiguous share); the group's statistics."""
         shares = [list(share) for share in np.array_split(np.asarray(rows, dtype=object), self.world_size)]
-        shares = [share or [rows[0] | {"weight": 0.0}] for share in shares]  # fewer rows than ranks
+        shares = [share or [rows[0].filler()] for share in shares]  # fewer rows than ranks
         results = ray.get([w.train.remote(share) for w, share in zip(self.workers, shares)])
         sums = {k: sum(r["sums"][k] for r in results) for k in SUMS}
         tokens = max(sums["tokens"], 1.0)  # summed over the updates, like the other token sums

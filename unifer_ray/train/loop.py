@@ -10,7 +10,6 @@ the rows it already trained on: the data position is the step.
 from __future__ import annotations
 
 import json
-import random
 import tempfile
 import time
 from collections.abc import Iterator
@@ -24,8 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from unifer_ray.models.loading import load_model_and_processor
-from unifer_ray.parallel import DataParallel, ParallelSettings
+from unifer_ray.parallel import DataParallel, load_trainable, prepare_model, seed_everything
 from unifer_ray.train.collate import IGNORE, Batch, SFTCollator
 from unifer_ray.train.config import SFTConfig
 
@@ -46,31 +44,6 @@ class StepPlan:
             raise ValueError(f"{num_rows} training rows make no global batch of {config.global_batch_size} "
                              "(micro_batch_size × num_workers × grad_accum_steps)")
         return cls(per_epoch, config.max_steps or per_epoch * config.epochs)
-
-
-def prepare_model(model: torch.nn.Module, config: SFTConfig) -> None:
-    """Training mode, no KV cache; optionally a frozen vision tower and gradient checkpointing."""
-    model.train()
-    model.config.use_cache = False
-    if config.freeze_vision_tower:
-        for name, param in model.model.visual.named_parameters():
-            if not name.startswith("merger."):
-                param.requires_grad_(False)
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def parallel_settings(config: SFTConfig, total_steps: int) -> ParallelSettings:
-    return ParallelSettings(strategy=config.strategy, zero_stage=config.zero_stage, use_gpu=config.use_gpu,
-                            bf16=config.bf16, micro_batch_size=config.micro_batch_size,
-                            micro_batches=config.grad_accum_steps, world_size=config.num_workers,
-                            optimizer=config.optimizer, total_steps=total_steps)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def step_groups(shard, config: SFTConfig, *, epoch: int, skip_steps: int, rank: int,
@@ -173,9 +146,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         torch.set_num_threads(config.torch_threads)
     seed_everything(config.seed)
 
-    model, processor = load_model_and_processor(config.model, dtype="float32", device=str(device))
+    settings = config.settings(grad_accum_steps=config.grad_accum_steps, total_steps=plan.total_steps)
+    model, processor = load_trainable(config.model, settings, device)
     prepare_model(model, config)
-    parallel = DataParallel(model, parallel_settings(config, plan.total_steps))
+    parallel = DataParallel(model, settings)
     start_step = step = restore(parallel, ray.train.get_checkpoint())
     stepper = Stepper(parallel, SFTCollator(processor, image_size=config.image_size, max_seq_len=config.max_seq_len),
                       device, rank)
@@ -209,7 +183,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 
 def checkpoint_dir_name(step: int) -> str:
-    """A checkpoint's directory in storage_path, named by its step.
+    """A checkpoint's directory in checkpoint_dir, named by its step.
 
     A worker killed while the checkpoint of step s is being written leaves a directory Ray Train never registered,
     so never prunes. The next attempt resumes from an earlier step and writes step s again: with the name fixed by
@@ -221,7 +195,7 @@ def checkpoint_dir_name(step: int) -> str:
 def save_and_report(parallel: DataParallel, processor, report: dict, *, rank: int, export: bool) -> None:
     """Save this worker's part of the training state (with `export`, also the Hugging Face model) and report it.
 
-    Ray Train merges the workers' directories into one checkpoint in storage_path.
+    Ray Train merges the workers' directories into one checkpoint in checkpoint_dir.
     """
     with tempfile.TemporaryDirectory(prefix="sft-checkpoint-") as tmp:
         directory = Path(tmp)

@@ -1,9 +1,9 @@
 """`unifer sft`: cold-start SFT as one Ray Train run, ending with the model as a Hugging Face directory.
 
-    CoT set (Ray Data, seeded shuffle) → TorchTrainer workers (DeepSpeed ZeRO or DDP) → checkpoints in storage_path
-    → the final checkpoint's model/ copied to output_dir
+    CoT set (Ray Data, seeded shuffle) → TorchTrainer workers (DeepSpeed ZeRO or DDP)
+    → checkpoints in checkpoint_dir → the final checkpoint's model/ copied to output_dir
 
-A rerun with the same run_name and storage_path resumes from the latest checkpoint.
+A rerun with the same checkpoint_dir resumes from the latest checkpoint.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class SFTResult:
     steps: int
     loss: float  # mean training loss over the last reported steps
     seconds: float
-    checkpoint: str  # the final checkpoint: a directory (local or s3://) in storage_path/run_name
+    checkpoint: str  # the final checkpoint: a directory (local or s3://) in checkpoint_dir
     metrics_path: str
     errors_path: str
 
@@ -44,13 +44,6 @@ def training_rows(config: SFTConfig) -> ray.data.Dataset:
     """The CoT rows workers read, shuffled once with the run's seed and held in the object store."""
     ds = read_cot(config.data, config.image_root).select_columns(list(COLUMNS))
     return ds.random_shuffle(seed=config.seed).materialize()
-
-
-def copy_tree(local_dir: str | Path, target: str) -> None:
-    """Copy a local directory to `target` (local or s3://), file by file, each write atomic."""
-    local_dir = Path(local_dir)
-    for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
-        storage.write_bytes(storage.join(target, path.relative_to(local_dir).as_posix()), path.read_bytes())
 
 
 def run_sft(config: SFTConfig, *, progress: bool = True) -> SFTResult:
@@ -68,7 +61,7 @@ def run_sft(config: SFTConfig, *, progress: bool = True) -> SFTResult:
         train_loop_per_worker,
         train_loop_config={"sft": config.model_dump(), "num_rows": num_rows},
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
-                                     resources_per_worker={"CPU": config.cpus_per_worker},
+                                     resources_per_worker={"CPU": config.num_cpus},
                                      **placement.actor_options("learner")),
         run_config=RunConfig(
             name=config.run_name,
@@ -92,14 +85,14 @@ def run_sft(config: SFTConfig, *, progress: bool = True) -> SFTResult:
         exported = Path(directory) / MODEL_DIR
         if not exported.is_dir():
             raise RuntimeError(f"the final checkpoint {result.checkpoint.path} holds no {MODEL_DIR}/ directory")
-        copy_tree(exported, config.output_dir)
+        storage.copy_tree(exported, config.output_dir)
     metrics = result.metrics or {}
     return SFTResult(
         model_dir=config.output_dir,
         steps=int(metrics.get("step", plan.total_steps)),
         loss=float(metrics.get("loss", float("nan"))),
         seconds=time.perf_counter() - started,
-        checkpoint=storage.join(config.storage_path, config.run_name, posixpath.basename(result.checkpoint.path)),
+        checkpoint=storage.join(config.checkpoint_dir, posixpath.basename(result.checkpoint.path)),
         metrics_path=os.path.join(config.metrics_dir, METRICS_FILE),
         errors_path=os.path.join(config.metrics_dir, ERRORS_FILE),
     )

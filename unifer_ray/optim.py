@@ -1,12 +1,29 @@
-"""AdamW and the warmup + cosine learning-rate schedule."""
+"""AdamW and the warmup + cosine learning-rate schedule, for SFT and the RL learners alike."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
-from unifer_ray.train.config import OptimizerConfig
+
+class OptimizerConfig(BaseModel):
+    """AdamW with linear warmup, then cosine decay to `min_lr_ratio` × lr at the last step."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)  # share of the optimizer steps spent warming up
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    max_grad_norm: float = Field(1.0, gt=0)  # gradients are clipped to this global norm
+    # The vision tower (blocks and merger) trains at lr × vision_lr_ratio. A randomly initialised tower trained at
+    # the full rate collapses its image tokens into one shared vector the language model uses as context; slower,
+    # it keeps the per-image information while the language model learns to read it.
+    vision_lr_ratio: float = Field(1.0, ge=0)
 
 
 def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
