@@ -28,7 +28,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/unifer demo --out runs/demo
 
 test: $(VENV)/.installed
-	$(PY) -m pytest tests -v
+	$(PY) -m pytest tests -v --durations=25
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -166,7 +166,7 @@ def engine_processes(actor: ray.actor.ActorHandle) -> list[psutil.Process]:
 
 def test_a_worker_killed_or_hung_mid_generation_is_replaced_and_its_share_generated_again(
         ray_cluster, tmp_path, tiny_model_dir, synthetic_root):
-    config = parse_config(rl_config(tmp_path, tiny_model_dir, synthetic_root, rollout={"generate_timeout_s": 20}),
+    config = parse_config(rl_config(tmp_path, tiny_model_dir, synthetic_root, rollout={"generate_timeout_s": 12}),
                           RLVRConfig)
     items = PromptSource(config.data, prompts_per_step=PROMPTS, seed=0).batch(0)
     rollouts = RolloutGroup(config.rollout, model=str(tiny_model_dir), image_size=56, max_prompt_tokens=4096)
