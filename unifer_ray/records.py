@@ -80,5 +80,12 @@ def append_jsonl(path: Path, rows: Iterable[dict]) -> None:
 
 
 def read_log(path: Path) -> list[dict]:
-    """Every record of a local JSONL log; none when it does not exist yet."""
-    return [row for _, row in read_records(str(path))] if path.exists() else []
+    """Every record of a local JSONL log; none when it does not exist yet. A malformed line raises, naming it."""
+    if not path.exists():
+        return []
+    records = []
+    for lineno, row in read_records(str(path)):
+        if isinstance(row, json.JSONDecodeError):
+            raise ValueError(f"{path}:{lineno}: not a JSON record: {row}")
+        records.append(row)
+    return records

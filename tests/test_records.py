@@ -1,0 +1,20 @@
+"""Run logs through records.py: appended across attempts, read back whole, a malformed line named."""
+
+from __future__ import annotations
+
+import pytest
+
+from unifer_ray.records import append_jsonl, read_log
+
+
+def test_a_log_appends_and_reads_back_and_names_a_malformed_line(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    assert read_log(log) == []
+    append_jsonl(log, [{"step": 1, "label": "happiness"}])
+    append_jsonl(log, [])  # nothing to add leaves the file as it was
+    append_jsonl(log, [{"step": 2, "label": "sadness"}])
+    assert read_log(log) == [{"step": 1, "label": "happiness"}, {"step": 2, "label": "sadness"}]
+
+    log.write_text(log.read_text() + '{"step": 3, "lab\n')  # a line cut short by a crash
+    with pytest.raises(ValueError, match=r"metrics.jsonl:3: not a JSON record"):
+        read_log(log)
