@@ -1,4 +1,5 @@
-"""Run logs through records.py: appended across attempts, read back whole, a malformed line named."""
+"""Run logs through records.py: appended across attempts, read back whole, a record still being appended left
+for the next read, a malformed line named."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ def test_a_log_appends_and_reads_back_and_names_a_malformed_line(tmp_path):
     append_jsonl(log, [{"step": 2, "label": "sadness"}])
     assert read_log(log) == [{"step": 1, "label": "happiness"}, {"step": 2, "label": "sadness"}]
 
-    log.write_text(log.read_text() + '{"step": 3, "lab\n')  # a line cut short by a crash
+    log.write_text(log.read_text() + '{"step": 3, "lab')  # a record a running job is still appending
+    assert len(read_log(log)) == 2
+    log.write_text(log.read_text() + '\n')  # cut short by a crash
     with pytest.raises(ValueError, match=r"metrics.jsonl:3: not a JSON record"):
         read_log(log)

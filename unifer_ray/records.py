@@ -80,12 +80,16 @@ def append_jsonl(path: Path, rows: Iterable[dict]) -> None:
 
 
 def read_log(path: Path) -> list[dict]:
-    """Every record of a local JSONL log; none when it does not exist yet. A malformed line raises, naming it."""
+    """Every complete record of a local JSONL log (none when it does not exist yet). A last line without its newline
+    is still being appended by a running job and is left for the next read; a malformed whole line raises."""
     if not path.exists():
         return []
+    text = path.read_text(encoding="utf-8")
     records = []
-    for lineno, row in read_records(str(path)):
-        if isinstance(row, json.JSONDecodeError):
-            raise ValueError(f"{path}:{lineno}: not a JSON record: {row}")
-        records.append(row)
+    for lineno, line in enumerate(text[: text.rfind("\n") + 1].splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: not a JSON record: {exc}") from None
     return records
