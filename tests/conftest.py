@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 
 # Two cores: every process (this one, Ray workers) keeps torch to one thread.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -10,7 +12,41 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
+import psutil
 import pytest
+
+from tests.helpers import RUN_MARK, VLLM_TEST_KWARGS, this_runs_engines, wait_for_engines_to_end
+
+# Every vLLM engine process this run starts must be gone when it ends. The run marks its processes through the
+# environment, which Ray's workers and their engine processes inherit, so other runs' engines are never counted.
+os.environ[RUN_MARK] = str(os.getpid())
+ENGINE_STARTED_BY: dict[int, str] = {}  # engine pid -> the test during which it appeared
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Record the engine processes that appear during a test's setup, call or teardown."""
+    before = this_runs_engines()
+    try:
+        return (yield)
+    finally:
+        for pid in this_runs_engines() - before:
+            ENGINE_STARTED_BY.setdefault(pid, item.nodeid)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run if an engine process it started outlived it (after a grace period for exits under way)."""
+    survivors = wait_for_engines_to_end()
+    if not survivors:
+        return
+    lines = []
+    for process in survivors:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            lines.append(f"  pid {process.pid} {process.name()}, started during "
+                         f"{ENGINE_STARTED_BY.get(process.pid, 'a session fixture')}")
+            process.kill()
+    print("\nvLLM engine processes outlived this test run (killed now):\n" + "\n".join(lines), file=sys.stderr)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")
@@ -18,6 +54,9 @@ def ray_cluster(s3_server):
     """A local Ray cluster whose workers also reach the loopback S3 server (its variables are set before start)."""
     import ray
 
+    from unifer_ray.engines.processes import RAY_CLUSTER_ENV
+
+    os.environ.update(RAY_CLUSTER_ENV)  # engines end with the actors that own them
     ray.init(
         num_cpus=4,  # logical CPUs on 2 cores, so that fractional actors and tasks can overlap
         include_dashboard=False,
@@ -33,6 +72,19 @@ def tiny_model_dir(tmp_path_factory):
     from unifer_ray.models.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny_model") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(tiny_model_dir):
+    """One in-process vLLM engine (eager) on the tiny model for the tests that compare with it."""
+    from tests.helpers import skip_without_vllm
+    from unifer_ray.engines.spec import EngineSpec
+    from unifer_ray.engines.vllm_engine import VLLMEngine
+
+    skip_without_vllm()
+    engine = VLLMEngine(EngineSpec(engine="vllm", model=str(tiny_model_dir), vllm_kwargs=VLLM_TEST_KWARGS))
+    yield engine
+    engine.close()
 
 
 @pytest.fixture(scope="session")

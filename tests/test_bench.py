@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from tests.helpers import VLLM_TEST_KWARGS, needs_vllm
 from unifer_ray.bench.config import BenchConfig, BenchFile, BenchModel
 from unifer_ray.bench.runner import run_bench, warn_if_the_pool_fills_the_cluster
 from unifer_ray.engines.spec import EngineSpec
@@ -52,17 +53,19 @@ def test_bench_counts_add_up_with_bad_items(ray_cluster, tiny_model_dir, synthet
     assert rerun.generated == 2 and (rerun.scored, rerun.errors) == (6, 4)
 
 
-def test_bench_on_vllm_keeps_every_item(ray_cluster, tiny_model_dir, synthetic_root, ferbench_files, tmp_path):
+@needs_vllm
+def test_bench_on_vllm_keeps_every_item(ray_cluster, tiny_model_dir, synthetic_root, ferbench_files, vllm_engine,
+                                        tmp_path):
     """FERBench through ray.data.llm's vLLM processor: bad items and a prompt longer than the model's context are
     error rows with their reasons, the rest is scored by vLLM, and the answers are the in-process engine's."""
     good = json.loads(ferbench_files[1].read_text())[:12]
     bad_lines = bad_item_lines(good, synthetic_root, "FERPlus") + [
-        json.dumps({**good[2], "image_path": good[3]["image_path"], "prompt": "why " * 600}),  # longer than context
+        json.dumps({**good[2], "image_path": good[3]["image_path"], "prompt": "why " * 1200}),  # longer than context
     ]
     mixed = tmp_path / "mixed.jsonl"
     lines = [json.dumps(g) for g in good[:3]] + bad_lines + [json.dumps(g) for g in good[4:]]
     mixed.write_text("\n".join(lines) + "\n")
-    engine = EngineSpec(engine="vllm", model=str(tiny_model_dir), vllm_kwargs={"max_model_len": 512})
+    engine = EngineSpec(engine="vllm", model=str(tiny_model_dir), vllm_kwargs=VLLM_TEST_KWARGS)
     model = BenchModel(name="tiny-vllm", engine=engine, sampling={"max_new_tokens": 12}, image_size=56,
                        batch_size=4, max_concurrent_batches=2)
     config = BenchConfig(files=[BenchFile(path=str(mixed), image_root=str(synthetic_root))], models=[model],
@@ -74,23 +77,20 @@ def test_bench_on_vllm_keeps_every_item(ray_cluster, tiny_model_dir, synthetic_r
     reasons = " | ".join(errors.values())
     assert "does_not_exist.jpg" in reasons and "not a decodable image" in reasons
     assert "boredom" in reasons and "malformed JSON" in reasons
-    assert "maximum context length is 512" in errors[f"ferplus:{good[3]['image_path']}"]
+    assert "maximum context length is 1024" in errors[f"ferplus:{good[3]['image_path']}"]
     results = [json.loads(line) for line in open(run.results_path)]
     assert len(results) == 11 and all(r["engine"] == "vllm 0.29.0" and r["num_tokens"] > 0 for r in results)
 
-    # The same items through the in-process vLLM engine give the same responses.
+    # The same items through the in-process vLLM engine (the same settings) give the same responses.
     from unifer_ray.data.images import load_image
     from unifer_ray.engines import ChatRequest, SamplingParams
-    from unifer_ray.engines.vllm_engine import VLLMEngine
 
     by_id = {f"ferplus:{g['image_path']}": g for g in good}
     ids = sorted(r["id"] for r in results)
     requests = [ChatRequest.single_image(load_image(str(synthetic_root) + by_id[i]["image_path"], 56),
                                          by_id[i]["prompt"])
                 for i in ids]
-    local = VLLMEngine(engine)
-    expected = [group[0].text for group in local.generate(requests, SamplingParams(max_new_tokens=12))]
-    local.close()
+    expected = [group[0].text for group in vllm_engine.generate(requests, SamplingParams(max_new_tokens=12))]
     assert [next(r["response"] for r in results if r["id"] == i) for i in ids] == expected
 
 

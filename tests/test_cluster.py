@@ -10,9 +10,9 @@ import jsonschema
 import pytest
 import ray
 import yaml
-from ray.serve.llm import LLMConfig
 from ray.serve.schema import ServeDeploySchema
 
+from tests.helpers import needs_vllm
 from unifer_ray.cluster_paths import check_config, cluster_mounts
 from unifer_ray.placement import ROLES
 from unifer_ray.serve.config import ServeConfig
@@ -150,7 +150,10 @@ def test_rayjob_runs_rlvr():
     assert spec["rayClusterSpec"]["authOptions"] == {"mode": "token"}  # the operator's own submitter gets the token
 
 
+@needs_vllm
 def test_rayservice_runs_our_serve_app():
+    from ray.serve.llm import LLMConfig  # it refuses to import without vLLM
+
     manifest = load("kuberay/rayservice.yaml")
     assert (manifest["apiVersion"], manifest["kind"]) == ("ray.io/v1", "RayService")
     serve_config = ServeDeploySchema.model_validate(yaml.safe_load(manifest["spec"]["serveConfigV2"]))

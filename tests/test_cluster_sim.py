@@ -13,12 +13,18 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
+from tests.helpers import wait_for_engines_to_end
 from tests.test_rl_system import GROUP, PROMPTS, rl_config
 from unifer_ray.cluster_sim import Head, start_head
+from unifer_ray.engines import ChatRequest, SamplingParams
+from unifer_ray.engines.hf import HFEngine
+from unifer_ray.models.loading import load_model_and_processor
 from unifer_ray.placement import ROLE_LABEL
+from unifer_ray.rl.checkpoint import latest
 from unifer_ray.rl.metrics import read_run_log
 
 REPO = Path(__file__).resolve().parent.parent
@@ -112,9 +118,10 @@ def preempt_the_rollout_node_after(sim: Head, log_dir: Path, steps: int, preempt
 
 def test_rlvr_job_scales_up_survives_a_preempted_rollout_node_and_scales_to_zero(sim, tmp_path, tiny_model_dir,
                                                                                 synthetic_root):
-    steps = 40  # about 0.2 s each here: the run is still going when the rollout node is preempted after step 2
+    steps = 40  # under a second each here: the run is still going when the rollout node is preempted after step 2
     config = rl_config(tmp_path, tiny_model_dir, synthetic_root, steps=steps, mode="one_step_off",
-                       rollout={"max_replacements": 2}, checkpoint_every=100, sample_log_every=0)
+                       rollout={"max_replacements": 2}, checkpoint_every=20, sample_log_every=0,
+                       learner={"num_workers": 2, "num_cpus": 0.5, "strategy": "deepspeed", "micro_batch_size": 4})
     (tmp_path / "rlvr.yaml").write_text(yaml.safe_dump({"rlvr": config}))
     sim.submit(["python", "jobs/rlvr.py", "--config", str(tmp_path / "rlvr.yaml")], submission_id="rlvr")
 
@@ -146,6 +153,20 @@ def test_rlvr_job_scales_up_survives_a_preempted_rollout_node_and_scales_to_zero
     assert all(r["samples"] == PROMPTS * GROUP and r["prompt_errors"] == 0 for r in records)
     assert sum(r["rollout_replacements"] for r in records) >= 1
     assert "replacing it" in logs  # the controller's warning, in the job's log
+    for record in records:
+        for key in ("reward/mean", "reward/accuracy/mean", "reward/format/mean", "accuracy", "format_rate", "kl",
+                    "entropy", "clip_fraction", "response_length/mean", "version_lag/mean", "time/generate_s",
+                    "time/logprob_s", "time/train_s", "time/sync_s", "tokens_per_s/generate"):
+            assert np.isfinite(record[key]), key
+    # one_step_off: from step 2 on, each step trained on samples generated while the step before it trained.
+    assert records[0]["version_lag/max"] == 0 and records[1]["version_lag/max"] == 1
+    assert (tmp_path / "logs" / "tensorboard").is_dir()
+    assert latest(config["checkpoint_dir"])[1].step == steps
+    model, processor = load_model_and_processor(config["output_dir"])  # FERBench loads the export unchanged
+    assert HFEngine(model, processor).generate([ChatRequest([{"role": "user", "content": "hi"}])],
+                                               SamplingParams(max_new_tokens=4))[0][0].token_ids
+    # The preempted node's engine went with it, the rest with the job: no engine process of this run is left.
+    assert not wait_for_engines_to_end(), "vLLM engine processes outlived the job"
 
     # Idle workers go away: back to the head alone.
     assert [n["labels"].get(ROLE_LABEL) for n in wait_for_zero_workers(sim)] == ["head"]

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from datasets import load_dataset
 
+from tests.helpers import VLLM_TEST_KWARGS, needs_vllm
 from unifer_ray import storage
 from unifer_ray.config import parse_config
 from unifer_ray.curate.config import CotSetConfig, CurateSource, RlvrSetConfig
@@ -119,13 +120,13 @@ def test_cot_oracle_keeps_only_verified_traces_and_resumes(ray_cluster, syntheti
     assert sorted(items_again, key=lambda item: item["id"]) == by_id  # the oracle is seeded: same traces, none twice
 
 
-@pytest.mark.parametrize("engine", ["hf", "vllm"])
+@pytest.mark.parametrize("engine", ["hf", pytest.param("vllm", marks=needs_vllm)])
 def test_cot_with_the_tiny_engine_teacher_on_ray_data(ray_cluster, tiny_model_dir, synthetic_root, tmp_path, engine):
     config = parse_config({
         "sources": [{"dataset": "ferplus", "root": str(synthetic_root / "FERPlus"), "limit": 2}],
         "out_dir": str(tmp_path / "cot"), "k": 2, "m": 2, "hint": "label", "load_num_cpus": 1,
         "teacher": {"kind": "engine", "name": "tiny", "batch_size": 2, "image_size": 56,
-                    "engine": {"engine": engine, "model": str(tiny_model_dir)},
+                    "engine": {"engine": engine, "model": str(tiny_model_dir), "vllm_kwargs": VLLM_TEST_KWARGS},
                     "sampling": {"max_new_tokens": 12, "temperature": 1.0, "seed": 0}},
     }, CotSetConfig)
 

@@ -1,18 +1,13 @@
 """RLVR on real Ray actors with the real tiny model and vLLM's CPU build as the rollout engine: weight transfer through
 vLLM's API (greedy output equal to the learner's after every push, prefix caching on), a rollout actor killed or hung
-mid-generation and killed mid-run, --resume after a stop, and the job submitted with `ray job submit` to a head node
-started for the test."""
+mid-generation and killed mid-run, --resume after a stop. The job submitted with `ray job submit` runs in
+tests/test_cluster_sim.py."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,14 +16,13 @@ import psutil
 import pytest
 import ray
 import torch
-import yaml
 
+from tests.helpers import needs_vllm
 from unifer_ray.config import parse_config
 from unifer_ray.curate.config import CurateSource
 from unifer_ray.curate.rlvr import make_tasks
 from unifer_ray.curate.samples import source_rows
-from unifer_ray.engines import ChatRequest, SamplingParams
-from unifer_ray.engines.hf import HFEngine
+from unifer_ray.engines import SamplingParams
 from unifer_ray.models.loading import load_model_and_processor
 from unifer_ray.rl.checkpoint import latest
 from unifer_ray.rl.config import PromptData, RLVRConfig, SyncConfig
@@ -43,7 +37,8 @@ from unifer_ray.rl.weight_sync import WeightSync
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS, GROUP = 2, 4
 # Prefix caching on (vLLM's default, said out loud): a push that left old KV in the cache would show in the outputs.
-VLLM = {"enable_prefix_caching": True, "max_model_len": 1024}
+# enforce_eager: no torch.compile, which would add tens of seconds to every engine start of the suite.
+VLLM = {"enable_prefix_caching": True, "max_model_len": 1024, "enforce_eager": True}
 HF = {"engine": "hf", "max_batch_size": 8}
 # Mean |Δ log p| of the sampled tokens between the rollout engine and the learner holding the same weights: vLLM's CPU
 # kernels and transformers differ in the last digits (fp32 both), nothing like a policy step.
@@ -70,7 +65,8 @@ def rl_config(tmp: Path, model_dir: Path, synthetic_root: Path, **changes) -> di
         "data": {"paths": [str(data)], "image_root": str(synthetic_root), "image_size": 56},
         "output_dir": str(tmp / "model"), "checkpoint_dir": str(tmp / "checkpoints"), "log_dir": str(tmp / "logs"),
         "steps": 2, "seed": 0,
-        "rollout": {"num_workers": 1, "engine": {"engine": "vllm", "vllm_kwargs": VLLM}, "num_cpus": 1},
+        # auto: vLLM wherever it is installed, else transformers
+        "rollout": {"num_workers": 1, "engine": {"engine": "auto", "vllm_kwargs": VLLM}, "num_cpus": 1},
         "learner": {"num_workers": 1, "num_cpus": 1, "strategy": "ddp", "micro_batch_size": 8,
                     "optimizer": {"lr": 1e-3, "warmup_ratio": 0.0}},
         "grpo": {"group_size": GROUP, "prompts_per_step": PROMPTS, "max_new_tokens": 12, "beta": 0.04},
@@ -105,55 +101,90 @@ def train_rows(rollout, signs) -> list[TrainRow]:
             for item, group in zip(rollout.items, rollout.completions) for c, sign in zip(group, signs)]
 
 
-@pytest.mark.parametrize("engine", ["vllm", "hf"])
-def test_each_push_makes_the_rollouts_greedy_output_the_learners(engine, ray_cluster, tmp_path, tiny_model_dir,
-                                                                 synthetic_root):
-    rollout = {"engine": HF} if engine == "hf" else {}
-    config = parse_config(rl_config(tmp_path, tiny_model_dir, synthetic_root, rollout=rollout,
-                                    learner={"freeze_vision_tower": True, "optimizer": {"lr": 1e-2}},
-                                    grpo={"beta": 0.0}), RLVRConfig)
-    items = PromptSource(config.data, prompts_per_step=PROMPTS, seed=0).batch(0)
-    learners = LearnerGroup(config, str(tiny_model_dir))
-    rollouts = RolloutGroup(config.rollout, model=str(tiny_model_dir), image_size=56, max_prompt_tokens=4096)
-    sync = WeightSync.create(SyncConfig(), learners, rollouts)
+def push_test_config(tmp: Path, model_dir: Path, synthetic_root: Path, engine: dict) -> RLVRConfig:
+    return parse_config(rl_config(tmp, model_dir, synthetic_root, rollout={"engine": engine, "generate_timeout_s": 12},
+                                  learner={"freeze_vision_tower": True, "optimizer": {"lr": 1e-2}},
+                                  grpo={"beta": 0.0}), RLVRConfig)
+
+
+class RLActors:
+    """A learner, rollout workers and the weight sync between them."""
+
+    def __init__(self, config: RLVRConfig, model_dir: Path):
+        self.config = config
+        self.items = PromptSource(config.data, prompts_per_step=PROMPTS, seed=0).batch(0)
+        self.learners = LearnerGroup(config, str(model_dir))
+        self.rollouts = RolloutGroup(config.rollout, model=str(model_dir), image_size=56, max_prompt_tokens=4096)
+        self.sync = WeightSync.create(SyncConfig(), self.learners, self.rollouts)
+        self.tokenizer = load_model_and_processor(model_dir)[1].tokenizer
+
+    def shutdown(self) -> None:
+        self.rollouts.shutdown()
+        self.learners.shutdown()
+
+
+@pytest.fixture(scope="module")
+def vllm_actors(ray_cluster, tmp_path_factory, tiny_model_dir, synthetic_root):
+    """One set of vLLM actors for the module's tests, in order: pushes, then a worker killed and hung (an engine
+    start costs tens of seconds here)."""
+    config = push_test_config(tmp_path_factory.mktemp("vllm_actors"), tiny_model_dir, synthetic_root,
+                              {"engine": "vllm", "vllm_kwargs": VLLM})
+    actors = RLActors(config, tiny_model_dir)
+    yield actors
+    actors.shutdown()
+
+
+def check_pushes(actors: RLActors) -> None:
+    """Each push makes the rollouts' greedy output the learners' (a push that left old KV in a cache would not)."""
+    rollouts, learners, items = actors.rollouts, actors.learners, actors.items
     greedy = SamplingParams(max_new_tokens=12, temperature=0.0)
     sampling = SamplingParams(n=GROUP, max_new_tokens=12, temperature=1.0, logprobs=True)
-    tokenizer = load_model_and_processor(tiny_model_dir)[1].tokenizer
 
     def texts(rollout) -> list[list[str]]:
         # Decoded as the learner decodes (vLLM's incremental detokenizer holds back a partial UTF-8 character).
-        return [[tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in g] for g in rollout.completions]
+        return [[actors.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in g]
+                for g in rollout.completions]
 
+    before = rollouts.generate(items, greedy, seed=0)
+    assert before.versions == [0, 0]
+    outputs = [texts(before)]
+    assert outputs[0] == learners.generate(items, greedy.model_dump())
+    for version in (1, 2):
+        sampled = rollouts.generate(items, sampling, seed=version)
+        stats = learners.train(train_rows(sampled, [1.0, -1.0, 1.0, -1.0]))
+        # The learner rebuilt each prompt and scored the sampled ids: what the engine reported, up to numerics.
+        assert stats["rollout_logprob_gap"] < SAME_POLICY_GAP and stats["rollout_mismatch_k3"] < 1e-4
+        assert stats["rollout_is_clipped_fraction"] == 0 and stats["grad_norm"] > 0
+
+        timings = actors.sync.push(version)
+        assert timings["sync_s"] >= timings["sync_load_s"] > 0
+        # The same prompts again: the prefix, multimodal and encoder caches hold entries of the old weights.
+        after = rollouts.generate(items, greedy, seed=0)
+        assert after.versions == [version, version]
+        outputs.append(texts(after))
+        assert outputs[-1] != outputs[-2], "the rollout output changed"
+        assert outputs[-1] == learners.generate(items, greedy.model_dump()), "to the learner's greedy output"
+
+    # Only trainable weights travel: the frozen vision blocks stay out, the merger and the language model go
+    # (named as in the model's files for vLLM, which maps those names only).
+    state = ray.get(actors.sync.state)
+    prefix = "visual." if rollouts.vllm else "model.visual."
+    assert not any(name.startswith(prefix + "blocks") for name in state)
+    assert any(name.startswith(prefix + "merger") for name in state) and "lm_head.weight" in state
+
+
+@needs_vllm
+def test_each_push_makes_the_vllm_rollouts_greedy_output_the_learners(vllm_actors):
+    check_pushes(vllm_actors)
+
+
+def test_each_push_makes_the_hf_rollouts_greedy_output_the_learners(ray_cluster, tmp_path, tiny_model_dir,
+                                                                    synthetic_root):
+    actors = RLActors(push_test_config(tmp_path, tiny_model_dir, synthetic_root, HF), tiny_model_dir)
     try:
-        before = rollouts.generate(items, greedy, seed=0)
-        assert before.versions == [0, 0]
-        outputs = [texts(before)]
-        assert outputs[0] == learners.generate(items, greedy.model_dump())
-        for version in (1, 2):
-            sampled = rollouts.generate(items, sampling, seed=version)
-            stats = learners.train(train_rows(sampled, [1.0, -1.0, 1.0, -1.0]))
-            # The learner rebuilt each prompt and scored the sampled ids: what the engine reported, up to numerics.
-            assert stats["rollout_logprob_gap"] < SAME_POLICY_GAP and stats["rollout_mismatch_k3"] < 1e-4
-            assert stats["rollout_is_clipped_fraction"] == 0 and stats["grad_norm"] > 0
-
-            timings = sync.push(version)
-            assert timings["sync_s"] >= timings["sync_load_s"] > 0
-            # The same prompts again: the prefix, multimodal and encoder caches hold entries of the old weights.
-            after = rollouts.generate(items, greedy, seed=0)
-            assert after.versions == [version, version]
-            outputs.append(texts(after))
-            assert outputs[-1] != outputs[-2], "the rollout output changed"
-            assert outputs[-1] == learners.generate(items, greedy.model_dump()), "to the learner's greedy output"
-
-        # Only trainable weights travel: the frozen vision blocks stay out, the merger and the language model go
-        # (named as in the model's files for vLLM, which maps those names only).
-        state = ray.get(sync.state)
-        prefix = "visual." if engine == "vllm" else "model.visual."
-        assert not any(name.startswith(prefix + "blocks") for name in state)
-        assert any(name.startswith(prefix + "merger") for name in state) and "lm_head.weight" in state
+        check_pushes(actors)
     finally:
-        rollouts.shutdown()
-        learners.shutdown()
+        actors.shutdown()
 
 
 def engine_processes(actor: ray.actor.ActorHandle) -> list[psutil.Process]:
@@ -164,12 +195,16 @@ def engine_processes(actor: ray.actor.ActorHandle) -> list[psutil.Process]:
     return engines
 
 
-def test_a_worker_killed_or_hung_mid_generation_is_replaced_and_its_share_generated_again(
-        ray_cluster, tmp_path, tiny_model_dir, synthetic_root):
-    config = parse_config(rl_config(tmp_path, tiny_model_dir, synthetic_root, rollout={"generate_timeout_s": 12}),
-                          RLVRConfig)
-    items = PromptSource(config.data, prompts_per_step=PROMPTS, seed=0).batch(0)
-    rollouts = RolloutGroup(config.rollout, model=str(tiny_model_dir), image_size=56, max_prompt_tokens=4096)
+def assert_gone(pids: list[int]) -> None:
+    """Right away, not eventually: the group ends a replaced worker's engine processes before going on."""
+    alive = [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"engine processes {alive} outlived their replaced rollout actor"
+
+
+@needs_vllm
+def test_a_worker_killed_or_hung_mid_generation_is_replaced_restored_and_its_share_generated_again(vllm_actors):
+    rollouts, items = vllm_actors.rollouts, vllm_actors.items
+    version = rollouts.version  # 2 after the push test; the replacements are restored to it through the sync
 
     def tokens(rollout) -> list[list[list[int]]]:
         return [[c.token_ids for c in g] for g in rollout.completions]
@@ -178,12 +213,16 @@ def test_a_worker_killed_or_hung_mid_generation_is_replaced_and_its_share_genera
     try:
         params = SamplingParams(n=GROUP, max_new_tokens=64, temperature=1.0, logprobs=True)
         expected = rollouts.generate(items, params, seed=3)
+        first_engine = rollouts.engine_processes[0]["pids"]
+        assert first_engine and set(first_engine) >= {p.pid for p in engine_processes(rollouts.workers[0])}
         pending = rollouts.submit(items, params, seed=3)
         ray.kill(rollouts.workers[0])  # while it generates the share
         regenerated = rollouts.collect(pending)
         assert rollouts.replacements == 1
-        assert regenerated.items == expected.items
-        # The replacement starts from the same weights and seeds: the share's real completions, none fabricated.
+        assert_gone(first_engine)
+        assert regenerated.items == expected.items and regenerated.versions == [version, version]
+        # The replacement is restored to the same weights and gets the same seeds: the share's real completions,
+        # none fabricated.
         assert tokens(regenerated) == tokens(expected)
 
         # A hung engine: the actor is alive, its vLLM engine process stops answering (SIGSTOP).
@@ -192,13 +231,12 @@ def test_a_worker_killed_or_hung_mid_generation_is_replaced_and_its_share_genera
             process.suspend()
         started = time.monotonic()
         regenerated = rollouts.collect(rollouts.submit(items, params, seed=3))
-        assert time.monotonic() - started >= config.rollout.generate_timeout_s
+        assert time.monotonic() - started >= vllm_actors.config.rollout.generate_timeout_s
         assert rollouts.replacements == 2
         # Killing the actor took its engine process with it: no hung engine keeps holding memory (or a GPU).
-        assert not any(process.is_running() for process in hung)
+        assert_gone([process.pid for process in hung])
         assert tokens(regenerated) == tokens(expected)
     finally:
-        rollouts.shutdown()
         for process in hung:
             with contextlib.suppress(psutil.NoSuchProcess):
                 process.kill()
@@ -292,78 +330,3 @@ def test_resume_continues_at_the_right_step_and_policy_version(stopped_run, tiny
     base, _ = load_model_and_processor(tiny_model_dir)
     assert exported.state_dict().keys() == base.state_dict().keys()
     assert not torch.equal(exported.state_dict()["lm_head.weight"], base.state_dict()["lm_head.weight"])
-
-
-# ---------------------------------------------------------------- ray job submit to a head node
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-HEAD_PORTS = ("port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-              "runtime-env-agent-port", "metrics-export-port", "ray-client-server-port", "node-manager-port",
-              "object-manager-port")
-
-
-@pytest.fixture
-def head_node(tmp_path):
-    """`ray start --head --block` on loopback with its own ports and temp dir; SIGTERM to that process stops exactly
-    the processes it started (`ray stop` would stop every Ray process of the machine)."""
-    ports = {name: free_port() for name in HEAD_PORTS}
-    temp_dir = Path("/tmp") / f"rlvr-head-{os.getpid()}-{ports['port']}"  # short: Ray's socket paths are limited
-    env = os.environ | {"RAY_AUTH_MODE": "token", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    env.pop("RAY_ADDRESS", None)
-    args = ["ray", "start", "--head", "--block", "--num-cpus", "4", "--node-ip-address", "127.0.0.1",
-            "--dashboard-host", "127.0.0.1", "--include-dashboard", "true", "--disable-usage-stats",
-            "--temp-dir", str(temp_dir)] + [arg for name, port in ports.items() for arg in (f"--{name}", str(port))]
-    with open(tmp_path / "head.log", "w") as log:
-        head = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        yield f"http://127.0.0.1:{ports['dashboard-port']}", env
-    finally:
-        head.send_signal(signal.SIGTERM)
-        head.wait(timeout=120)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def ray_cli(env: dict, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(["ray", *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-
-
-def test_job_submitted_to_a_head_node_runs_rlvr(head_node, tmp_path, tiny_model_dir, synthetic_root):
-    address, env = head_node
-    config = rl_config(tmp_path, tiny_model_dir, synthetic_root, mode="one_step_off",
-                       learner={"num_workers": 2, "num_cpus": 0.5, "strategy": "deepspeed", "micro_batch_size": 4})
-    (tmp_path / "rlvr.yaml").write_text(yaml.safe_dump({"rlvr": config}))
-
-    deadline = time.monotonic() + 120  # the dashboard's job agent comes up a little after the head
-    while True:
-        submitted = ray_cli(env, "job", "submit", "--address", address, "--submission-id", "rlvr-test", "--no-wait",
-                            "--working-dir", ".", "--", "python", "jobs/rlvr.py", "--config",
-                            str(tmp_path / "rlvr.yaml"))
-        if submitted.returncode == 0 or time.monotonic() > deadline:
-            break
-        time.sleep(2)
-    assert submitted.returncode == 0, submitted.stderr[-2000:]
-    logs = ray_cli(env, "job", "logs", "--address", address, "--follow", "rlvr-test", timeout=480).stdout
-    status = ray_cli(env, "job", "status", "--address", address, "--log-color", "false", "rlvr-test").stdout
-    assert "Job 'rlvr-test' succeeded" in status, logs[-3000:]
-
-    records = read_run_log(tmp_path / "logs")
-    assert [(r["step"], r["policy_version"]) for r in records] == [(1, 1), (2, 2)]
-    for record in records:
-        assert record["samples"] == PROMPTS * GROUP
-        for key in ("reward/mean", "reward/accuracy/mean", "reward/format/mean", "accuracy", "format_rate", "kl",
-                    "entropy", "clip_fraction", "response_length/mean", "version_lag/mean", "time/generate_s",
-                    "time/logprob_s", "time/train_s", "time/sync_s", "tokens_per_s/generate"):
-            assert np.isfinite(record[key]), key
-    # one_step_off: step 2 trained on samples of version 0, generated while step 1 trained.
-    assert [r["version_lag/max"] for r in records] == [0, 1]
-    assert (tmp_path / "logs" / "tensorboard").is_dir()
-    assert latest(config["checkpoint_dir"])[1].step == 2
-    model, processor = load_model_and_processor(config["output_dir"])  # FERBench loads the export unchanged
-    assert HFEngine(model, processor).generate([ChatRequest([{"role": "user", "content": "hi"}])],
-                                               SamplingParams(max_new_tokens=4))[0][0].token_ids

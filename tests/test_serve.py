@@ -24,6 +24,10 @@ import openai
 import pytest
 from PIL import Image
 
+from tests.helpers import skip_module_without_vllm
+
+skip_module_without_vllm()  # Ray Serve LLM runs vLLM, and ray.serve.llm refuses to import without it
+
 from unifer_ray.config import ConfigError
 from unifer_ray.data.images import load_image
 from unifer_ray.data.synthetic import render_face, sample_params
@@ -201,6 +205,24 @@ def test_openai_sdk_plain_and_streamed_with_image(client):
     completion = client.completions.create(model=MODEL, prompt="A smiling face shows", max_tokens=4, temperature=0)
     assert completion.object == "text_completion" and 0 < completion.usage.completion_tokens <= 4
     assert completion.choices[0].finish_reason in ("stop", "length")
+
+
+def test_the_pipelines_streamed_question_reads_the_answer_back(server, client, synthetic_root):
+    """The serve stage's request (the demo's): the OpenAI client, streamed with usage, on a FERBench-sized image."""
+    from unifer_ray.serve.run import ask_fer_question
+
+    image = face("happiness", size=80)
+    answer = ask_fer_question(server.url, server.config, image, api_key=API_KEY,
+                              candidate_labels=DATASETS["rafdb"].labels)
+    size = server.config.fer.image_size
+    same = client.chat.completions.create(
+        model=MODEL, messages=image_message(load_image(png_bytes(image), size), ferbench_prompt(
+            DATASETS["rafdb"].labels)), max_tokens=server.config.fer.max_new_tokens, temperature=0)
+    assert answer["response"] == same.choices[0].message.content and answer["model"] == MODEL
+    assert answer["usage"]["completion_tokens"] == same.usage.completion_tokens
+    assert answer["chunks"] >= 1 and 0 < answer["ttft_s"] <= answer["latency_s"]
+    assert answer["label"] == parse_strict(answer["response"], list(DATASETS["rafdb"].labels))
+    assert answer["url"] == f"{server.url}/v1"
 
 
 def test_fer_on_a_ferbench_item(http, client, synthetic_root, tmp_path):

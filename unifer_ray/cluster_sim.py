@@ -19,6 +19,7 @@ the head runs in its own process group, which `stop` ends (never `ray stop`, whi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -32,8 +33,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import yaml
 
+from unifer_ray.engines.processes import RAY_CLUSTER_ENV
 from unifer_ray.placement import ROLE_LABEL
 
 REPO = Path(__file__).resolve().parent.parent
@@ -161,8 +164,9 @@ class Head:
         return [n for n in self.state("nodes") if n["state"] == "ALIVE"]
 
     def preempt(self, node_id: str) -> int:
-        """Take a worker node away the way a spot reclaim does: its raylet is killed, with no warning to Ray.
-        Returns the raylet's pid. The node's workers die with it, and the autoscaler sees a dead instance."""
+        """Take a worker node away the way a spot reclaim does: its raylet and every process below it (workers, their
+        engines) are killed at once, with no warning to Ray, as when the machine vanishes. Returns the raylet's pid;
+        the autoscaler sees a dead instance."""
         for proc in Path("/proc").iterdir():
             if not proc.name.isdigit():
                 continue
@@ -176,8 +180,13 @@ class Head:
             except OSError:
                 continue
             if node_id in cmdline or f"RAY_OVERRIDE_NODE_ID_FOR_TESTING={node_id}" in environ:
-                os.kill(int(proc.name), signal.SIGKILL)
-                return int(proc.name)
+                raylet = psutil.Process(int(proc.name))
+                machine = [raylet, *raylet.children(recursive=True)]
+                for process in machine:
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        process.kill()
+                psutil.wait_procs(machine, timeout=10)
+                return raylet.pid
         raise LookupError(f"no raylet of node {node_id} on this machine")
 
     def stop(self) -> None:
@@ -209,7 +218,7 @@ def start_head(*, cluster_file: Path | None = None, num_cpus: float = 0, labels:
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN": secrets.token_hex(32),  # this head's own token, never the user's ~/.ray/auth_token
         "RAY_USAGE_STATS_ENABLED": "0",
-    }
+    } | RAY_CLUSTER_ENV
     args = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus", str(num_cpus),
             "--node-ip-address", "127.0.0.1",
             "--dashboard-host", "127.0.0.1", "--include-dashboard", "true", "--disable-usage-stats",

@@ -44,11 +44,13 @@ def run_demo(config_path: str | None, out: str) -> Path:
     """Run the demo; returns the report's path."""
     from unifer_ray.data.convert import convert_ferbench
     from unifer_ray.data.synthetic import write_synthetic_datasets
+    from unifer_ray.engines.platform import platform_line
     from unifer_ray.labels import DATASETS
     from unifer_ray.models.tiny import build_tiny_model
     from unifer_ray.pipeline import Pipeline, StageTable, write_report
     from unifer_ray.ray_utils import init_ray
 
+    print(platform_line(), flush=True)
     path = Path(config_path) if config_path else DEFAULT_CONFIG
     sections = moved_below(read_yaml(path) or {}, Path(out).resolve())
     if "demo" not in sections:

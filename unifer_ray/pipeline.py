@@ -64,10 +64,11 @@ class StageTable:
 
     def text(self) -> str:
         keys = [k for k in ("accuracy", "format_rate") if any(k in r for r in self.rows)]
-        lines = [f"{'stage':<30} {'seconds':>8} " + " ".join(f"{k:>11}" for k in keys) + "  result"]
+        lines = [f"{'stage':<30} {'seconds':>8} " + " ".join(f"{k:>11}" for k in keys) + f"  {'engine':<26} result"]
         for r in self.rows:
             cells = " ".join(f"{r[k]:>11.3f}" if k in r else f"{'':>11}" for k in keys)
-            lines.append(f"{r['stage']:<30} {r['seconds']:>8.1f} {cells}  {r.get('note', '')}")
+            lines.append(f"{r['stage']:<30} {r['seconds']:>8.1f} {cells}  {r.get('engine', ''):<26} "
+                         f"{r.get('note', '')}")
         lines.append(f"{'total':<30} {sum(r['seconds'] for r in self.rows):>8.1f}")
         return "\n".join(lines)
 
@@ -120,6 +121,8 @@ class Pipeline:
         from unifer_ray.bench.pipeline import bench_and_score
         from unifer_ray.curate.cot import curate_cot_set
         from unifer_ray.curate.rlvr import curate_rlvr_set
+        from unifer_ray.engines import engine_description
+        from unifer_ray.engines.platform import NO_WHEEL_HINT, vllm_installed
         from unifer_ray.rl.controller import run_rlvr
         from unifer_ray.train.sft import run_sft
 
@@ -128,7 +131,8 @@ class Pipeline:
 
         def curate_cot():
             stats = curate_cot_set(self.cot)
-            return stats, {"note": f"{stats['kept']} CoT traces kept of {stats['generated']} generated"}
+            return stats, {"note": f"{stats['kept']} CoT traces kept of {stats['generated']} generated",
+                           "engine": teacher_description(self.cot.teacher)}
 
         def curate_rlvr():
             stats = curate_rlvr_set(self.rlvr_set)
@@ -137,12 +141,15 @@ class Pipeline:
 
         def sft():
             result = run_sft(self.sft)
-            return result, {"note": f"{result.steps} steps, final loss {result.loss:.4f} -> {result.model_dir}"}
+            return result, {"note": f"{result.steps} steps, final loss {result.loss:.4f} -> {result.model_dir}",
+                            "engine": f"torch, {self.sft.strategy}"}
 
         def rlvr():
             result = run_rlvr(self.rlvr)
             note = f"{result.steps} steps, policy version {result.policy_version} -> {result.model_dir}"
-            return result, {"note": note}
+            rollouts = self.rlvr.rollout
+            engine = engine_description(rollouts.engine.spec(self.rlvr.model), on_cpu=not rollouts.num_gpus)
+            return result, {"note": note, "engine": f"{engine} rollouts"}
 
         def bench():
             base = config.bench_model
@@ -153,9 +160,13 @@ class Pipeline:
             metrics = {m.name: scored[m.name] for m in models}  # pipeline order: base, SFT, RLVR
             last = metrics[models[-1].name]["overall"]
             note = ", ".join(f"{m.name}: {metrics[m.name]['overall']['accuracy']:.3f}" for m in models)
-            return metrics, {"accuracy": last["accuracy"], "format_rate": last["format_rate"], "note": note}
+            engine = engine_description(base.engine, on_cpu=not base.num_gpus)
+            return metrics, {"accuracy": last["accuracy"], "format_rate": last["format_rate"], "note": note,
+                             "engine": engine}
 
         def serve():
+            if not vllm_installed():
+                return None, {"note": f"skipped: Ray Serve LLM runs vLLM. {NO_WHEEL_HINT}", "engine": "-"}
             return serve_final_model(self.models()[list(self.models())[-1]], config.ferbench[0], config.serve)
 
         steps = {"curate_cot": ("curate CoT", curate_cot), "curate_rlvr": ("curate RLVR", curate_rlvr),
@@ -166,6 +177,14 @@ class Pipeline:
                 title, fn = steps[stage]
                 outcome[stage] = stages.run(title, fn)
         return outcome
+
+
+def teacher_description(teacher) -> str:
+    if teacher.kind == "engine":
+        from unifer_ray.engines import engine_description
+
+        return f"{engine_description(teacher.engine, on_cpu=not teacher.num_gpus)} teacher"
+    return f"{teacher.kind} teacher"
 
 
 def serve_final_model(model: str, file: BenchFile, serve: ServeStage) -> tuple[dict | None, dict]:

@@ -90,9 +90,10 @@ def write_pipeline_report(report_dir: Path, stage_rows: list[dict], bench_metric
                            "reward_last_20pct": mean(rlvr[-fifth:])}
     (report_dir / "report.json").write_text(json.dumps(summary, indent=2))
 
-    lines = ["# Pipeline report", "", "| stage | seconds | result |", "|---|---:|---|"]
-    lines += [f"| {r['stage']} | {r['seconds']:.1f} | {r.get('note', '')} |" for r in stage_rows]
-    lines.append(f"| **total** | **{summary['seconds_total']:.1f}** | |")
+    lines = ["# Pipeline report", "", "| stage | seconds | engine | result |", "|---|---:|---|---|"]
+    lines += [f"| {r['stage']} | {r['seconds']:.1f} | {r.get('engine', '')} | {r.get('note', '')} |"
+              for r in stage_rows]
+    lines.append(f"| **total** | **{summary['seconds_total']:.1f}** | | |")
     if bench_metrics:
         header, rows = accuracy_table(bench_metrics)
         lines += ["", "## FERBench (strict parsing)", "", "| " + " | ".join(header) + " |",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+from unifer_ray.engines.processes import RAY_CLUSTER_ENV
+
 # Workers on small machines share few cores: torch must not start one thread per core in every actor.
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -39,6 +41,9 @@ def init_ray(num_cpus: float | None = None) -> None:
     for key, value in THREAD_ENV.items():
         os.environ.setdefault(key, value)
     local = not os.environ.get("RAY_ADDRESS")
+    if local:  # the raylet about to start reads these from its environment
+        for key, value in RAY_CLUSTER_ENV.items():
+            os.environ.setdefault(key, value)
     ray.init(
         num_cpus=num_cpus if local else None,
         include_dashboard=False if local else None,

@@ -77,7 +77,7 @@ def vllm_processor_config(spec: EngineSpec, workers: EngineWorkers, *, seeded: b
     bundle = {"CPU": workers.num_cpus} | ({"GPU": 1} if workers.num_gpus else {})
     return vLLMEngineProcessorConfig(
         model_source=spec.model,
-        engine_kwargs=vllm_llm_kwargs(spec, seeded_on_cpu=seeded and not workers.num_gpus),
+        engine_kwargs=vllm_llm_kwargs(spec, on_cpu=not workers.num_gpus, seeded=seeded),
         batch_size=workers.batch_size,
         concurrency=workers.concurrency,
         max_concurrent_batches=workers.max_concurrent_batches,

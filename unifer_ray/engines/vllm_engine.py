@@ -13,22 +13,23 @@ from transformers import AutoProcessor
 
 from unifer_ray.engines.base import ChatRequest, Completion, GenerationEngine, SamplingParams
 from unifer_ray.engines.hf import chat_text
+from unifer_ray.engines.platform import NO_WHEEL_HINT, resolved_dtype
 from unifer_ray.engines.spec import EngineSpec
-from unifer_ray.engines.vllm_env import CPU_BUILD_HINT, apply_vllm_env
+from unifer_ray.engines.vllm_env import apply_vllm_env
 
 # Log-probabilities after temperature and top-p, i.e. of the distribution the tokens were sampled from: what
 # importance sampling against the learner needs (vLLM's default is the raw logits' log-softmax).
 DEFAULT_LLM_KWARGS = {"logprobs_mode": "processed_logprobs", "limit_mm_per_prompt": {"image": 1}}
 
 
-def vllm_llm_kwargs(spec: EngineSpec, *, seeded_on_cpu: bool = False) -> dict:
+def vllm_llm_kwargs(spec: EngineSpec, *, on_cpu: bool, seeded: bool = False) -> dict:
     """Keyword arguments for `vllm.LLM` / `engine_kwargs` of a spec: our defaults, then the spec's own.
 
-    `seeded_on_cpu`: vLLM 0.29's CPU runner rewinds a seeded request's sampler after a partial (chunked) prefill,
-    which CPU generators refuse ("CPU Generator does not use offset") and the engine dies; such engines prefill
-    whole prompts."""
-    kwargs = {"dtype": spec.dtype, **DEFAULT_LLM_KWARGS}
-    if seeded_on_cpu:
+    `on_cpu`: `dtype: auto` becomes the CPU's fast dtype (engines/platform.py). `seeded` on a CPU: vLLM 0.29's CPU
+    runner rewinds a seeded request's sampler after a partial (chunked) prefill, which CPU generators refuse ("CPU
+    Generator does not use offset") and the engine dies; such engines prefill whole prompts."""
+    kwargs = {"dtype": resolved_dtype(spec.dtype, on_cpu=on_cpu), **DEFAULT_LLM_KWARGS}
+    if seeded and on_cpu:
         whole = max(int(spec.vllm_kwargs.get("max_model_len", 0)), 16384)
         kwargs |= {"enable_chunked_prefill": False, "max_num_batched_tokens": whole}
     return kwargs | spec.vllm_kwargs
@@ -61,7 +62,7 @@ class VLLMEngine(GenerationEngine):
         try:
             import vllm
         except ImportError as exc:
-            raise ImportError(f"engine 'vllm' needs the vllm package ({exc}). {CPU_BUILD_HINT}; "
+            raise ImportError(f"engine 'vllm' needs the vllm package ({exc}). {NO_WHEEL_HINT}; "
                               "elsewhere use engine 'hf' (or 'auto', which picks hf there)") from exc
         if not Path(spec.model).is_dir():
             raise FileNotFoundError(
@@ -70,7 +71,8 @@ class VLLMEngine(GenerationEngine):
         import torch
 
         # Requests here may be seeded (rollouts, tests): on CPUs whole-prompt prefill (see vllm_llm_kwargs).
-        self.llm = vllm.LLM(model=spec.model, **vllm_llm_kwargs(spec, seeded_on_cpu=not torch.cuda.is_available()))
+        on_cpu = not torch.cuda.is_available()
+        self.llm = vllm.LLM(model=spec.model, **vllm_llm_kwargs(spec, on_cpu=on_cpu, seeded=True))
 
     def generate(self, requests: list[ChatRequest], params: SamplingParams) -> list[list[Completion]]:
         prompts = []
@@ -98,6 +100,8 @@ class VLLMEngine(GenerationEngine):
         )
 
     def close(self) -> None:
-        # vLLM stops its engine process (and frees its memory) when the LLM object is collected.
+        """Stop the engine's processes now and wait for them, rather than whenever the LLM object is collected."""
+        if self.llm is not None:
+            self.llm.llm_engine.engine_core.shutdown()
         self.llm = None
         gc.collect()

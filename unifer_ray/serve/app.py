@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException
 
 from unifer_ray import placement
 from unifer_ray.config import ConfigError
+from unifer_ray.engines.platform import resolved_dtype
 from unifer_ray.engines.vllm_env import vllm_env
 from unifer_ray.labels import CANONICAL, DATASETS
 from unifer_ray.parsing import parse_strict
@@ -292,14 +293,19 @@ def api_key_digest(api_key_env: str | None) -> str | None:
 
 
 def llm_config(config: ServeConfig) -> LLMConfig:
-    """Ray's LLMConfig of the app, with the vLLM defaults every stage shares in the replicas' environment (set
-    variables win), a local model path made absolute (replicas run in other directories) and, on a role-labelled
-    cluster, the replicas on serve nodes (`unifer_ray.placement`)."""
+    """Ray's LLMConfig of the app, with the vLLM defaults every stage shares (on CPUs the CPU's fast dtype unless the
+    file names one; the CPU variables in the replicas' environment, set ones winning), a local model path made
+    absolute (replicas run in other directories) and, on a role-labelled cluster, the replicas on serve nodes
+    (`unifer_ray.placement`)."""
     values = dict(config.llm_config)
     loading = dict(values["model_loading_config"])
     source = loading.get("model_source")
     if isinstance(source, str) and "://" not in source and Path(source).exists():
         loading["model_source"] = str(Path(source).resolve())
+    engine_kwargs = dict(values.get("engine_kwargs") or {})
+    bundles = (values.get("placement_group_config") or {}).get("bundles") or [{}]
+    on_cpu = not values.get("accelerator_type") and not any(bundle.get("GPU") for bundle in bundles)
+    engine_kwargs["dtype"] = resolved_dtype(engine_kwargs.get("dtype", "auto"), on_cpu=on_cpu)
     runtime_env = dict(values.get("runtime_env") or {})
     runtime_env["env_vars"] = vllm_env() | runtime_env.get("env_vars", {})
     deployment = dict(values.get("deployment_config") or {})
@@ -308,7 +314,8 @@ def llm_config(config: ServeConfig) -> LLMConfig:
         # LLMServer passes deployment_config on: every bundle of a replica's placement group (the replica and its
         # vLLM engine) goes on a serve node, never on a spot rollout node that has the same GPU.
         deployment.setdefault("placement_group_bundle_label_selector", [serve_nodes])
-    return LLMConfig.model_validate(values | {"model_loading_config": loading, "runtime_env": runtime_env,
+    return LLMConfig.model_validate(values | {"model_loading_config": loading, "engine_kwargs": engine_kwargs,
+                                              "runtime_env": runtime_env,
                                               "deployment_config": deployment})
 
 

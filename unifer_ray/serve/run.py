@@ -75,8 +75,19 @@ def serve_model(model: str | Path | None, config_path: str | Path = DEFAULT_SERV
 
 def ask_served_model(config: ServeConfig, image: Image.Image, *,
                      candidate_labels: list[str] | tuple[str, ...] = CANONICAL) -> dict:
-    """Serve the app of `config` on the connected (or a new local) Ray cluster, ask one FERBench question about
-    `image` through the OpenAI Python client, streamed, shut Serve down, and return what came back.
+    """Serve the app of `config` on the connected (or a new local) Ray cluster, ask it one FERBench question about
+    `image` (`ask_fer_question`), and shut Serve down."""
+    from unifer_ray.ray_utils import init_ray
+
+    api_key = os.environ.get(config.api_key_env, "") if config.api_key_env else "unused"  # build_app checks it
+    init_ray()
+    with running_app(config) as base_url:
+        return ask_fer_question(base_url, config, image, api_key=api_key, candidate_labels=candidate_labels)
+
+
+def ask_fer_question(base_url: str, config: ServeConfig, image: Image.Image, *, api_key: str,
+                     candidate_labels: list[str] | tuple[str, ...] = CANONICAL) -> dict:
+    """Ask the app at `base_url` one FERBench question about `image` through the OpenAI Python client, streamed.
 
     The image is resized as FERBench resizes it. Returns url, model, response (the text), label (parsed strictly;
     None when unparsable), chunks (streamed chunks with text), usage (from the stream's last chunk),
@@ -86,36 +97,32 @@ def ask_served_model(config: ServeConfig, image: Image.Image, *,
 
     from unifer_ray.parsing import parse_strict
     from unifer_ray.prompts import ferbench_prompt
-    from unifer_ray.ray_utils import init_ray
     from unifer_ray.serve.app import png_data_url
 
     size = config.fer.image_size
     image = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
-    api_key = os.environ.get(config.api_key_env, "") if config.api_key_env else "unused"  # build_app checks it
-    init_ray()
-    with running_app(config) as base_url:
-        client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=api_key, max_retries=0)
-        start = time.perf_counter()
-        stream = client.chat.completions.create(
-            model=config.model_name,
-            messages=[{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": png_data_url(image)}},
-                {"type": "text", "text": ferbench_prompt(candidate_labels)},
-            ]}],
-            max_tokens=config.fer.max_new_tokens, temperature=0.0, stream=True,
-            stream_options={"include_usage": True},
-        )
-        pieces, ttft, usage, model = [], None, None, None
-        for chunk in stream:
-            model = chunk.model
-            if chunk.usage is not None:
-                usage = chunk.usage.model_dump(include={"prompt_tokens", "completion_tokens", "total_tokens"})
-            text = chunk.choices[0].delta.content if chunk.choices else None
-            if text:
-                ttft = ttft if ttft is not None else time.perf_counter() - start
-                pieces.append(text)
-        latency = time.perf_counter() - start
-        client.close()
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=api_key, max_retries=0)
+    start = time.perf_counter()
+    stream = client.chat.completions.create(
+        model=config.model_name,
+        messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": png_data_url(image)}},
+            {"type": "text", "text": ferbench_prompt(candidate_labels)},
+        ]}],
+        max_tokens=config.fer.max_new_tokens, temperature=0.0, stream=True,
+        stream_options={"include_usage": True},
+    )
+    pieces, ttft, usage, model = [], None, None, None
+    for chunk in stream:
+        model = chunk.model
+        if chunk.usage is not None:
+            usage = chunk.usage.model_dump(include={"prompt_tokens", "completion_tokens", "total_tokens"})
+        text = chunk.choices[0].delta.content if chunk.choices else None
+        if text:
+            ttft = ttft if ttft is not None else time.perf_counter() - start
+            pieces.append(text)
+    latency = time.perf_counter() - start
+    client.close()
     text = "".join(pieces)
     return {"url": f"{base_url}/v1", "model": model, "response": text,
             "label": parse_strict(text, list(candidate_labels)), "chunks": len(pieces), "usage": usage, "ttft_s": ttft,

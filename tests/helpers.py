@@ -1,0 +1,57 @@
+"""What several test modules share."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import psutil
+import pytest
+
+from unifer_ray.engines.platform import vllm_installed
+from unifer_ray.engines.processes import is_engine
+
+# Installed but failing to import is not absence: such a machine fails the vLLM tests instead of skipping them.
+NO_VLLM = "vLLM is not installed here (no vLLM wheel for this platform, or built with `make VLLM=no`)"
+needs_vllm = pytest.mark.skipif(not vllm_installed(), reason=NO_VLLM)
+
+
+def skip_module_without_vllm() -> None:
+    """For a module whose every test needs vLLM (call it before the module's vLLM imports)."""
+    if not vllm_installed():
+        pytest.skip(NO_VLLM, allow_module_level=True)
+
+
+def skip_without_vllm() -> None:
+    """For a fixture that needs vLLM."""
+    if not vllm_installed():
+        pytest.skip(NO_VLLM)
+
+
+# The tests' vLLM engines run eager: torch.compile adds tens of seconds to every engine start (one test keeps the
+# compiled path: test_vllm_engine.py's greedy parity).
+VLLM_TEST_KWARGS = {"max_model_len": 1024, "enforce_eager": True}
+
+
+RUN_MARK = "UNIFER_TEST_RUN"  # set by conftest to the test run's pid: inherited by every process the run starts
+
+
+def this_runs_engines() -> set[int]:
+    """The pids of the vLLM engine processes this test run started (Ray's workers and their engines included)."""
+    found = set()
+    for process in psutil.process_iter():
+        try:
+            if is_engine(process) and process.environ().get(RUN_MARK) == os.environ[RUN_MARK]:
+                found.add(process.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def wait_for_engines_to_end(timeout_s: float = 20.0) -> list[psutil.Process]:
+    """This run's engine processes still alive after `timeout_s` (exits may be under way)."""
+    survivors = []
+    for pid in this_runs_engines():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            survivors.append(psutil.Process(pid))
+    return psutil.wait_procs(survivors, timeout=timeout_s)[1]
