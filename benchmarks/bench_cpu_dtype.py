@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from unifer_ray.data.synthetic import write_synthetic_datasets
 from unifer_ray.engines import ChatRequest, EngineSpec, SamplingParams
 from unifer_ray.engines.platform import cpu_engine_dtype, platform_line
 from unifer_ray.engines.vllm_engine import VLLMEngine
+from unifer_ray.engines.vllm_env import preloads
 from unifer_ray.models.tiny import build_tiny_model
 
 
@@ -57,8 +57,8 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--preload", default="/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4:"
-                        f"{Path(sys.prefix) / 'lib' / 'libiomp5.so'}", help="LD_PRELOAD of the last setting")
+    parser.add_argument("--preload", default=preloads(), help="LD_PRELOAD of the last setting (default: the engines' "
+                        "own, engines/vllm_env.py)")
     args = parser.parse_args()
     print(platform_line(), flush=True)
     with tempfile.TemporaryDirectory() as tmp:

@@ -28,9 +28,8 @@ def skip_without_vllm() -> None:
         pytest.skip(NO_VLLM)
 
 
-# The tests' vLLM engines run eager: torch.compile adds tens of seconds to every engine start (one test keeps the
-# compiled path: test_vllm_engine.py's greedy parity).
-VLLM_TEST_KWARGS = {"max_model_len": 1024, "enforce_eager": True}
+# CPU engines run eager by default (one test keeps the compiled path: test_vllm_engine.py's greedy parity).
+VLLM_TEST_KWARGS = {"max_model_len": 1024}
 
 
 RUN_MARK = "UNIFER_TEST_RUN"  # set by conftest to the test run's pid: inherited by every process the run starts

@@ -6,6 +6,7 @@ import json
 
 from tests.helpers import VLLM_TEST_KWARGS, needs_vllm
 from unifer_ray.bench.config import BenchConfig, BenchFile, BenchModel
+from unifer_ray.bench.items import read_items
 from unifer_ray.bench.runner import run_bench, warn_if_the_pool_fills_the_cluster
 from unifer_ray.engines.spec import EngineSpec
 
@@ -98,17 +99,19 @@ def test_bench_all_four_datasets_two_models(ray_cluster, tiny_model_dir, synthet
     from unifer_ray.bench.pipeline import bench_and_score
 
     files = [BenchFile(path=str(f), image_root=str(synthetic_root), limit=5) for f in ferbench_files]
-    config = BenchConfig(files=files, models=[_model(tiny_model_dir, "tiny-a"), _model(tiny_model_dir, "tiny-b")],
+    glance = _model(tiny_model_dir, "tiny-b").model_copy(update={"items_per_dataset": 2})
+    config = BenchConfig(files=files, models=[_model(tiny_model_dir, "tiny-a"), glance],
                          out_dir=str(tmp_path / "out"))
     runs, metrics = bench_and_score(config)
-    assert [r.scored for r in runs] == [20, 20]
+    assert [r.scored for r in runs] == [20, 8]  # tiny-b: the first 2 items of each of the 4 datasets
     # The same weights and greedy decoding: both models answer identically.
-    a = [json.loads(x)["response"] for x in open(runs[0].results_path)]
-    b = [json.loads(x)["response"] for x in open(runs[1].results_path)]
-    assert a == b
+    a = {r["id"]: r["response"] for r in map(json.loads, open(runs[0].results_path))}
+    b = {r["id"]: r["response"] for r in map(json.loads, open(runs[1].results_path))}
+    first_two = [item["id"] for f in files for item in read_items(f.path, image_root=f.image_root, limit=2).rows]
+    assert sorted(b) == sorted(first_two) and b == {i: a[i] for i in b}
     assert set(metrics) == {"tiny-a", "tiny-b"}
     assert set(metrics["tiny-a"]) >= {"rafdb", "ferplus", "affectnet", "sfew", "overall"}
-    assert metrics["tiny-a"]["overall"]["n"] == 20
+    assert metrics["tiny-a"]["overall"]["n"] == 20 and metrics["tiny-b"]["overall"]["n"] == 8
     board = (tmp_path / "out" / "report" / "leaderboard.md").read_text()
     assert "tiny-a" in board and "tiny-b" in board
 

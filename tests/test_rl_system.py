@@ -23,6 +23,7 @@ from unifer_ray.curate.config import CurateSource
 from unifer_ray.curate.rlvr import make_tasks
 from unifer_ray.curate.samples import source_rows
 from unifer_ray.engines import SamplingParams
+from unifer_ray.engines.platform import cpu_engine_dtype, vllm_installed
 from unifer_ray.models.loading import load_model_and_processor
 from unifer_ray.rl.checkpoint import latest
 from unifer_ray.rl.config import PromptData, RLVRConfig, SyncConfig
@@ -37,8 +38,7 @@ from unifer_ray.rl.weight_sync import WeightSync
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS, GROUP = 2, 4
 # Prefix caching on (vLLM's default, said out loud): a push that left old KV in the cache would show in the outputs.
-# enforce_eager: no torch.compile, which would add tens of seconds to every engine start of the suite.
-VLLM = {"enable_prefix_caching": True, "max_model_len": 1024, "enforce_eager": True}
+VLLM = {"enable_prefix_caching": True, "max_model_len": 1024}
 HF = {"engine": "hf", "max_batch_size": 8}
 # Mean |Δ log p| of the sampled tokens between the rollout engine and the learner holding the same weights: vLLM's CPU
 # kernels and transformers differ in the last digits (fp32 both), nothing like a policy step.
@@ -288,6 +288,8 @@ def test_a_killed_rollout_actor_is_replaced_and_no_step_trains_on_fabricated_rew
     # The weight sync of step 1 found the worker dead; its replacement got version 1 and generated steps 2 and 3.
     assert [r["rollout_replacements"] for r in records] == [1, 0, 0]
     assert all(r["samples"] == PROMPTS * GROUP and r["prompts"] == PROMPTS for r in records)
+    # The mismatch is logged beside the dtype the rollouts ran in: the CPU's fast one (float32 for transformers).
+    assert {r["rollout_dtype"] for r in records} == {cpu_engine_dtype() if vllm_installed() else "float32"}
     # Every scored sample is a real completion of the engine, and its reward is what the functions say of it.
     samples = read_run_log(tmp / "logs", "samples.jsonl")
     assert len(samples) == 3 * PROMPTS * GROUP

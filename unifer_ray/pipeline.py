@@ -44,6 +44,7 @@ class PipelineConfig(BaseModel):
     stages: list[Literal[STAGES]] = Field(default_factory=lambda: list(STAGES), min_length=1)  # type: ignore[valid-type]
     ferbench: list[BenchFile] = Field(min_length=1)  # the test files every model is benchmarked on
     bench_model: BenchModel  # how each model is benchmarked; its name and engine.model are set per model
+    base_items_per_dataset: int | None = Field(None, gt=0)  # the base model on only the first N items of each dataset
     bench_out_dir: str  # FERBench results and report, local or s3://
     report_dir: str  # the pipeline's report: report.md, report.json and plots (local)
     serve: ServeStage = ServeStage()
@@ -137,7 +138,8 @@ class Pipeline:
         def curate_rlvr():
             stats = curate_rlvr_set(self.rlvr_set)
             excluded = stats["excluded_ferbench"]
-            return stats, {"note": f"{stats['items']} RLVR items, {excluded} FERBench images excluded"}
+            return stats, {"note": f"{stats['items']} RLVR items, {excluded} FERBench images excluded",
+                           "engine": "none (labels)"}
 
         def sft():
             result = run_sft(self.sft)
@@ -154,7 +156,8 @@ class Pipeline:
         def bench():
             base = config.bench_model
             models = [base.model_copy(update={
-                "name": f"{model_prefix}{name}", "engine": base.engine.model_copy(update={"model": path})})
+                "name": f"{model_prefix}{name}", "engine": base.engine.model_copy(update={"model": path}),
+                "items_per_dataset": config.base_items_per_dataset if name == "base" else base.items_per_dataset})
                 for name, path in self.models().items()]
             _, scored = bench_and_score(BenchConfig(files=config.ferbench, models=models, out_dir=config.bench_out_dir))
             metrics = {m.name: scored[m.name] for m in models}  # pipeline order: base, SFT, RLVR

@@ -27,6 +27,9 @@ class BenchModel(EngineWorkers):
     engine: EngineSpec
     sampling: SamplingParams = SamplingParams(max_new_tokens=512)
     image_size: int = Field(224, gt=0)  # the paper resizes every image to 224×224
+    # Only the first N items of each dataset (None: all): a glance, e.g. at a random-init base model, whose
+    # 128-token answers say nothing more on 900 items than on 60.
+    items_per_dataset: int | None = Field(None, gt=0)
 
     @field_validator("name")
     @classmethod

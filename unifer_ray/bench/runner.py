@@ -157,12 +157,25 @@ def read_all_items(config: BenchConfig) -> ItemRows:
     return items
 
 
+def first_per_dataset(items: ItemRows, n: int | None) -> ItemRows:
+    """The first `n` valid items of each dataset (all of them when n is None); bad items stay reported."""
+    if n is None:
+        return items
+    taken: dict[str, int] = {}
+    rows = []
+    for row in items.rows:
+        if taken.get(row["dataset"], 0) < n:
+            taken[row["dataset"]] = taken.get(row["dataset"], 0) + 1
+            rows.append(row)
+    return ItemRows(rows=rows, errors=items.errors)
+
+
 def run_bench(config: BenchConfig) -> list[ModelRun]:
     """Benchmark every model on every file; a rerun skips finished items. Returns one summary per model."""
     items = read_all_items(config)
     for err in items.errors:
         log.warning("bad FERBench item %s row %s: %s", err["source"], err["row"], err["reason"])
-    runs = [run_model(model, items, config) for model in config.models]
+    runs = [run_model(model, first_per_dataset(items, model.items_per_dataset), config) for model in config.models]
     storage.write_text(storage.join(config.out_dir, "summary.json"),
                        json.dumps([asdict(r) | {"items_per_s": r.items_per_s} for r in runs], indent=2))
     return runs

@@ -28,9 +28,12 @@ def vllm_installed() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-@cache
 def vllm_version() -> str | None:
-    """The installed vLLM's version, or None where vLLM cannot be imported (the reason is logged once)."""
+    """The installed vLLM's version, or None where vLLM cannot be imported (the reason is logged)."""
+    # vLLM 0.29 registers its ops through torch APIs that torch 2.14 deprecates: three warnings at every import,
+    # nothing a user can act on.
+    for name in ("torch._opaque_base", "torch._library.opaque_object"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         import vllm
     except ImportError as exc:
@@ -77,6 +80,11 @@ def native_bf16() -> bool:
 def cpu_engine_dtype() -> str:
     """The dtype a vLLM engine on this CPU runs in when its spec says `auto`."""
     return "bfloat16" if native_bf16() else "float32"
+
+
+# torch.compile (vLLM's default) gives CPU engines nothing here: the tiny model, 64 FERBench-style items, float32 on
+# an AVX2 EPYC: 28.8 items/s compiled, 28.4 eager, but 100 s to start against about 40 (benchmarks/bench_cpu_dtype.py).
+CPU_ENGINE_DEFAULTS = {"enforce_eager": True}
 
 
 def resolved_dtype(dtype: str, *, on_cpu: bool) -> str:

@@ -13,9 +13,9 @@ from transformers import AutoProcessor
 
 from unifer_ray.engines.base import ChatRequest, Completion, GenerationEngine, SamplingParams
 from unifer_ray.engines.hf import chat_text
-from unifer_ray.engines.platform import NO_WHEEL_HINT, resolved_dtype
+from unifer_ray.engines.platform import CPU_ENGINE_DEFAULTS, NO_WHEEL_HINT, resolved_dtype
 from unifer_ray.engines.spec import EngineSpec
-from unifer_ray.engines.vllm_env import apply_vllm_env
+from unifer_ray.engines.vllm_env import vllm_env_applied
 
 # Log-probabilities after temperature and top-p, i.e. of the distribution the tokens were sampled from: what
 # importance sampling against the learner needs (vLLM's default is the raw logits' log-softmax).
@@ -25,10 +25,13 @@ DEFAULT_LLM_KWARGS = {"logprobs_mode": "processed_logprobs", "limit_mm_per_promp
 def vllm_llm_kwargs(spec: EngineSpec, *, on_cpu: bool, seeded: bool = False) -> dict:
     """Keyword arguments for `vllm.LLM` / `engine_kwargs` of a spec: our defaults, then the spec's own.
 
-    `on_cpu`: `dtype: auto` becomes the CPU's fast dtype (engines/platform.py). `seeded` on a CPU: vLLM 0.29's CPU
-    runner rewinds a seeded request's sampler after a partial (chunked) prefill, which CPU generators refuse ("CPU
-    Generator does not use offset") and the engine dies; such engines prefill whole prompts."""
+    `on_cpu`: `dtype: auto` becomes the CPU's fast dtype, and the engine runs eager (engines/platform.py:
+    `CPU_ENGINE_DEFAULTS`). `seeded` on a CPU: vLLM 0.29's CPU runner rewinds a seeded request's sampler after a
+    partial (chunked) prefill, which CPU generators refuse ("CPU Generator does not use offset") and the engine dies;
+    such engines prefill whole prompts."""
     kwargs = {"dtype": resolved_dtype(spec.dtype, on_cpu=on_cpu), **DEFAULT_LLM_KWARGS}
+    if on_cpu:
+        kwargs |= CPU_ENGINE_DEFAULTS
     if seeded and on_cpu:
         whole = max(int(spec.vllm_kwargs.get("max_model_len", 0)), 16384)
         kwargs |= {"enable_chunked_prefill": False, "max_num_batched_tokens": whole}
@@ -58,7 +61,6 @@ class VLLMEngine(GenerationEngine):
     """
 
     def __init__(self, spec: EngineSpec):
-        apply_vllm_env()
         try:
             import vllm
         except ImportError as exc:
@@ -72,7 +74,8 @@ class VLLMEngine(GenerationEngine):
 
         # Requests here may be seeded (rollouts, tests): on CPUs whole-prompt prefill (see vllm_llm_kwargs).
         on_cpu = not torch.cuda.is_available()
-        self.llm = vllm.LLM(model=spec.model, **vllm_llm_kwargs(spec, on_cpu=on_cpu, seeded=True))
+        with vllm_env_applied():
+            self.llm = vllm.LLM(model=spec.model, **vllm_llm_kwargs(spec, on_cpu=on_cpu, seeded=True))
 
     def generate(self, requests: list[ChatRequest], params: SamplingParams) -> list[list[Completion]]:
         prompts = []

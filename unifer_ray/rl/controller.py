@@ -182,6 +182,7 @@ def run_steps(config: RLVRConfig, state: RunState, prompts: PromptSource, reward
             "tokens_per_s/generate": generated / rollout.generate_s if rollout.generate_s else 0.0,
             "tokens_per_s/train": stats["train_tokens"] / train_s if train_s else 0.0,
             "rollout_replacements": rollouts.replacements - replacements, "prompt_errors": len(rollout.errors),
+            "rollout_dtype": rollouts.dtype,
         }
         run_log.step(record)
         if config.sample_log_every and state.step % config.sample_log_every == 0:

@@ -66,8 +66,10 @@ class RolloutWorker:
         return int(self.engine.llm.get_weight_version()) if self.vllm else self.hf_version
 
     def ready(self) -> dict:
-        """Once the engine has started: whether it is vLLM, and its processes (node and pids)."""
-        return {"vllm": self.vllm, "engine_processes": self.engine_processes}
+        """Once the engine has started: whether it is vLLM, the dtype it runs in, its processes (node and pids)."""
+        dtype = self.engine.llm.llm_engine.model_config.dtype if self.vllm else self.engine.model.dtype
+        return {"vllm": self.vllm, "dtype": str(dtype).removeprefix("torch."),
+                "engine_processes": self.engine_processes}
 
     def generate(self, items: list[dict], params: dict) -> dict:
         requests, kept, errors = [], [], []
@@ -210,6 +212,7 @@ class RolloutGroup:
         self.workers = [self._start(i) for i in range(config.num_workers)]
         started = ray.get([w.ready.remote() for w in self.workers], timeout=config.start_timeout_s)
         self.vllm = started[0]["vllm"]
+        self.dtype = started[0]["dtype"]  # what the rollout/learner mismatch in the metrics is measured with
         self.engine_processes = [s["engine_processes"] for s in started]  # worker i's, ended with it
         self.version = 0
         self.restore: Callable[[int], None] | None = None  # set by the weight sync: bring worker i up to date

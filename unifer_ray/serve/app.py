@@ -38,7 +38,7 @@ from starlette.exceptions import HTTPException
 
 from unifer_ray import placement
 from unifer_ray.config import ConfigError
-from unifer_ray.engines.platform import resolved_dtype
+from unifer_ray.engines.platform import CPU_ENGINE_DEFAULTS, resolved_dtype
 from unifer_ray.engines.vllm_env import vllm_env
 from unifer_ray.labels import CANONICAL, DATASETS
 from unifer_ray.parsing import parse_strict
@@ -306,6 +306,8 @@ def llm_config(config: ServeConfig) -> LLMConfig:
     bundles = (values.get("placement_group_config") or {}).get("bundles") or [{}]
     on_cpu = not values.get("accelerator_type") and not any(bundle.get("GPU") for bundle in bundles)
     engine_kwargs["dtype"] = resolved_dtype(engine_kwargs.get("dtype", "auto"), on_cpu=on_cpu)
+    if on_cpu:
+        engine_kwargs = CPU_ENGINE_DEFAULTS | engine_kwargs
     runtime_env = dict(values.get("runtime_env") or {})
     runtime_env["env_vars"] = vllm_env() | runtime_env.get("env_vars", {})
     deployment = dict(values.get("deployment_config") or {})

@@ -1,0 +1,71 @@
+"""The machine as the engines see it: the dtype CPU engines run in, and the platform line."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+
+from tests.helpers import needs_vllm
+from unifer_ray.engines import EngineSpec, engine_description
+from unifer_ray.engines.platform import cpu_engine_dtype, native_bf16, platform_line, vllm_installed
+from unifer_ray.engines.vllm_engine import vllm_llm_kwargs
+
+
+def cpu_flags() -> set[str]:
+    for line in open("/proc/cpuinfo"):
+        if line.split(":")[0].strip() in ("flags", "Features"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def test_native_bf16_is_what_the_cpu_reports():
+    flags = cpu_flags()
+    if platform.machine() == "x86_64":
+        assert native_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})
+    else:
+        assert native_bf16() == ("bf16" in flags)
+    assert cpu_engine_dtype() == ("bfloat16" if native_bf16() else "float32")
+
+
+def test_cpu_engines_take_the_cpus_fast_dtype_and_a_written_dtype_wins():
+    spec = EngineSpec(engine="vllm", model="m")
+    on_cpu, on_gpu = vllm_llm_kwargs(spec, on_cpu=True), vllm_llm_kwargs(spec, on_cpu=False)
+    assert on_cpu["dtype"] == cpu_engine_dtype() and on_cpu["enforce_eager"] is True  # compiling buys a CPU nothing
+    assert on_gpu["dtype"] == "auto" and "enforce_eager" not in on_gpu  # a GPU: vLLM's own choices
+    compiled = spec.model_copy(update={"vllm_kwargs": {"enforce_eager": False}})
+    assert vllm_llm_kwargs(compiled, on_cpu=True)["enforce_eager"] is False
+    for written in ("float32", "bfloat16"):
+        assert vllm_llm_kwargs(spec.model_copy(update={"dtype": written}), on_cpu=True)["dtype"] == written
+    # The stage table says it.
+    if vllm_installed():
+        assert engine_description(spec, on_cpu=True).endswith(f" {cpu_engine_dtype()}")
+    assert engine_description(spec.model_copy(update={"engine": "hf"}), on_cpu=True) == "hf"
+
+
+@needs_vllm
+def test_serve_replicas_on_cpus_take_the_cpus_fast_dtype(tiny_model_dir):
+    from unifer_ray.serve.app import llm_config
+    from unifer_ray.serve.config import ServeConfig
+
+    def engine_kwargs(llm: dict) -> dict:
+        config = ServeConfig.model_validate({"llm_config": {
+            "model_loading_config": {"model_id": "m", "model_source": str(tiny_model_dir)}, **llm}})
+        return llm_config(config).engine_kwargs
+
+    on_cpu = engine_kwargs({"placement_group_config": {"bundles": [{"CPU": 1}]}})
+    assert on_cpu["dtype"] == cpu_engine_dtype() and on_cpu["enforce_eager"] is True
+    on_gpu = engine_kwargs({"placement_group_config": {"bundles": [{"CPU": 1, "GPU": 1}]}})
+    assert on_gpu["dtype"] == "auto" and "enforce_eager" not in on_gpu
+    assert engine_kwargs({"engine_kwargs": {"dtype": "bfloat16"}})["dtype"] == "bfloat16"
+
+
+def test_the_platform_line_says_isa_vllm_and_dtype():
+    line = subprocess.run([sys.executable, "-m", "unifer_ray.engines.platform"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert line == platform_line()
+    import torch
+
+    assert f"ISA {torch.backends.cpu.get_cpu_capability()}" in line
+    assert line.endswith(f"CPU engine dtype {cpu_engine_dtype()}")
+    assert ("vLLM 0.29.0 (kernels _C" in line) == vllm_installed()
