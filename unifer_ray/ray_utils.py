@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 # Workers on small machines share few cores: torch must not start one thread per core in every actor.
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -59,3 +60,18 @@ def scope_ray_data_to_cpu_nodes() -> None:
 
     if placement.enabled():
         DataContext.get_current().execution_options.label_selector = placement.selector("cpu")
+
+
+def get_all(refs: list, timeout_s: float) -> list:
+    """`ray.get(refs, timeout=timeout_s)`, except that a failed call raises as soon as it fails: ray.get waits for the
+    refs in order, so a call that died behind one still running would be seen only once that one returns."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        if not done:
+            raise ray.exceptions.GetTimeoutError(f"{len(pending)} of {len(refs)} calls not done within {timeout_s}s")
+        ray.get(done[0])  # raises the call's failure
+    return ray.get(list(refs))
