@@ -3,7 +3,9 @@ the RayService's Serve config against Serve's schema and our app's config, and t
 
 from __future__ import annotations
 
+import copy
 import json
+import re
 from pathlib import Path
 
 import jsonschema
@@ -146,7 +148,7 @@ def test_rayjob_runs_rlvr():
     assert runtime_env["working_dir"] == "/home/ray/unifer-ray"
     assert runtime_env["env_vars"] == {k: v for k, v in load("runtime_env.yaml")["env_vars"].items()
                                        if k in runtime_env["env_vars"]}
-    check_cluster_spec(spec["rayClusterSpec"], ("rollout", "learner"))
+    check_cluster_spec(spec["rayClusterSpec"], ("cpu", "rollout", "learner"))
     assert spec["rayClusterSpec"]["authOptions"] == {"mode": "token"}  # the operator's own submitter gets the token
 
 
@@ -256,13 +258,216 @@ def test_placement_selectors_follow_the_mode(monkeypatch):
 
     monkeypatch.setenv(placement.MODE_ENV, "labels")
     assert placement.actor_options("learner") == {"label_selector": {"unifer-role": "learner"}}
-    assert placement.packed_group_options("rollout", 2) == {
+    assert placement.group_options("rollout", 2) == {
         "strategy": "STRICT_PACK", "bundle_label_selector": [{"unifer-role": "rollout"}] * 2}
+    assert placement.group_options("learner", 3, "PACK") == {
+        "strategy": "PACK", "bundle_label_selector": [{"unifer-role": "learner"}] * 3}
     with pytest.raises(ValueError, match="unknown node role"):
         placement.selector("gpu")
     monkeypatch.setenv(placement.MODE_ENV, "off")  # a laptop: no selector, or nothing would ever be scheduled
     assert placement.actor_options("learner") == {}
-    assert placement.packed_group_options("rollout", 2) == {"strategy": "STRICT_PACK"}
+    assert placement.group_options("rollout", 2) == {"strategy": "STRICT_PACK"}
     monkeypatch.setenv(placement.MODE_ENV, "on")
     with pytest.raises(ValueError, match="UNIFER_PLACEMENT"):
         placement.enabled()
+
+
+# ---------------------------------------------------------------------------------------------- GPU images and AMIs
+
+DLAMI_PARAMETER = "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-24.04/latest/ami-id"
+
+
+def cuda_major_of_ray_llm() -> int:
+    """The CUDA major version the installed Ray's `llm` extra is built for: its NIXL wheel is `nixl-cu<major>`."""
+    from importlib.metadata import requires
+
+    [nixl] = [r for r in requires("ray") if r.startswith("nixl-cu") and 'extra == "llm"' in r]
+    return int(re.match(r"nixl-cu(\d+)", nixl).group(1))
+
+
+def test_the_image_is_built_for_the_cuda_of_ray_llm_and_every_node_boots_an_ami_whose_driver_runs_it():
+    from ray.autoscaler._private.aws.config import DEFAULT_AMI, _check_ami
+
+    config = load("aws.yaml")
+    image = config["docker"]["image"]
+    tag = re.fullmatch(r"rayproject/ray-llm:(?P<ray>[\d.]+)-py(?P<py>\d+)-cu(?P<cuda>\d+)", image)
+    assert tag and tag["ray"] == ray.__version__
+    assert int(tag["cuda"]) // 10 == cuda_major_of_ray_llm() == 13  # cu130: CUDA 13.0, as vLLM 0.29.0's wheels
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    assert f"FROM {image}\n" in dockerfile  # the KubeRay image starts from the same one
+
+    # Without an ImageId Ray falls back to its Ubuntu 18.04 / CUDA 11.2 Deep Learning AMI: Ray's own check shows it
+    # filling one in for a node type without, and keeping ours (the GPU Base AMI: driver >= 580, CUDA 13).
+    for node in config["available_node_types"].values():
+        assert node["node_config"]["ImageId"] == f"resolve:ssm:{DLAMI_PARAMETER}"
+    bare = copy.deepcopy(config)
+    del bare["available_node_types"]["rollout"]["node_config"]["ImageId"]
+    for checked in (config, bare):
+        _check_ami(checked)
+    assert bare["available_node_types"]["rollout"]["node_config"]["ImageId"] == DEFAULT_AMI["us-west-2"]
+    assert {n["node_config"]["ImageId"] for n in config["available_node_types"].values()} == {
+        f"resolve:ssm:{DLAMI_PARAMETER}"}
+
+
+def test_the_gpu_install_gives_a_working_learner():
+    """`pip install -e '.[gpu]'` (README) and the images' installs bring DeepSpeed, the learners' default strategy."""
+    import tomllib
+
+    from unifer_ray.parallel import ParallelConfig
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert ParallelConfig().strategy == "deepspeed"
+    assert any(r.startswith("ray[llm]==") for r in extras["gpu"])
+    assert any(r.startswith("deepspeed") for r in extras["gpu"])
+    installs = [*load("aws.yaml")["setup_commands"], (CLUSTER / "Dockerfile").read_text()]
+    for install in installs:
+        [extra] = re.findall(r"unifer-ray\[(\w+)\]|'\.\[(\w+)\]'", install)
+        assert any(r.startswith("deepspeed") for r in extras[next(e for e in extra if e)]), install
+    assert "pip install -e '.[gpu]'" in (REPO / "README.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------- IAM
+
+# The boto3 calls of Ray's AWS node provider (which the autoscaler on the head makes) and the permission each needs.
+EC2_CALL_ACTIONS = {"create_instances": "ec2:RunInstances", "create_tags": "ec2:CreateTags",
+                    "start_instances": "ec2:StartInstances", "stop_instances": "ec2:StopInstances",
+                    "terminate_instances": "ec2:TerminateInstances", "describe_images": "ec2:DescribeImages",
+                    "describe_instance_types": "ec2:DescribeInstanceTypes", "filter": "ec2:DescribeInstances"}
+
+
+def allowed(policy: dict) -> dict[str, set[str]]:
+    actions: dict[str, set[str]] = {}
+    for statement in policy["Statement"]:
+        assert statement["Effect"] == "Allow"
+        for action in [statement["Action"]] if isinstance(statement["Action"], str) else statement["Action"]:
+            actions.setdefault(action, set()).add(statement["Resource"])
+    return actions
+
+
+def test_the_heads_profile_lets_the_autoscaler_launch_workers_with_theirs():
+    from ray.autoscaler._private.aws import node_provider
+
+    config = load("aws.yaml")
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]["node_config"]["IamInstanceProfile"]["Arn"]
+    workers = {t["node_config"]["IamInstanceProfile"]["Arn"] for n, t in types.items() if n != config["head_node_type"]}
+    assert head.endswith("/unifer-ray-head") and workers == {head.replace("unifer-ray-head", "unifer-ray-worker")}
+
+    source = Path(node_provider.__file__).read_text()
+    calls = set(re.findall(r"(?:self\.ec2(?:_fail_fast)?(?:\.meta\.client|\.instances)?|ec2)\.(\w+)\(", source))
+    assert calls <= set(EC2_CALL_ACTIONS), f"Ray's node provider makes EC2 calls this test does not know: {calls}"
+    head_policy = allowed(json.loads((CLUSTER / "iam" / "head-policy.json").read_text()))
+    for call in calls | {"create_instances"}:
+        assert EC2_CALL_ACTIONS[call] in head_policy, call
+    # Launching a worker with its instance profile passes the workers' role; the ImageId is an SSM parameter.
+    assert head_policy["iam:PassRole"] == {"arn:aws:iam::123456789012:role/unifer-ray-worker"}
+    assert any(DLAMI_PARAMETER.startswith(r.split(":parameter", 1)[1].rstrip("*"))
+               for r in head_policy["ssm:GetParameters"])
+    worker_policy = allowed(json.loads((CLUSTER / "iam" / "worker-policy.json").read_text()))
+    assert all(action.startswith("s3:") for action in worker_policy)
+
+
+# ---------------------------------------------------------------------------------------------- every job has a node
+
+CLUSTER_FILES = sorted(p.relative_to(CLUSTER).as_posix() for p in CLUSTER.rglob("*.yaml")
+                       if p.name != "runtime_env.yaml")
+JOB_SCRIPTS = {"jobs/rlvr.py": "rlvr", "jobs/sft.py": "sft", "jobs/bench.py": "bench", "jobs/pipeline.py": "pipeline"}
+
+
+def every_stage() -> list:
+    """Every stage a general cluster runs: each section of the 7B config, the FERBench config, the GPU Serve app."""
+    from unifer_ray.cluster_fit import stage_demands
+
+    config = yaml.safe_load((REPO / "configs" / "qwen2_5_vl_7b.yaml").read_text())
+    demands = [d for section, data in config.items()
+               for d in stage_demands("rlvr" if section.startswith("rlvr") else section, data, workdir=REPO)]
+    demands += stage_demands("bench", yaml.safe_load((REPO / "configs" / "ferbench.yaml").read_text()))
+    return demands + stage_demands("serve", yaml.safe_load((REPO / "configs" / "serve_gpu.yaml").read_text()))
+
+
+def cluster_jobs(doc: dict) -> list:
+    """What runs on a cluster file: a RayJob its entrypoint, a RayService its app, any other cluster every stage."""
+    from unifer_ray.cluster_fit import stage_demands
+
+    if doc.get("kind") == "RayJob":
+        args = doc["spec"]["entrypoint"].split()
+        kind = JOB_SCRIPTS[args[1]]
+        config = yaml.safe_load((REPO / args[args.index("--config") + 1]).read_text())
+        section = args[args.index("--section") + 1] if "--section" in args else kind
+        return stage_demands(kind, config[section], workdir=REPO)
+    if doc.get("kind") == "RayService":
+        return stage_demands("serve", yaml.safe_load(doc["spec"]["serveConfigV2"]))
+    assert doc.get("kind") == "RayCluster" or "available_node_types" in doc
+    return every_stage()
+
+
+@pytest.mark.parametrize("name", CLUSTER_FILES)
+def test_every_actor_of_the_clusters_jobs_has_a_node_type_that_holds_it(name):
+    from unifer_ray.cluster_fit import node_groups, unmet
+
+    demands = cluster_jobs(load(name))
+    assert {d.role for d in demands} >= ({"serve"} if "rayservice" in name else {"cpu", "learner", "rollout"})
+    assert unmet(demands, node_groups(CLUSTER / name)) == []
+
+
+def test_the_fit_check_finds_what_would_wait_forever(tmp_path):
+    """The defects this check exists for, each put back into a cluster file or config."""
+    from unifer_ray.cluster_fit import node_groups, stage_demands, unmet
+
+    def problems(name: str, change) -> list[str]:
+        doc = load(name)
+        change(doc)
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(doc))
+        return unmet(cluster_jobs(doc), node_groups(tmp_path / "c.yaml"))
+
+    def groups(doc: dict) -> list[dict]:
+        return doc["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+
+    # A RayJob without a cpu group: the prompts' Ray Data read selects cpu nodes.
+    [problem] = problems("kuberay/rayjob-rlvr.yaml", lambda d: groups(d).pop(0))
+    assert problem.startswith("rlvr: prompts (Ray Data)") and "no group labelled unifer-role=cpu" in problem
+    # A serve group that does not declare its accelerator type: the replica's accelerator_type:L40S is unknown.
+    [problem] = problems("kuberay/rayservice.yaml",
+                         lambda d: d["spec"]["rayClusterConfig"]["workerGroupSpecs"][0].pop("resources"))
+    assert problem.startswith("serve unifer: model replica") and "accelerator_type:L40S" in problem
+    # A rollout pod with fewer CPUs than an engine's bundle.
+    def small_rollout(doc):
+        limits = groups(doc)[1]["template"]["spec"]["containers"][0]["resources"]["limits"]
+        limits["cpu"] = "4"
+    [problem] = problems("kuberay/rayjob-rlvr.yaml", small_rollout)
+    assert problem.startswith("rlvr: a rollout engine")
+    # More strictly packed learners than a learner node has GPUs.
+    config = yaml.safe_load((REPO / "configs" / "qwen2_5_vl_7b.yaml").read_text())["rlvr"]
+    config["learner"]["num_workers"] = 9
+    [problem] = unmet(stage_demands("rlvr", config), node_groups(CLUSTER / "aws.yaml"))
+    assert problem.startswith("rlvr: learners: learner one node")
+
+
+# Instance types the GPU groups are pinned to: vCPUs, memory (GiB), GPUs, GPU kind (Ray's accelerator_type).
+INSTANCE_TYPES = {"g6e.xlarge": (4, 32, 1, "L40S"), "g6e.2xlarge": (8, 64, 1, "L40S"),
+                  "g6e.12xlarge": (48, 384, 4, "L40S"), "p4de.24xlarge": (96, 1152, 8, "A100")}
+
+
+def test_gpu_nodes_are_the_instance_types_their_resources_and_accelerator_say():
+    """AWS node types and KubeRay GPU groups name an instance type; its GPUs are the kind the group declares (the
+    autoscaler's accelerator_type), and a KubeRay pod asks for no more than the instance can give (the kubelet and
+    system daemons keep part of each node)."""
+    for name, node in load("aws.yaml")["available_node_types"].items():
+        if node["resources"].get("GPU"):
+            vcpus, _, node_gpus, kind = INSTANCE_TYPES[node["node_config"]["InstanceType"]]
+            assert (node["resources"]["GPU"], node["resources"]["CPU"]) == (node_gpus, vcpus), name
+            assert node["resources"][f"accelerator_type:{kind}"] == 1, name
+    for manifest in ("kuberay/raycluster.yaml", "kuberay/rayjob-rlvr.yaml", "kuberay/rayservice.yaml"):
+        spec = load(manifest)["spec"]
+        spec = spec.get("rayClusterSpec") or spec.get("rayClusterConfig") or spec
+        for group in spec["workerGroupSpecs"]:
+            if not gpus(group):
+                continue
+            where = f"{manifest} {group['groupName']}"
+            vcpus, memory, node_gpus, kind = INSTANCE_TYPES[
+                group["template"]["spec"]["nodeSelector"]["node.kubernetes.io/instance-type"]]
+            limits = pods(group)[0]["resources"]["limits"]
+            assert gpus(group) == node_gpus, where  # a whole node: no two pods share its GPUs' NVLink/PCIe
+            assert float(limits["cpu"]) <= vcpus - 0.5, where
+            assert float(limits["memory"].removesuffix("Gi")) <= 0.92 * memory, where
+            assert group["resources"] == {f"accelerator_type:{kind}": "1"}, where

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -252,18 +253,44 @@ def length_reward(completions, solutions, **_):
 CHAOS = {"calls": 0, "stop_after": 3, "killed": []}
 
 
+def kill_mid_update(name: str) -> None:
+    """Freeze the rollout actor's vLLM engine, and once the actor is inside the next weight load (it holds the
+    update's file in shared memory open, waiting on its engine), kill the actor and its engine."""
+    actor = ray.get_actor(name)
+    pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
+    engines = engine_processes(actor)
+    for process in engines:
+        process.suspend()
+
+    def kill() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any(
+                f.path.endswith(".safetensors") for f in psutil.Process(pid).open_files()):
+            time.sleep(0.02)
+        ray.kill(actor)
+        for process in engines:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        CHAOS["killed"].append(name)
+
+    threading.Thread(target=kill, daemon=True).start()
+
+
 def chaos(completions, solutions, **_):
-    """A zero-weight reward that kills the run's rollout actor while step 1 is scored, and stops the run during
-    step 4 (whose latest checkpoint is step 2's) while "stop_after" is set: a crash."""
+    """A zero-weight reward that, while step 1 is scored, has the run's rollout actor die in the middle of the weight
+    update that follows, and stops the run during step 4 (whose latest checkpoint is step 2's) while "stop_after" is
+    set: a crash."""
     CHAOS["calls"] += 1
     if CHAOS["calls"] == 1:
-        for actor in ray.util.list_named_actors():
-            if actor.startswith("rollout-"):
-                ray.kill(ray.get_actor(actor))
-                CHAOS["killed"].append(actor)
+        for name in ray.util.list_named_actors():
+            if name.startswith("rollout-"):
+                kill_mid_update(name)
     if CHAOS["stop_after"] is not None and CHAOS["calls"] > CHAOS["stop_after"]:
         raise RuntimeError("stopped by the test")
     return [0.0] * len(completions)
+
+
+SYNC_TIMEOUT_S = 600
 
 
 @pytest.fixture(scope="module")
@@ -271,6 +298,7 @@ def stopped_run(ray_cluster, tmp_path_factory, tiny_model_dir, synthetic_root):
     """A 4-step run whose rollout actor is killed during step 1 and which stops during step 4."""
     tmp = tmp_path_factory.mktemp("rlvr_stop")
     config = rl_config(tmp, tiny_model_dir, synthetic_root, steps=4, checkpoint_every=2,
+                       rollout={"sync_timeout_s": SYNC_TIMEOUT_S},
                        rewards=[{"name": "accuracy"}, {"name": "format"},
                                 {"name": "length", "function": f"{__name__}:length_reward"},
                                 {"name": "chaos", "function": f"{__name__}:chaos", "weight": 0.0}])
@@ -285,8 +313,12 @@ def test_a_killed_rollout_actor_is_replaced_and_no_step_trains_on_fabricated_rew
     assert killed, "a rollout actor was killed mid-run"
     records = read_run_log(tmp / "logs")
     assert [r["step"] for r in records] == [1, 2, 3]  # every planned step before the stop ran
-    # The weight sync of step 1 found the worker dead; its replacement got version 1 and generated steps 2 and 3.
+    # The worker died during step 1's weight load; the sync saw it at once (not after sync_timeout_s), and its
+    # replacement got the whole of version 1 and generated steps 2 and 3.
     assert [r["rollout_replacements"] for r in records] == [1, 0, 0]
+    assert records[0]["time/sync_s"] < SYNC_TIMEOUT_S / 4  # a vLLM engine's restart included
+    # No step trained on a partial update: the engine held exactly the learners' weights for steps 2 and 3.
+    assert all(r["rollout_logprob_gap"] < SAME_POLICY_GAP for r in records)
     assert all(r["samples"] == PROMPTS * GROUP and r["prompts"] == PROMPTS for r in records)
     # The mismatch is logged beside the dtype the rollouts ran in: the CPU's fast one (float32 for transformers).
     assert {r["rollout_dtype"] for r in records} == {cpu_engine_dtype() if vllm_installed() else "float32"}

@@ -4,6 +4,7 @@ the KL reference is sharded like it, and its log-probabilities are those of the 
 from __future__ import annotations
 
 import math
+import posixpath
 
 import pytest
 import ray
@@ -54,14 +55,21 @@ def test_the_policy_is_loaded_partitioned_and_the_reference_is_sharded(zero3, ti
         return [p.ds_tensor.numel() == math.ceil(p.ds_numel / WORLD) for p in model.parameters()]
 
     def load_policy(worker):
+        from unifer_ray.optim import OptimizerConfig, build_optimizer
         from unifer_ray.parallel import load_trainable
 
         model, _ = load_trainable(worker.model_dir, worker.parallel.settings, worker.device)
+        # Weight decay by the parameters' real shapes, not their partitions' 1-D placeholders.
+        optimizer, _ = build_optimizer(model, OptimizerConfig(weight_decay=0.1), total_steps=1)
+        decayed = sum(p.ds_numel for g in optimizer.param_groups if g["weight_decay"] for p in g["params"])
         # Straight out of the loader, before deepspeed.initialize: no parameter is held whole.
-        return partitioned(model), [p.numel() for p in model.parameters()]
+        return partitioned(model), [p.numel() for p in model.parameters()], decayed
 
-    for held, sizes in ray.get([w.__ray_call__.remote(load_policy) for w in learners.workers]):
+    full, _ = load_model_and_processor(tiny_model_dir)
+    matrices = sum(p.numel() for p in full.parameters() if p.ndim >= 2)
+    for held, sizes, decayed in ray.get([w.__ray_call__.remote(load_policy) for w in learners.workers]):
         assert all(held) and sum(sizes) == 0
+        assert decayed == matrices > 0
 
     def reference(worker, rows):
         batch = policy_batch(worker.processor, rows, image_size=worker.image_size, device=worker.device)
@@ -72,10 +80,40 @@ def test_the_policy_is_loaded_partitioned_and_the_reference_is_sharded(zero3, ti
         return partitioned(worker.reference.module), largest.numel(), logprobs
 
     results = ray.get([w.__ray_call__.remote(reference, batch_rows) for w in learners.workers])
-    full, _ = load_model_and_processor(tiny_model_dir)
     batch = policy_batch(processor, batch_rows, image_size=config.data.image_size, device=torch.device("cpu"))
     with torch.no_grad():
         expected, _ = completion_logprobs(full, batch, config.grpo.temperature)
     for held, largest, logprobs in results:
         assert all(held) and largest == 0
         torch.testing.assert_close(logprobs * batch.mask, expected * batch.mask, rtol=1e-5, atol=1e-5)
+
+
+def test_a_resuming_rank_downloads_only_its_own_partition_from_s3(zero3, s3_server):
+    """Under ZeRO-3 each rank saves its own partition (parameters and optimizer states); resuming from S3 each rank
+    fetches those and the shared files only, and gets back exactly the state it saved."""
+    from unifer_ray import storage
+    from unifer_ray.rl.checkpoint import rank_files
+
+    _, learners = zero3
+    uri = f"{s3_server}/zero3-resume/learner"
+
+    def state(worker) -> dict[str, torch.Tensor]:  # collective: every rank gathers, rank 0 keeps
+        return worker.parallel.trainable_state()
+
+    saved = ray.get([w.__ray_call__.remote(state) for w in learners.workers])[0]
+    learners.save(uri)
+    names = [posixpath.relpath(f, uri) for f in storage.list_files(uri)]
+    own = {rank: set(rank_files(names, rank)) for rank in range(WORLD)}
+    for rank in range(WORLD):
+        assert any(f"zero_pp_rank_{rank}_" in name and "optim_states" in name for name in own[rank])
+        assert f"rng_rank{rank}.pt" in own[rank]
+        others = {name for name in names if f"zero_pp_rank_{1 - rank}_" in name or f"rng_rank{1 - rank}" in name}
+        assert others and not others & own[rank]
+    assert own[0] & own[1]  # what every rank reads
+
+    learners.train(rows(zero3[0], load_model_and_processor(zero3[0].model)[1].tokenizer))  # the weights move on
+    learners.load(uri)
+    restored = ray.get([w.__ray_call__.remote(state) for w in learners.workers])[0]
+    assert restored.keys() == saved.keys()
+    for name, tensor in saved.items():
+        torch.testing.assert_close(restored[name], tensor, rtol=0, atol=0)

@@ -12,6 +12,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -737,3 +738,80 @@ def test_local_model_dir_copies_an_s3_model_once(s3_server, tiny_model_dir, tmp_
     assert local_model_dir(str(tiny_model_dir)) == str(tiny_model_dir)  # local paths are used as they are
     with pytest.raises(FileNotFoundError, match="holds no files"):
         local_model_dir(f"{s3_server}/models/missing", cache_root=tmp_path)
+
+
+def test_a_deploy_file_holds_the_keys_digest_and_builds_where_the_key_is_not(ray_cluster, tmp_path, monkeypatch):
+    """`serve deploy` builds the app in a task on the cluster, which never sees the shell's key: `unifer serve-config`
+    writes the key's SHA-256 into the file, and the app builds from it with no key variable anywhere."""
+    import hashlib
+
+    from unifer_ray.cli import main
+    from unifer_ray.serve.app import build_app
+    from unifer_ray.serve.config import deploy_file
+
+    monkeypatch.setenv("UNIFER_API_KEY", API_KEY)
+    out = tmp_path / "serve_gpu.deploy.yaml"
+    main(["serve-config", str(REPO / "configs" / "serve_gpu.yaml"), "--out", str(out)])
+    assert API_KEY not in out.read_text()
+    file = load_serve_file(out)  # still a Serve config file whose args are a ServeConfig
+    assert file.config.api_key_env is None
+    assert file.config.api_key_sha256 == hashlib.sha256(API_KEY.encode()).hexdigest()
+
+    monkeypatch.delenv("UNIFER_API_KEY")
+    monkeypatch.setenv("UNIFER_PLACEMENT", "off")
+    ingress = build_app(file.config)._bound_deployment
+    assert ingress.init_kwargs["settings"].api_key_sha256 == file.config.api_key_sha256
+    with pytest.raises(ConfigError, match=r"\$UNIFER_API_KEY is not set in this shell"):
+        deploy_file(REPO / "configs" / "serve_gpu.yaml")
+    with pytest.raises(ValueError, match="not both"):
+        ServeConfig.model_validate(file.config.model_dump() | {"api_key_env": "UNIFER_API_KEY"})
+
+
+def test_a_prompt_worker_fetches_only_an_s3_models_small_files_once_per_node(s3_server, tiny_model_dir, tmp_path,
+                                                                            monkeypatch):
+    """Ray Data's request stage reads the model only for its chat template: an s3:// model's weights stay in S3, and
+    of the workers of a node starting together one copies the rest while the others wait for its copy."""
+    import uuid
+
+    from transformers import AutoProcessor
+
+    from unifer_ray import storage
+    from unifer_ray.engines import batch
+    from unifer_ray.models import model_dir
+
+    prefix = f"{s3_server}/models/tiny-{uuid.uuid4().hex[:8]}"
+    files = sorted(p for p in Path(tiny_model_dir).rglob("*") if p.is_file())
+    for path in files:
+        storage.write_bytes(f"{prefix}/{path.relative_to(tiny_model_dir)}", path.read_bytes())
+    small = [p.relative_to(tiny_model_dir) for p in files if not p.name.endswith(model_dir.WEIGHT_SUFFIXES)]
+    assert len(small) < len(files)  # the tiny model has weights to leave out
+
+    copied = []
+    real_copy = storage.copy_file
+
+    def counted(source, target):
+        copied.append(source)
+        real_copy(source, target)
+
+    monkeypatch.setattr(storage, "copy_file", counted)
+    with ThreadPoolExecutor(4) as pool:  # each its own lock file handle: flock excludes them as it does processes
+        dirs = set(pool.map(lambda _: local_model_dir(prefix, cache_root=tmp_path, weights=False), range(4)))
+    [local] = [Path(d) for d in dirs]
+    assert sorted(p.relative_to(local) for p in local.rglob("*") if p.is_file()) == small
+    assert len(copied) == len(small)  # one copy for the node, each small file once
+    processor = AutoProcessor.from_pretrained(local, local_files_only=True)
+    assert processor.tokenizer.chat_template or processor.chat_template
+    # A full copy made on the node (an engine's) serves the prompt workers too.
+    full = local_model_dir(prefix, cache_root=tmp_path)
+    assert local_model_dir(prefix, cache_root=tmp_path, weights=False) == full
+
+    # The request stage itself, with the default cache: no weight reaches this node.
+    requests = batch.vllm_requests({"id": np.array(["a"], dtype=object), "prompt": np.array(["which?"], dtype=object),
+                                    "image": np.array([None], dtype=object), "error": np.array(["bad image"])},
+                                   model=prefix, sampling={"max_new_tokens": 4})
+    assert "which?" in requests["prompt"][0]
+    cached = Path(model_dir.local_model_dir(prefix, weights=False))
+    try:
+        assert not any(p.name.endswith(model_dir.WEIGHT_SUFFIXES) for p in cached.rglob("*"))
+    finally:
+        shutil.rmtree(cached)

@@ -197,10 +197,31 @@ def _pipeline_commands(sub) -> None:
     serve.add_argument("--model", default=None, help="a model directory or s3:// prefix (default: the config's)")
     _add_config(serve, "serve.yaml")
 
+    deploy = _command(sub, "serve-config", "a Serve config file for `serve deploy`, with $api_key_env's SHA-256 "
+                      "in place of the variable (the cluster never needs the key)",
+                      "UNIFER_API_KEY=... unifer serve-config configs/serve_gpu.yaml --out serve_gpu.deploy.yaml",
+                      _serve_config)
+    deploy.add_argument("config", help="a Serve config file whose application names api_key_env")
+    deploy.add_argument("--out", default=None, help="write here (default: stdout)")
+
     demo = _command(sub, "demo", "the whole system on the embedded default (CPU, synthetic faces)",
                     "unifer demo --out runs/demo", _demo)
     _add_config(demo, "tiny.yaml")
     demo.add_argument("--out", default="runs/demo", help="every runs/demo path of the config moves below this")
+
+
+def _serve_config(args: argparse.Namespace) -> None:
+    import yaml
+
+    from unifer_ray.serve.config import deploy_file
+
+    text = yaml.safe_dump(deploy_file(args.config), sort_keys=False)
+    if args.out is None:
+        print(text, end="")
+        return
+    with open(args.out, "w") as f:
+        f.write(text)
+    print(f"wrote {args.out}: the API key's SHA-256 in place of its variable; deploy it with `serve deploy {args.out}`")
 
 
 def _version() -> str:

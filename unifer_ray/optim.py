@@ -34,6 +34,12 @@ def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_ratio: 
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def dims(param: torch.nn.Parameter) -> int:
+    """The dimensions of the parameter the model holds: under ZeRO-3 a partitioned parameter's tensor is a 1-D
+    placeholder, its real shape is `ds_shape`."""
+    return len(getattr(param, "ds_shape", param.shape))
+
+
 def build_optimizer(
     model: torch.nn.Module, config: OptimizerConfig, total_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
@@ -43,8 +49,8 @@ def build_optimizer(
     groups = []
     for in_vision, lr in ((False, config.lr), (True, config.lr * config.vision_lr_ratio)):
         params = [p for p in model.parameters() if p.requires_grad and (id(p) in vision) == in_vision]
-        groups += [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay, "lr": lr},
-                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr": lr}]
+        groups += [{"params": [p for p in params if dims(p) >= 2], "weight_decay": config.weight_decay, "lr": lr},
+                   {"params": [p for p in params if dims(p) < 2], "weight_decay": 0.0, "lr": lr}]
     groups = [g for g in groups if g["params"]]
     optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
     warmup = math.ceil(config.warmup_ratio * total_steps)

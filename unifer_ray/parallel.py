@@ -37,6 +37,9 @@ class ParallelConfig(BaseModel):
     num_workers: int = Field(1, gt=0)
     use_gpu: bool = False  # one GPU per worker
     num_cpus: float = Field(1.0, gt=0)  # per worker; fractional on small machines
+    # Where the workers go (Ray's placement strategies): PACK (Ray Train's default) fills one node before the next;
+    # STRICT_PACK keeps every rank on one node (NVLink; never starts when the group outgrows a node); SPREAD.
+    placement_strategy: Literal["PACK", "STRICT_PACK", "SPREAD"] = "PACK"
     torch_threads: int = Field(1, gt=0)  # CPU threads per worker (ignored on GPU)
     strategy: Literal["deepspeed", "ddp"] = "deepspeed"
     zero_stage: Literal[2, 3] = 2  # deepspeed only
@@ -51,6 +54,11 @@ class ParallelConfig(BaseModel):
         if self.precision == "bf16" and not self.use_gpu:
             raise ValueError("precision: bf16 needs use_gpu (CPU training runs in fp32)")
         return self
+
+    @property
+    def worker_bundle(self) -> dict[str, float]:
+        """What one worker (rank) asks Ray for."""
+        return {"CPU": self.num_cpus} | ({"GPU": 1} if self.use_gpu else {})
 
     @property
     def bf16(self) -> bool:

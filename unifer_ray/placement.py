@@ -51,9 +51,10 @@ def actor_options(role: Role) -> dict:
     return {"label_selector": found} if found else {}
 
 
-def packed_group_options(role: Role, num_bundles: int) -> dict:
-    """`placement_group(bundles, **...)` options: every bundle on one node of `role`'s type.
+def group_options(role: Role, num_bundles: int, strategy: str = "STRICT_PACK") -> dict:
+    """`placement_group(bundles, **...)` options: every bundle on nodes of `role`'s type, placed by `strategy`.
 
-    STRICT_PACK, because a tensor-parallel vLLM engine's GPUs talk over NVLink/PCIe inside one node."""
+    STRICT_PACK by default: a tensor-parallel vLLM engine's GPUs, or a learner group's ranks, talk over NVLink/PCIe
+    inside one node."""
     found = selector(role)
-    return {"strategy": "STRICT_PACK"} | ({"bundle_label_selector": [found] * num_bundles} if found else {})
+    return {"strategy": strategy} | ({"bundle_label_selector": [found] * num_bundles} if found else {})

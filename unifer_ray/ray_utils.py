@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 from unifer_ray.engines.processes import RAY_CLUSTER_ENV
 
@@ -64,3 +65,18 @@ def scope_ray_data_to_cpu_nodes() -> None:
 
     if placement.enabled():
         DataContext.get_current().execution_options.label_selector = placement.selector("cpu")
+
+
+def get_all(refs: list, timeout_s: float) -> list:
+    """`ray.get(refs, timeout=timeout_s)`, except that a failed call raises as soon as it fails: ray.get waits for the
+    refs in order, so a call that died behind one still running would be seen only once that one returns."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        if not done:
+            raise ray.exceptions.GetTimeoutError(f"{len(pending)} of {len(refs)} calls not done within {timeout_s}s")
+        ray.get(done[0])  # raises the call's failure
+    return ray.get(list(refs))

@@ -97,8 +97,28 @@ def list_files(uri: str | Path, suffix: str = "") -> list[str]:
     return ["s3://" + f for f in files] if is_s3(uri) else files
 
 
+def copy_file(source: str | Path, target: str | Path) -> None:
+    """Copy one file between local paths and s3:// URIs, streamed in chunks (checkpoint shards and model weights are
+    tens of GB: never whole in memory). The target appears whole or not at all."""
+    source_fs, source_path = filesystem(source)
+    if is_s3(target):  # a multipart upload becomes visible when it completes
+        target_fs, target_path = filesystem(target)
+        pafs.copy_files(source_path, target_path, source_filesystem=source_fs, destination_filesystem=target_fs)
+        return
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        pafs.copy_files(source_path, tmp, source_filesystem=source_fs, destination_filesystem=pafs.LocalFileSystem())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def copy_tree(local_dir: str | Path, target: str) -> None:
-    """Copy a local directory to `target` (local or s3://), file by file, each write atomic."""
+    """Copy a local directory to `target` (local or s3://), file by file, each streamed and atomic."""
     local_dir = Path(local_dir)
     for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
-        write_bytes(join(target, path.relative_to(local_dir).as_posix()), path.read_bytes())
+        copy_file(path, join(target, path.relative_to(local_dir).as_posix()))

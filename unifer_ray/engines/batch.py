@@ -67,6 +67,11 @@ def gpu_node_options(workers: EngineWorkers) -> dict:
     return placement.actor_options("rollout") if workers.num_gpus else {}
 
 
+def vllm_worker_bundle(workers: EngineWorkers) -> dict[str, float]:
+    """The placement bundle of one vLLM engine worker (one per tensor-parallel rank)."""
+    return {"CPU": workers.num_cpus} | ({"GPU": 1} if workers.num_gpus else {})
+
+
 def vllm_processor_config(spec: EngineSpec, workers: EngineWorkers, *, seeded: bool = False):
     """`ray.data.llm`'s processor config for a spec: the engine stage alone, one placement bundle per engine worker."""
     from ray.data.llm import vLLMEngineProcessorConfig
@@ -74,7 +79,6 @@ def vllm_processor_config(spec: EngineSpec, workers: EngineWorkers, *, seeded: b
     from unifer_ray.engines.vllm_engine import vllm_llm_kwargs
     from unifer_ray.engines.vllm_env import vllm_env
 
-    bundle = {"CPU": workers.num_cpus} | ({"GPU": 1} if workers.num_gpus else {})
     return vLLMEngineProcessorConfig(
         model_source=spec.model,
         engine_kwargs=vllm_llm_kwargs(spec, on_cpu=not workers.num_gpus, seeded=seeded),
@@ -82,7 +86,7 @@ def vllm_processor_config(spec: EngineSpec, workers: EngineWorkers, *, seeded: b
         concurrency=workers.concurrency,
         max_concurrent_batches=workers.max_concurrent_batches,
         accelerator_type=workers.accelerator_type,
-        placement_group_config={"bundle_per_worker": bundle},
+        placement_group_config={"bundle_per_worker": vllm_worker_bundle(workers)},
         runtime_env={"env_vars": vllm_env()},
         should_continue_on_error=True,  # a prompt vLLM refuses (e.g. longer than the context) is one error row
         chat_template_stage={"enabled": False},
@@ -112,12 +116,13 @@ def _vllm_generation(ds: ray.data.Dataset, spec: EngineSpec, sampling: SamplingP
 
 @cache
 def _chat_processor(model: str):
-    """The model's processor, once per worker process (Ray reuses task workers), for its chat template."""
+    """The model's processor, once per worker process (Ray reuses task workers), for its chat template. An s3://
+    model's weights stay in S3: these CPU workers fetch its other files only, once per node."""
     from transformers import AutoProcessor
 
     from unifer_ray.models.model_dir import local_model_dir
 
-    return AutoProcessor.from_pretrained(local_model_dir(model), local_files_only=True)
+    return AutoProcessor.from_pretrained(local_model_dir(model, weights=False), local_files_only=True)
 
 
 def vllm_requests(batch: dict[str, np.ndarray], *, model: str, sampling: dict) -> dict[str, np.ndarray]:

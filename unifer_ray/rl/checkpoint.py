@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +25,9 @@ from unifer_ray import storage
 LATEST = "latest"
 STATE_FILE = "state.json"
 LEARNER_DIR = "learner"
+# The files of one learner rank: DeepSpeed's `[bf16_]zero_pp_rank_<r>_mp_rank_00_*` and `rng_rank<r>.pt`
+# (parallel.RNG_FILE).
+RANK_FILE = re.compile(r"(?:zero_pp_rank_|rng_rank)(\d+)[_.]")
 
 
 @dataclass
@@ -36,7 +40,8 @@ class RunState:
 
 @contextmanager
 def writable_dir(uri: str) -> Iterator[Path]:
-    """A local directory whose files end up at `uri`: the directory itself, or a temporary one uploaded after."""
+    """A local directory whose files end up at `uri`: the directory itself, or a temporary one uploaded after (each
+    file streamed: a rank's optimizer partition is never whole in memory) and deleted."""
     if not storage.is_s3(uri):
         Path(uri).mkdir(parents=True, exist_ok=True)
         yield Path(uri)
@@ -46,9 +51,19 @@ def writable_dir(uri: str) -> Iterator[Path]:
         storage.copy_tree(tmp, uri)
 
 
+def rank_files(names: list[str], rank: int) -> list[str]:
+    """The files of a learner checkpoint that rank `rank` reads: its own partition (DeepSpeed's `*zero_pp_rank_<r>_*`
+    optimizer states and ZeRO-3 model shards, our `rng_rank<r>.pt`) and what every rank reads (ZeRO-2's
+    `mp_rank_00_model_states.pt`, DDP's `torch_state.pt`). DeepSpeed loads only its own rank's optimizer partition
+    (without `elastic_checkpoint`, which this project never sets)."""
+    owners = [RANK_FILE.search(posixpath.basename(name)) for name in names]
+    return [name for name, owner in zip(names, owners) if owner is None or int(owner.group(1)) == rank]
+
+
 @contextmanager
-def readable_dir(uri: str) -> Iterator[Path]:
-    """The files at `uri` in a local directory: the directory itself, or a temporary download."""
+def readable_dir(uri: str, rank: int | None = None) -> Iterator[Path]:
+    """The files at `uri` in a local directory: the directory itself, or a temporary download of the files `rank`
+    reads (all of them when None), each streamed to disk."""
     if not storage.is_s3(uri):
         if not Path(uri).is_dir():
             raise FileNotFoundError(f"checkpoint directory {uri} does not exist")
@@ -58,10 +73,8 @@ def readable_dir(uri: str) -> Iterator[Path]:
     if not files:
         raise FileNotFoundError(f"checkpoint directory {uri} holds no files")
     with tempfile.TemporaryDirectory(prefix="rlvr-download-") as tmp:
-        for file in files:
-            target = Path(tmp) / posixpath.relpath(file, uri)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(storage.read_bytes(file))
+        for file in files if rank is None else rank_files(files, rank):
+            storage.copy_file(file, Path(tmp) / posixpath.relpath(file, uri))
         yield Path(tmp)
 
 

@@ -51,6 +51,19 @@ class RolloutConfig(_Strict):
     start_timeout_s: float = Field(900, gt=0)  # an engine's start (vLLM compiles its model first)
     generate_timeout_s: float = Field(900, gt=0)  # one batch share, from the moment the controller waits for it
     sync_timeout_s: float = Field(300, gt=0)  # one weight update
+    # A worker's placement group, before its engine starts: on a cluster, a node's launch and image pull (a spot
+    # rollout lost with its node waits here for the next one, not in start_timeout_s).
+    placement_timeout_s: float = Field(1800, gt=0)
+
+    @property
+    def bundles(self) -> list[dict[str, float]]:
+        """One worker's placement group: a bundle per tensor-parallel GPU, or one of CPUs."""
+        return [{"CPU": self.num_cpus, "GPU": 1}] * self.num_gpus or [{"CPU": self.num_cpus}]
+
+    @property
+    def update_timeout_s(self) -> float:
+        """The longest wait for a weight update: it may queue behind the batch an engine is generating."""
+        return self.sync_timeout_s + self.generate_timeout_s
 
     @model_validator(mode="after")
     def _engine(self) -> RolloutConfig:
@@ -66,6 +79,7 @@ class LearnerConfig(ParallelConfig):
 
     micro_batch_size: int = Field(4, gt=0)
     optimizer: OptimizerConfig = OptimizerConfig(lr=1e-6, warmup_ratio=0.0)
+    placement_timeout_s: float = Field(1800, gt=0)  # the learners' placement group: on a cluster, a node's launch
 
 
 def _registered(registry: dict, name: str) -> str:

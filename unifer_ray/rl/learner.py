@@ -13,12 +13,15 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
 import ray
 import torch
 import torch.distributed as dist
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from unifer_ray import placement
 from unifer_ray.data.images import load_image
@@ -34,6 +37,8 @@ from unifer_ray.rl.logprobs import token_logprobs
 
 # Sums each learner returns from `train`; the group adds them up over ranks.
 SUMS = ("tokens", "kl", "entropy", "clipped", "loss", "gap", "mismatch_k3", "is_clipped", "gap_tokens")
+# How much longer than the controller's longest wait for a weight update a learner may sit in a collective.
+GROUP_TIMEOUT_MARGIN_S = 600
 
 
 @dataclass(frozen=True)
@@ -129,7 +134,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def join_process_group(master_addr: str, master_port: int, rank: int, world_size: int, use_gpu: bool) -> torch.device:
+def group_timeout_s(config: RLVRConfig) -> float:
+    """How long a learner may wait in a collective of its group (torch's default: 10 minutes for NCCL).
+
+    Under ZeRO-3 every rank gathers the weights that rank 0 sends, and rank 0 first waits for the engines, which may
+    finish a batch's generation before they take the update; in one_step_off it waits behind a long generation. The
+    group's timeout stays above the controller's wait for an update, so that the controller aborts a failed sync
+    before torch's watchdog kills a learner (learners are not replaceable)."""
+    return config.rollout.update_timeout_s + GROUP_TIMEOUT_MARGIN_S
+
+
+def join_process_group(master_addr: str, master_port: int, rank: int, world_size: int, use_gpu: bool,
+                       timeout_s: float) -> torch.device:
     """Join the learners' group (NCCL on GPU, gloo on CPU); returns this learner's device.
 
     Ray Train sets up SFT's group; RL's learners are long-lived actors the controller calls step by step, so they
@@ -142,7 +158,7 @@ def join_process_group(master_addr: str, master_port: int, rank: int, world_size
     if use_gpu:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if use_gpu else "gloo", init_method=f"tcp://{master_addr}:{master_port}",
-                            rank=rank, world_size=world_size)
+                            rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
     return device
 
 
@@ -150,7 +166,7 @@ class LearnerWorker:
     """One rank of the learner group (a Ray actor)."""
 
     def __init__(self, learner: dict, grpo: dict, *, model_dir: str, image_size: int, rank: int, world_size: int,
-                 grad_accum_steps: int, total_steps: int, seed: int):
+                 grad_accum_steps: int, total_steps: int, seed: int, group_timeout_s: float):
         self.config = LearnerConfig.model_validate(learner)
         self.grpo = GRPOConfig.model_validate(grpo)
         self.model_dir = model_dir
@@ -158,6 +174,7 @@ class LearnerWorker:
         self.rank, self.world_size = rank, world_size
         self.grad_accum_steps, self.total_steps = grad_accum_steps, total_steps
         self.seed = seed
+        self.group_timeout_s = group_timeout_s
 
     def address(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), free_port()
@@ -165,7 +182,8 @@ class LearnerWorker:
     def setup(self, master_addr: str, master_port: int) -> None:
         if not self.config.use_gpu:
             torch.set_num_threads(self.config.torch_threads)
-        self.device = join_process_group(master_addr, master_port, self.rank, self.world_size, self.config.use_gpu)
+        self.device = join_process_group(master_addr, master_port, self.rank, self.world_size, self.config.use_gpu,
+                                         self.group_timeout_s)
         seed_everything(self.seed + self.rank)
         settings = self.config.settings(grad_accum_steps=self.grad_accum_steps, total_steps=self.total_steps)
         model, self.processor = load_trainable(self.model_dir, settings, self.device)
@@ -245,21 +263,30 @@ class LearnerWorker:
 
         cast = {"auto": torch.bfloat16 if self.config.bf16 else None, "bfloat16": torch.bfloat16,
                 "float32": torch.float32}[dtype]
-        self.transfer_client = RolloutClient(rollouts, ranks_per_engine, timeout_s)
+        self.transfer_client = RolloutClient(rollouts, ranks_per_engine, timeout_s, abort=self.abort_weight_transfer)
         info = NCCLTrainerInitInfo(master_address=master_addr, master_port=master_port, world_size=world_size,
                                    packed=True, packed_buffer_size_bytes=bucket_bytes, rank=self.rank)
         self.transfer = WeightTransferTrainerFactory.trainer_init(
             info, client=self.transfer_client, source=TrainableSource(self.parallel, cast))
 
     def send_weights(self, version: int) -> None:
-        """NCCL sync: one update of every engine (packed buckets), finished as `version`."""
+        """NCCL sync: one update of every engine (packed buckets), finished as `version`.
+
+        An aborted communicator is `disabled`: its broadcasts return at once and send nothing. A send on one, or one
+        aborted midway (the engines then hold partial weights), raises instead of finishing the engines' update."""
+        group = self.transfer.model_update_group  # None on the ranks that only join the gathers
+        if group is not None and group.disabled:
+            raise RuntimeError("the NCCL weight-transfer group was aborted: form it again (init_weight_transfer)")
         self.transfer_client.version = str(version)
         self.transfer.send_weights()
+        if group is not None and group.disabled:
+            raise RuntimeError(f"the NCCL update to version {version} was aborted midway")
 
     @ray.method(concurrency_group="abort")
     def abort_weight_transfer(self) -> None:
         """Tear the NCCL group down (a member died or hung): aborting the communicator ends a broadcast waiting on
-        it. Runs on its own thread, beside a blocked `send_weights`."""
+        it. Runs on its own thread, beside a blocked `send_weights` (or on the thread of the engine call that
+        failed)."""
         transfer = getattr(self, "transfer", None)
         if transfer is not None and transfer.model_update_group is not None:
             transfer.model_update_group.destroy()
@@ -292,7 +319,7 @@ class LearnerWorker:
             self.parallel.save(directory)
 
     def load(self, uri: str) -> None:
-        with readable_dir(uri) as directory:
+        with readable_dir(uri, rank=self.rank) as directory:  # from S3: this rank's files only
             self.parallel.load(directory)
 
     def export(self, uri: str) -> None:
@@ -330,18 +357,36 @@ class LearnerGroup:
         rows_per_rank = math.ceil(config.batch_size / self.world_size)
         grad_accum_steps = math.ceil(rows_per_rank / learner.micro_batch_size)
         name = f"learner-{uuid.uuid4().hex[:8]}"
+        self.placement_group = self._placed(learner)
         options = {"num_cpus": learner.num_cpus, "num_gpus": 1 if learner.use_gpu else 0,
-                   "runtime_env": {"env_vars": THREAD_ENV}, **placement.actor_options("learner")}
+                   "runtime_env": {"env_vars": THREAD_ENV}}
         self.workers = [
-            ray.remote(concurrency_groups={"abort": 1})(LearnerWorker).options(name=f"{name}-{rank}", **options).remote(
+            ray.remote(concurrency_groups={"abort": 1})(LearnerWorker).options(
+                name=f"{name}-{rank}", scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self.placement_group, placement_group_bundle_index=rank), **options).remote(
                 learner.model_dump(), config.grpo.model_dump(), model_dir=model_dir,
                 image_size=config.data.image_size, rank=rank, world_size=self.world_size,
                 grad_accum_steps=grad_accum_steps, total_steps=config.steps * config.grpo.updates_per_batch,
-                seed=config.seed)
+                seed=config.seed, group_timeout_s=group_timeout_s(config))
             for rank in range(self.world_size)
         ]
         master_addr, master_port = ray.get(self.workers[0].address.remote())
         ray.get([w.setup.remote(master_addr, master_port) for w in self.workers])
+
+    def _placed(self, learner: LearnerConfig) -> ray.util.placement_group.PlacementGroup:
+        """One bundle per rank on learner nodes, placed by `learner.placement_strategy`: without a group, ranks go
+        wherever a GPU is free, e.g. split over two learner nodes that are both up."""
+        bundles = [learner.worker_bundle] * self.world_size
+        group = placement_group(bundles, **placement.group_options("learner", len(bundles),
+                                                                   learner.placement_strategy))
+        try:
+            ray.get(group.ready(), timeout=learner.placement_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(group)
+            raise RuntimeError(f"the learners' placement group ({len(bundles)} x {bundles[0]}, "
+                               f"{learner.placement_strategy}) was not placed within {learner.placement_timeout_s}s: "
+                               "no learner node (or not enough of them) can hold it") from None
+        return group
 
     def train(self, rows: list[TrainRow]) -> dict:
         """One GRPO step on the batch `rows` (each rank takes a contiguous share); the group's statistics."""
@@ -386,3 +431,4 @@ class LearnerGroup:
     def shutdown(self) -> None:
         for worker in self.workers:
             ray.kill(worker)
+        remove_placement_group(self.placement_group)

@@ -185,8 +185,8 @@ class Rollout:
 class RolloutGroup:
     """The rollout actors of a run, serving `model` (the starting policy) and then the weights they are sent.
 
-    Each worker is one engine: vLLM (weights arriving through shared memory, or NCCL with `nccl`) or hf. On GPUs each
-    vLLM engine gets its own placement group (one bundle per tensor-parallel GPU)."""
+    Each worker is one engine: vLLM (weights arriving through shared memory, or NCCL with `nccl`) or hf, in its own
+    placement group (on GPUs one bundle per tensor-parallel GPU), which outlives the worker's replacements."""
 
     def __init__(self, config: RolloutConfig, *, model: str, image_size: int, max_prompt_tokens: int,
                  nccl: bool = False):
@@ -203,12 +203,11 @@ class RolloutGroup:
                               "torch_threads": config.torch_threads, "tensor_parallel": self.tensor_parallel > 1}
         self.name = f"rollout-{uuid.uuid4().hex[:8]}"  # actors are named <name>-<index>-<replacement>
         self.replacements = 0
-        self.placement_groups = []
-        if config.num_gpus:
-            bundles = [{"CPU": config.num_cpus, "GPU": 1}] * config.num_gpus
-            self.placement_groups = [placement_group(bundles, **placement.packed_group_options("rollout", len(bundles)))
-                                     for _ in range(config.num_workers)]
-            ray.get([pg.ready() for pg in self.placement_groups], timeout=config.start_timeout_s)
+        bundles = config.bundles
+        self.placement_groups = [placement_group(bundles, **placement.group_options("rollout", len(bundles)))
+                                 for _ in range(config.num_workers)]
+        for index in range(config.num_workers):
+            self._wait_for_placement(index)
         self.workers = [self._start(i) for i in range(config.num_workers)]
         started = ray.get([w.ready.remote() for w in self.workers], timeout=config.start_timeout_s)
         self.vllm = started[0]["vllm"]
@@ -221,14 +220,20 @@ class RolloutGroup:
     def _start(self, index: int) -> ray.actor.ActorHandle:
         options: dict = {"num_cpus": self.config.num_cpus, "runtime_env": {"env_vars": THREAD_ENV | vllm_env()},
                          "name": f"{self.name}-{index}-{self.replacements}"}
-        if self.placement_groups:
-            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                placement_group=self.placement_groups[index], placement_group_bundle_index=0,
-                placement_group_capture_child_tasks=True)
-            options["num_gpus"] = 0 if self.tensor_parallel > 1 else 1
-        else:
-            options |= placement.actor_options("rollout")
+        options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+            placement_group=self.placement_groups[index], placement_group_bundle_index=0,
+            placement_group_capture_child_tasks=True)
+        options["num_gpus"] = 1 if self.config.num_gpus and self.tensor_parallel == 1 else 0
         return ray.remote(RolloutWorker).options(**options).remote(self.spec, **self.worker_kwargs)
+
+    def _wait_for_placement(self, index: int) -> None:
+        """Wait for worker `index`'s placement group, on its own timeout: on a cluster it may wait for a node's
+        launch (a spot rollout lost with its node waits for the next one), which start_timeout_s does not cover."""
+        group = self.placement_groups[index]
+        if not group.wait(self.config.placement_timeout_s):
+            raise RuntimeError(f"rollout worker {index}'s placement group ({group.bundle_specs}) was not placed "
+                               f"within placement_timeout_s {self.config.placement_timeout_s}s: no rollout node can "
+                               "hold it")
 
     @property
     def ranks_per_worker(self) -> int:
@@ -295,13 +300,23 @@ class RolloutGroup:
         return self._settle(loads)
 
     def _settle(self, loads: list[_Load]) -> float:
+        """Wait for the loads as they finish: a worker whose load failed (its actor or engine died mid-update) is
+        replaced at once, whatever the others still do; those still loading after sync_timeout_s are hung."""
         seconds = [0.0]
-        for load in loads:
-            if self.workers[load.worker] is not load.actor:
-                continue  # replaced meanwhile, and restored to the current version
+        # Loads of a worker replaced meanwhile are skipped: the replacement was restored to the current version.
+        pending = {load.ref: load for load in loads if self.workers[load.worker] is load.actor}
+        deadline = time.monotonic() + self.config.sync_timeout_s
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not done:
+                for load in pending.values():
+                    self.replace(load.worker, ray.exceptions.GetTimeoutError(
+                        f"weight load not done within sync_timeout_s {self.config.sync_timeout_s}s"))
+                break
+            load = pending.pop(done[0])
             try:
-                seconds.append(ray.get(load.ref, timeout=self.config.sync_timeout_s))
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+                seconds.append(ray.get(load.ref))
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
                 self.replace(load.worker, exc)  # the replacement is restored to the current version
         return max(seconds)
 
@@ -328,6 +343,7 @@ class RolloutGroup:
             log.warning("rollout worker %d failed (%s); replacing it (replacement %d of %d)", index,
                         type(cause).__name__, self.replacements, self.config.max_replacements)
             self._end(index, self.workers[index])
+            self._wait_for_placement(index)  # a lost node: Ray places the group again, on the node launched next
             self.workers[index] = self._start(index)
             try:
                 started = ray.get(self.workers[index].ready.remote(), timeout=self.config.start_timeout_s)

@@ -16,11 +16,10 @@ weights arrive (CPU linear weights are prepacked: writing parameters alone leave
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import ray
 import torch
 from safetensors import safe_open
 from vllm.distributed.weight_transfer.base import (
@@ -32,6 +31,8 @@ from vllm.distributed.weight_transfer.base import (
 )
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
+
+from unifer_ray.ray_utils import get_all
 
 SHM_BACKEND = "unifer_shm"
 
@@ -113,15 +114,23 @@ class TrainableSource(WeightSource):
 
 class RolloutClient:
     """vLLM's `VLLMWeightSyncClient` over the rollout actors: each call reaches every engine and waits at most
-    `timeout_s` (a dead or hung engine raises instead of hanging the learner). Engine i's workers take NCCL ranks
-    1 + i * ranks_per_engine onwards (vLLM's trainer engine assumes a single engine at rank offset 1)."""
+    `timeout_s`. Engine i's workers take NCCL ranks 1 + i * ranks_per_engine onwards (vLLM's trainer engine assumes a
+    single engine at rank offset 1).
 
-    def __init__(self, actors: list, ranks_per_engine: int, timeout_s: float):
-        self.actors, self.ranks_per_engine, self.timeout_s = actors, ranks_per_engine, timeout_s
+    The first engine that fails (or the timeout) calls `abort` at once and raises: `update_weights` runs on a thread
+    beside the sender's broadcast, which would otherwise wait in NCCL for the dead engine until a timeout. Aborting
+    the group ends that broadcast; the caller then rebuilds the group with new engines."""
+
+    def __init__(self, actors: list, ranks_per_engine: int, timeout_s: float, abort: Callable[[], None]):
+        self.actors, self.ranks_per_engine, self.timeout_s, self.abort = actors, ranks_per_engine, timeout_s, abort
         self.version: str | None = None  # set before each send: vLLM's trainer engine finishes without one
 
     def _all(self, refs: list) -> None:
-        ray.get(refs, timeout=self.timeout_s)
+        try:
+            get_all(refs, self.timeout_s)
+        except BaseException:
+            self.abort()
+            raise
 
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
         self._all([a.init_weight_transfer.remote(init_info | {"rank_offset": 1 + i * self.ranks_per_engine})

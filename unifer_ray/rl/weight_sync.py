@@ -20,6 +20,7 @@ from abc import ABC, abstractmethod
 
 import ray
 
+from unifer_ray.ray_utils import get_all
 from unifer_ray.rl.config import SyncConfig
 from unifer_ray.rl.learner import LearnerGroup
 from unifer_ray.rl.rollout import RolloutGroup
@@ -77,8 +78,7 @@ class NCCLSync(WeightSync):
         super().__init__(learners, rollouts)
         self.config = config
         self.timeout_s = rollouts.config.sync_timeout_s
-        # An update may wait behind the batch an engine is generating.
-        self.update_timeout_s = self.timeout_s + rollouts.config.generate_timeout_s
+        self.update_timeout_s = rollouts.config.update_timeout_s  # below the learners' group timeout
         self._connect()
 
     def _connect(self) -> None:
@@ -96,7 +96,9 @@ class NCCLSync(WeightSync):
         started = time.perf_counter()
         while True:
             try:
-                ray.get([w.send_weights.remote(version) for w in self.learners.workers], timeout=self.update_timeout_s)
+                # Rank 0 raises as soon as an engine fails (its client aborts the group); the others finish their
+                # gathers beside its now silent broadcasts.
+                get_all([w.send_weights.remote(version) for w in self.learners.workers], self.update_timeout_s)
                 break
             except FAILURES as exc:
                 self._rebuild(exc)

@@ -325,7 +325,8 @@ def build_app(config: ServeConfig) -> Application:
     """The Serve application builder (`import_path: unifer_ray.serve.app:build_app`; the args are a ServeConfig):
     one LLMServer deployment (vLLM, autoscaled by its deployment_config) behind FerIngress, both on serve nodes
     where the cluster labels its node types."""
-    settings = IngressSettings(limits=config.limits, fer=config.fer, api_key_sha256=api_key_digest(config.api_key_env))
+    digest = config.api_key_sha256 or api_key_digest(config.api_key_env)
+    settings = IngressSettings(limits=config.limits, fer=config.fer, api_key_sha256=digest)
     llm = llm_config(config)
     options = FerIngress.get_deployment_options([llm])
     options["ray_actor_options"] = {"num_cpus": config.ingress.num_cpus} | placement.actor_options("serve")

@@ -90,8 +90,12 @@ class ServeConfig(BaseModel):
     # engine_kwargs are vLLM's engine arguments; deployment_config holds autoscaling.
     llm_config: dict[str, Any]
     # The name of the variable holding the API key (never the key). When set, every /v1 route needs
-    # `Authorization: Bearer <key>`; the variable must be set where the app is built.
+    # `Authorization: Bearer <key>`; the variable must be set where the app is built (under `serve deploy`, a task on
+    # the cluster: the KubeRay pods get it from a secret).
     api_key_env: str | None = None
+    # Or the key's SHA-256 (hex) itself, which is all the app keeps: a deploy file written where the key is
+    # (`unifer serve-config`), for a cluster whose nodes do not hold the key.
+    api_key_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     ingress: IngressConfig = Field(default_factory=IngressConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     fer: FerConfig = Field(default_factory=FerConfig)
@@ -104,6 +108,12 @@ class ServeConfig(BaseModel):
         LLMConfig.model_validate(value)  # its errors name the field
         return value
 
+    @model_validator(mode="after")
+    def _one_key(self) -> ServeConfig:
+        if self.api_key_env and self.api_key_sha256:
+            raise ValueError("give api_key_env or api_key_sha256, not both")
+        return self
+
     @property
     def model_name(self) -> str:
         return self.llm_config["model_loading_config"]["model_id"]
@@ -111,6 +121,26 @@ class ServeConfig(BaseModel):
     @property
     def model_source(self) -> str:
         return self.llm_config["model_loading_config"].get("model_source") or self.model_name
+
+
+def deploy_file(path: str | Path) -> dict:
+    """The Serve config file at `path` with the application's `api_key_env` replaced by `api_key_sha256`, the digest
+    of that variable's value here: a file to `serve deploy` to a cluster whose nodes do not hold the key."""
+    import hashlib
+    import os
+
+    data = read_yaml(path)
+    file = load_serve_file(path)  # checks the file first
+    args = data["applications"][0]["args"]
+    name = file.config.api_key_env
+    if name is None:
+        raise ConfigError(f"{path}: applications.0.args.api_key_env is not set: there is no API key to digest")
+    key = os.environ.get(name, "").strip()
+    if not key:
+        raise ConfigError(f"{path}: api_key_env: the API key variable ${name} is not set in this shell")
+    del args["api_key_env"]
+    args["api_key_sha256"] = hashlib.sha256(key.encode()).hexdigest()
+    return data
 
 
 @dataclass

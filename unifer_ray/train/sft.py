@@ -62,6 +62,7 @@ def run_sft(config: SFTConfig, *, progress: bool = True) -> SFTResult:
         train_loop_config={"sft": config.model_dump(), "num_rows": num_rows},
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
                                      resources_per_worker={"CPU": config.num_cpus},
+                                     placement_strategy=config.placement_strategy,
                                      **placement.actor_options("learner")),
         run_config=RunConfig(
             name=config.run_name,

@@ -1,0 +1,164 @@
+"""RL failures that a GPU cluster meets, reproduced on the real local Ray: an engine that fails during an NCCL weight
+update (the sender aborts at once), the learners' collective timeout, and a spot rollout node lost and replaced by a
+node that takes longer to come than an engine takes to start."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+from test_rl_system import rl_config
+
+from unifer_ray.config import parse_config
+from unifer_ray.engines import SamplingParams
+from unifer_ray.rl.config import RLVRConfig
+from unifer_ray.rl.learner import group_timeout_s
+from unifer_ray.rl.prompts import PromptSource
+from unifer_ray.rl.rollout import RolloutGroup
+
+# ---------------------------------------------------------------- NCCL: the first failed engine aborts the update
+
+
+class EngineStandIn:
+    """A rollout actor as vLLM's NCCL sender sees it during an update: `wait` is an engine blocked in the broadcast
+    (for a peer that died), `die` one whose process dies mid-update."""
+
+    def __init__(self, behaviour: str):
+        self.behaviour = behaviour
+
+    def update_weights(self, update_info: dict) -> None:
+        if self.behaviour == "die":
+            time.sleep(1)
+            os._exit(1)
+        time.sleep(600)
+
+
+def test_an_engine_that_dies_mid_update_aborts_the_transfer_at_once(ray_cluster):
+    """vLLM's sender runs the engines' `update_weights` on a thread beside its NCCL broadcast. The rollout client
+    waits on every engine's call and aborts the group on the first failure (which ends the broadcast), whatever the
+    engines before it still do: not after the timeout, not after the slowest engine."""
+    from unifer_ray.rl.vllm_transfer import RolloutClient
+
+    stand_in = ray.remote(num_cpus=0, max_restarts=0)(EngineStandIn)
+    engines = [stand_in.remote("wait"), stand_in.remote("die")]  # ray.get in order would wait on the first
+    aborted = threading.Event()
+    client = RolloutClient(engines, ranks_per_engine=1, timeout_s=300, abort=aborted.set)
+    started = time.monotonic()
+    with pytest.raises(ray.exceptions.RayActorError):
+        client.update_weights({"names": []})
+    assert aborted.is_set() and time.monotonic() - started < 30
+
+    # Hung engines: the group is aborted at the timeout.
+    aborted.clear()
+    client = RolloutClient(engines[:1], ranks_per_engine=1, timeout_s=2, abort=aborted.set)
+    with pytest.raises(ray.exceptions.GetTimeoutError):
+        client.update_weights({"names": []})
+    assert aborted.is_set()
+    ray.kill(engines[0])
+
+
+def test_the_learners_collectives_outwait_the_controllers_wait_for_an_update(tmp_path, tiny_model_dir,
+                                                                             synthetic_root):
+    """Under ZeRO-3 learners sit in the gathers of a weight update while rank 0 waits for the engines (behind a
+    batch's generation in one_step_off): torch's default 10-minute NCCL timeout would kill them (they are not
+    replaceable) before the controller gives up on the update and rebuilds the transfer."""
+    for rollout in ({}, {"generate_timeout_s": 3600, "sync_timeout_s": 900}):
+        config = parse_config(rl_config(tmp_path, tiny_model_dir, synthetic_root, rollout=rollout), RLVRConfig)
+        assert group_timeout_s(config) > config.rollout.update_timeout_s
+        assert group_timeout_s(config) > 600  # torch's NCCL default
+
+
+# ---------------------------------------------------------------- a spot rollout node lost, its replacement slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+NODE_PORTS = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+              "runtime-env-agent-port", "metrics-export-port")
+
+
+@pytest.fixture
+def rollout_nodes(ray_cluster, tmp_path):
+    """Starts worker nodes labelled `unifer-role: rollout` that join the session's cluster (`ray start --block`, each
+    in its own process group, its own ports); `stop` ends one as a spot reclaim would (its raylet and workers go)."""
+    nodes: list[subprocess.Popen] = []
+    address = ray.get_runtime_context().gcs_address
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+
+    def start() -> subprocess.Popen:
+        ports = [arg for name in NODE_PORTS for arg in (f"--{name}", str(free_port()))]
+        log = open(tmp_path / f"node-{len(nodes)}.log", "w")
+        node = subprocess.Popen(["ray", "start", "--address", address, "--block", "--num-cpus", "1", "--num-gpus",
+                                 "0", "--labels", "unifer-role=rollout", "--object-store-memory", str(100 * 2**20),
+                                 "--disable-usage-stats", *ports], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+        nodes.append(node)
+        return node
+
+    def stop(node: subprocess.Popen) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(node.pid, signal.SIGTERM)
+        node.wait(timeout=60)
+
+    yield start, stop
+    for node in nodes:
+        if node.poll() is None:
+            stop(node)
+
+
+def rollout_nodes_alive() -> int:
+    return sum(1 for n in ray.nodes() if n["Alive"] and n.get("Labels", {}).get("unifer-role") == "rollout")
+
+
+def wait_for(condition, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.5)
+
+
+def test_a_lost_rollout_node_is_replaced_however_long_the_next_node_takes(rollout_nodes, monkeypatch, tmp_path,
+                                                                         tiny_model_dir, synthetic_root):
+    """A spot rollout node goes with its actor. The worker's placement group waits for the next rollout node on
+    placement_timeout_s (a node launch, an image pull), and only then does the new engine get start_timeout_s:
+    here the next node comes later than an engine's start_timeout_s, with one replacement allowed."""
+    start_node, stop_node = rollout_nodes
+    monkeypatch.setenv("UNIFER_PLACEMENT", "labels")  # the session's own node carries no label: rollouts go here
+    first = start_node()
+    wait_for(lambda: rollout_nodes_alive() == 1, 60)
+    rollout = {"engine": {"engine": "hf", "max_batch_size": 8}, "num_cpus": 1, "start_timeout_s": 20,
+               "placement_timeout_s": 180, "max_replacements": 1}
+    config = parse_config(rl_config(tmp_path, tiny_model_dir, synthetic_root, rollout=rollout), RLVRConfig)
+    items = PromptSource(config.data, prompts_per_step=2, seed=0).batch(0)
+    params = SamplingParams(n=2, max_new_tokens=8, temperature=1.0, logprobs=True)
+    rollouts = RolloutGroup(config.rollout, model=str(tiny_model_dir), image_size=56, max_prompt_tokens=4096)
+    try:
+        before = rollouts.generate(items, params, seed=5)
+        stop_node(first)  # the spot reclaim: the actor is gone, its placement group waits for a rollout node
+        wait_for(lambda: rollout_nodes_alive() == 0, 60)
+        late = threading.Timer(config.rollout.start_timeout_s + 5, start_node)
+        late.start()
+        started = time.monotonic()
+        after = rollouts.generate(items, params, seed=5)
+        assert time.monotonic() - started > config.rollout.start_timeout_s
+        assert rollouts.replacements == 1
+        # The replacement generated the lost share again: same starting weights, same seeds.
+        assert [[c.token_ids for c in g] for g in after.completions] == \
+            [[c.token_ids for c in g] for g in before.completions]
+        late.join()
+    finally:
+        rollouts.shutdown()
