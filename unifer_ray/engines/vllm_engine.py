@@ -28,6 +28,8 @@ def vllm_llm_kwargs(spec: EngineSpec, *, seeded_on_cpu: bool = False) -> dict:
     which CPU generators refuse ("CPU Generator does not use offset") and the engine dies; such engines prefill
     whole prompts."""
     kwargs = {"dtype": spec.dtype, **DEFAULT_LLM_KWARGS}
+    if spec.revision is not None:  # a hub id's revision, for vLLM's own download (ray.data.llm's engine stage)
+        kwargs |= {"revision": spec.revision, "tokenizer_revision": spec.revision}
     if seeded_on_cpu:
         whole = max(int(spec.vllm_kwargs.get("max_model_len", 0)), 16384)
         kwargs |= {"enable_chunked_prefill": False, "max_num_batched_tokens": whole}
