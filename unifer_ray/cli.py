@@ -40,6 +40,18 @@ def _label_map(pairs: list[str] | None) -> dict[str, str]:
     return mapping
 
 
+def _export(args: argparse.Namespace) -> None:
+    from unifer_ray.data.hf_export import export_results, export_training_set
+
+    if args.what == "results":
+        if len(args.from_) != 1:
+            raise ValueError("unifer export results takes one benchmark out_dir (--from)")
+        report = export_results(args.from_[0], args.out)
+    else:
+        report = export_training_set(args.what, args.from_ if len(args.from_) > 1 else args.from_[0], args.out)
+    print(json.dumps(report, indent=2, default=str))
+
+
 def _synth(args: argparse.Namespace) -> None:
     from unifer_ray.data.synthetic import write_synthetic_datasets
 
@@ -181,6 +193,19 @@ def _data_commands(sub) -> None:
     fb.add_argument("--image-out", default=None,
                     help="where images held as bytes are written (default: --root; with --hf: <out dir>/<dataset dir>)")
     _add_hf_options(fb)
+
+    export = _command(sub, "export", "write a curated set or FERBench results as a Hugging Face dataset",
+                      "unifer export cot --from runs/demo/cot/items --out runs/hf/unifer-cot")
+    exports = export.add_subparsers(dest="what", required=True)
+    for what, text, example in (
+        ("cot", "the CoT set (items files or directories)", "runs/demo/cot/items"),
+        ("rlvr", "the RLVR set (items files or directories)", "runs/demo/rlvr_set/items"),
+        ("results", "the FERBench results of a benchmark run (its out_dir)", "runs/demo/bench"),
+    ):
+        p = _command(exports, what, f"{text} -> parquet shards and a dataset card, ready for push_to_hub",
+                     f"unifer export {what} --from {example} --out runs/hf/{what}", _export)
+        p.add_argument("--from", dest="from_", nargs="+", required=True, help=text)
+        p.add_argument("--out", required=True, help="the dataset directory to write (local or s3://)")
 
     synth = _command(sub, "synth", "render the four synthetic datasets in their original layouts",
                      "unifer synth --out runs/data --train-per-class 50 --test-per-class 10", _synth)

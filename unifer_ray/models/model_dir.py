@@ -60,16 +60,17 @@ def local_model_dir(model: str, cache_root: str | Path | None = None, *, revisio
     return str(target)
 
 
-def hub_snapshot(repo_id: str, revision: str | None = None) -> str:
-    """The local snapshot directory of a hub model, downloaded into the cache unless it is there (or offline)."""
+def hub_snapshot(repo_id: str, revision: str | None = None, *, repo_type: str = "model") -> str:
+    """The local snapshot directory of a hub repository (a model, or a dataset with repo_type="dataset"),
+    downloaded into the cache unless it is there; with HF_HUB_OFFLINE=1 the cache alone."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.constants import HF_HUB_CACHE, HF_HUB_OFFLINE
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return snapshot_download(repo_id, revision=revision)
+        return snapshot_download(repo_id, revision=revision, repo_type=repo_type)
     except LocalEntryNotFoundError as exc:
         mode = "HF_HUB_OFFLINE=1: the cache alone" if HF_HUB_OFFLINE else "the hub was not reachable"
         raise FileNotFoundError(
-            f"model {repo_id!r}{f' at revision {revision!r}' if revision else ''} is neither a local directory nor "
-            f"in the Hugging Face cache {HF_HUB_CACHE} ({mode}): {exc}") from None
+            f"{repo_type} {repo_id!r}{f' at revision {revision!r}' if revision else ''} is neither a local directory "
+            f"nor in the Hugging Face cache {HF_HUB_CACHE} ({mode}): {exc}") from None
