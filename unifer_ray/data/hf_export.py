@@ -25,6 +25,7 @@ from unifer_ray.data.training_sets import COT, RLVR, training_files, validate_it
 from unifer_ray.records import read_records
 
 SET_FORMATS = {"cot": COT, "rlvr": RLVR}
+SET_TITLES = {"cot": "UniFER CoT set", "rlvr": "UniFER RLVR set"}
 FIELD_DOCS = {
     "image_path": "the image, below the directory that holds the source datasets (/RAF-DB/aligned/x.jpg)",
     "question": "the FERBench question the model is asked",
@@ -81,7 +82,7 @@ def export_training_set(kind: str, paths: str | list[str], out_dir: str, *, made
 
     counted = ("dataset", fmt.extra_field)
     report = write_hf_dataset(tables(), out_dir, split="train", counted=counted,
-                              title=f"UniFER {kind.upper()} set", fields=columns, made=made,
+                              title=SET_TITLES[kind], fields=columns, made=made,
                               source=", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else ""))
     return report | {"skipped": sum(skipped.values())}
 
@@ -141,7 +142,7 @@ def write_hf_dataset(tables: Iterable[pa.Table], out_dir: str, *, split: str, co
         shards.append(final)
     rows = sum(n for _, n in written)
     info = datasets.DatasetInfo(features=datasets.Features.from_arrow_schema(schema),
-                                splits={split: datasets.SplitInfo(name=split, num_examples=rows)})
+                                splits=datasets.SplitDict.from_split_dict([{"name": split, "num_examples": rows}]))
     card_data = DatasetCardData(
         pretty_name=title, tags=["facial-expression-recognition", "unifer"],
         configs=[{"config_name": "default", "data_files": [{"split": split, "path": f"data/{split}-*.parquet"}]}],
