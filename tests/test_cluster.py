@@ -241,13 +241,21 @@ def test_the_path_check_accepts_relative_inputs_inside_the_upload():
 def test_the_driver_adds_only_the_thread_variables_a_submitted_job_leaves_out(monkeypatch):
     """Ray refuses a ray.init runtime env that repeats a key of the job's runtime env (the README's submission
     failed so): the job's values win, ours fill the gaps. The submission itself runs in tests/test_cluster_sim.py."""
-    from unifer_ray.ray_utils import JOB_CONFIG_ENV, THREAD_ENV, driver_runtime_env
+    from unifer_ray.ray_utils import HF_ENV, JOB_CONFIG_ENV, THREAD_ENV, driver_runtime_env
 
     monkeypatch.delenv(JOB_CONFIG_ENV, raising=False)
+    for key in HF_ENV:
+        monkeypatch.delenv(key, raising=False)
     assert driver_runtime_env() == {"env_vars": THREAD_ENV}  # the laptop: ours
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", "/tmp/laptop-hf")
+    assert driver_runtime_env() == {"env_vars": THREAD_ENV | {"HF_HUB_OFFLINE": "1", "HF_HOME": "/tmp/laptop-hf"}}
     job = {"runtime_env": {"working_dir": ".", "env_vars": load("runtime_env.yaml")["env_vars"]}}
     monkeypatch.setenv(JOB_CONFIG_ENV, json.dumps(job))
-    assert driver_runtime_env() == {"env_vars": {"MKL_NUM_THREADS": "1"}}  # what cluster/runtime_env.yaml leaves out
+    # What cluster/runtime_env.yaml leaves out; its HF_HOME (each node's local disk) wins over the driver's.
+    assert driver_runtime_env() == {"env_vars": {"MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}}
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("HF_HOME")
     job["runtime_env"]["env_vars"] |= {"MKL_NUM_THREADS": "4"}
     monkeypatch.setenv(JOB_CONFIG_ENV, json.dumps(job))
     assert driver_runtime_env() is None

@@ -13,9 +13,42 @@ from importlib.metadata import PackageNotFoundError, version
 
 
 def _convert(args: argparse.Namespace) -> None:
-    from unifer_ray.data.convert import convert_ferbench
+    from unifer_ray.data.convert import convert_ferbench, convert_hf_ferbench
+    from unifer_ray.data.hf_source import HFSource
 
-    report = convert_ferbench(args.dataset, args.root, args.out, split=args.split, path_prefix=args.path_prefix)
+    if args.hf is None:
+        if args.dataset not in LAYOUT_DATASETS:
+            raise ValueError(f"--dataset {args.dataset!r} with --root: expected one of {list(LAYOUT_DATASETS)}")
+        report = convert_ferbench(args.dataset, args.root, args.out, split=args.split, path_prefix=args.path_prefix,
+                                  image_out=args.image_out)
+    else:
+        source = HFSource(path=args.hf, split=args.split, dataset=args.dataset, name=args.hf_name,
+                          revision=args.hf_revision, image_column=args.image_column, label_column=args.label_column,
+                          labels=tuple(args.labels) if args.labels else None, label_map=_label_map(args.label_map))
+        report = convert_hf_ferbench(source, args.out, path_prefix=args.path_prefix, image_out=args.image_out)
+    print(json.dumps(report, indent=2, default=str))
+
+
+def _label_map(pairs: list[str] | None) -> dict[str, str]:
+    """`--label-map Happy=happiness 3=anger` as a mapping."""
+    mapping = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key or not value:
+            raise ValueError(f"--label-map {pair!r}: expected DATASET_LABEL=OUR_LABEL")
+        mapping[key] = value
+    return mapping
+
+
+def _export(args: argparse.Namespace) -> None:
+    from unifer_ray.data.hf_export import export_results, export_training_set
+
+    if args.what == "results":
+        if len(args.from_) != 1:
+            raise ValueError("unifer export results takes one benchmark out_dir (--from)")
+        report = export_results(args.from_[0], args.out)
+    else:
+        report = export_training_set(args.what, args.from_ if len(args.from_) > 1 else args.from_[0], args.out)
     print(json.dumps(report, indent=2, default=str))
 
 
@@ -123,17 +156,56 @@ def _add_config(parser: argparse.ArgumentParser, default: str | None, section: s
         parser.add_argument("--section", default=section, help=f"the config file's section (default: {section})")
 
 
+LAYOUT_DATASETS = ("rafdb", "ferplus", "affectnet", "sfew")
+
+
+def _add_hf_options(parser: argparse.ArgumentParser) -> None:
+    """The options of a Hugging Face dataset source (`--hf`), the same wherever a command takes a source."""
+    hf = parser.add_argument_group("Hugging Face dataset (--hf)")
+    hf.add_argument("--hf-name", default=None, help="the dataset's configuration name")
+    hf.add_argument("--hf-revision", default=None, help="a hub dataset's branch, tag or commit")
+    hf.add_argument("--image-column", default="image", help="the column of the images (default: image)")
+    hf.add_argument("--label-column", default="label", help="the column of the labels (default: label)")
+    hf.add_argument("--labels", nargs="+", default=None,
+                    help="the candidate labels, in order (default: the dataset's label set, or the ClassLabel names)")
+    hf.add_argument("--label-map", nargs="+", default=None, metavar="NAME=LABEL",
+                    help="map a label name or id of the dataset to a candidate label (default: by name, any case)")
+
+
 def _data_commands(sub) -> None:
     convert = _command(sub, "convert", "convert datasets",
                        "unifer convert ferbench --dataset rafdb --root data/RAF-DB --out ferbench/rafdb_qa.json")
     fb = _command(convert.add_subparsers(dest="what", required=True), "ferbench",
-                  "a dataset in its original layout -> FERBench items (JSON)",
-                  "unifer convert ferbench --dataset rafdb --root data/RAF-DB --out ferbench/rafdb_qa.json", _convert)
-    fb.add_argument("--dataset", required=True, choices=["rafdb", "ferplus", "affectnet", "sfew"])
-    fb.add_argument("--root", required=True, help="the dataset's root directory")
+                  "a dataset in its original layout or a Hugging Face dataset -> FERBench items (JSON)",
+                  "unifer convert ferbench --dataset rafdb --root data/RAF-DB --out ferbench/rafdb_qa.json\n"
+                  "  unifer convert ferbench --dataset rafdb --hf data/rafdb_hf --out ferbench/rafdb_qa.json",
+                  _convert)
+    fb.add_argument("--dataset", required=True,
+                    help=f"one of {', '.join(LAYOUT_DATASETS)} (its label set); with --hf also a new dataset's name")
+    where = fb.add_mutually_exclusive_group(required=True)
+    where.add_argument("--root", help="the dataset's root directory, in its original layout")
+    where.add_argument("--hf", metavar="PATH_OR_ID",
+                       help="a Hugging Face dataset: saved with save_to_disk, a parquet/arrow folder, an imagefolder "
+                       "tree or a hub id (docs/huggingface.md)")
     fb.add_argument("--out", required=True, help="the FERBench JSON file to write")
     fb.add_argument("--split", default="test")
     fb.add_argument("--path-prefix", default=None, help="prefix of image_path (default: /<dataset dir name>)")
+    fb.add_argument("--image-out", default=None,
+                    help="where images held as bytes are written (default: --root; with --hf: <out dir>/<dataset dir>)")
+    _add_hf_options(fb)
+
+    export = _command(sub, "export", "write a curated set or FERBench results as a Hugging Face dataset",
+                      "unifer export cot --from runs/demo/cot/items --out runs/hf/unifer-cot")
+    exports = export.add_subparsers(dest="what", required=True)
+    for what, text, example in (
+        ("cot", "the CoT set (items files or directories)", "runs/demo/cot/items"),
+        ("rlvr", "the RLVR set (items files or directories)", "runs/demo/rlvr_set/items"),
+        ("results", "the FERBench results of a benchmark run (its out_dir)", "runs/demo/bench"),
+    ):
+        p = _command(exports, what, f"{text} -> parquet shards and a dataset card, ready for push_to_hub",
+                     f"unifer export {what} --from {example} --out runs/hf/{what}", _export)
+        p.add_argument("--from", dest="from_", nargs="+", required=True, help=text)
+        p.add_argument("--out", required=True, help="the dataset directory to write (local or s3://)")
 
     synth = _command(sub, "synth", "render the four synthetic datasets in their original layouts",
                      "unifer synth --out runs/data --train-per-class 50 --test-per-class 10", _synth)

@@ -2,7 +2,7 @@
 
 On a laptop every path works; on a cluster a path is read or written by actors on other nodes than the one you
 submitted from. A path is visible to every node when it is
-- an object-store URI (`s3://...`), or
+- an object-store URI (`s3://...`), or a model's hub id (`org/name`, into each node's Hugging Face cache), or
 - absolute and below a mount that the cluster file gives every node (`file_mounts` and docker `-v` of a launcher
   file; volumeMounts common to every group of a KubeRay manifest), or
 - relative, an input, and inside the job's working_dir upload (not excluded by the runtime env), e.g.
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from unifer_ray.config import read_yaml
+from unifer_ray.models.model_dir import HUB_ID
 
 # Config keys that hold paths every node must see: inputs, and outputs that workers write.
 INPUT_KEYS = {"model", "path", "paths", "data", "image_root", "root", "ferbench_files", "ferbench_image_root",
@@ -84,6 +85,8 @@ def check_path(path: str, key: str, mounts: set[str], workdir: Path, excludes: l
     """Why `path` is not visible to every node, or None."""
     if "://" in path:
         return None  # s3:// (or another object store): every node reaches it with the node's credentials
+    if key == "model" and HUB_ID.fullmatch(path) and not (workdir / path).exists():
+        return None  # a hub id: every node resolves it into its own Hugging Face cache
     if posixpath.isabs(path):
         if any(path == m or path.startswith(m.rstrip("/") + "/") for m in mounts):
             return None

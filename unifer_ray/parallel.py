@@ -168,10 +168,13 @@ def sharded_loading(settings: ParallelSettings):
         unset_hf_deepspeed_config()
 
 
-def load_trainable(model_dir: str, settings: ParallelSettings, device: torch.device) -> tuple[torch.nn.Module, Any]:
-    """The starting policy in its training dtype, partitioned from the start under ZeRO-3; and its processor."""
+def load_trainable(model_dir: str, settings: ParallelSettings, device: torch.device,
+                   revision: str | None = None) -> tuple[torch.nn.Module, Any]:
+    """The starting policy in its training dtype, partitioned from the start under ZeRO-3; and its processor.
+    `model_dir` may be a hub id, at `revision`."""
     with sharded_loading(settings):
-        return load_model_and_processor(model_dir, dtype=training_dtype(settings), device=str(device))
+        return load_model_and_processor(model_dir, dtype=training_dtype(settings), device=str(device),
+                                        revision=revision)
 
 
 def load_reference(model_dir: str, settings: ParallelSettings, device: torch.device) -> torch.nn.Module:

@@ -117,6 +117,10 @@ class Pipeline:
             named["rlvr"] = self.rlvr.output_dir
         return named
 
+    def base_revision(self) -> str | None:
+        """The revision of the base model when it is a hub id (the stages' outputs are directories)."""
+        return self.sft.revision if self.sft else self.rlvr.revision if self.rlvr else None
+
     def run(self, stages: StageTable, *, model_prefix: str = "") -> dict:
         """Run the configured stages; returns what the report needs."""
         from unifer_ray.bench.pipeline import bench_and_score
@@ -156,7 +160,8 @@ class Pipeline:
         def bench():
             base = config.bench_model
             models = [base.model_copy(update={
-                "name": f"{model_prefix}{name}", "engine": base.engine.model_copy(update={"model": path}),
+                "name": f"{model_prefix}{name}", "engine": base.engine.model_copy(
+                    update={"model": path, "revision": self.base_revision() if name == "base" else None}),
                 "items_per_dataset": config.base_items_per_dataset if name == "base" else base.items_per_dataset})
                 for name, path in self.models().items()]
             _, scored = bench_and_score(BenchConfig(files=config.ferbench, models=models, out_dir=config.bench_out_dir))

@@ -24,12 +24,18 @@ def job_env_vars() -> dict[str, str]:
     return dict(runtime_env.get("env_vars") or {})
 
 
+# Where Hugging Face caches live and whether the hub may be asked: a driver's settings reach the workers of a
+# cluster it joins (a cluster's own runtime env, cluster/runtime_env.yaml, wins).
+HF_ENV = ("HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE")
+
+
 def driver_runtime_env() -> dict | None:
-    """Our thread settings, minus every variable the submitted job already sets.
+    """Our thread settings and the driver's Hugging Face settings, minus every variable the submitted job sets.
 
     Ray refuses to start a driver whose ray.init runtime env repeats a key of the job's runtime env (even with the
     same value), so the job's values win and we only fill in what it leaves out."""
-    missing = {k: v for k, v in THREAD_ENV.items() if k not in job_env_vars()}
+    ours = THREAD_ENV | {k: os.environ[k] for k in HF_ENV if k in os.environ}
+    missing = {k: v for k, v in ours.items() if k not in job_env_vars()}
     return {"env_vars": missing} if missing else None
 
 

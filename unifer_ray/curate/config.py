@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from unifer_ray.data.hf_source import HFSource
 from unifer_ray.data.sources import LAYOUTS
 from unifer_ray.engines.base import SamplingParams
 from unifer_ray.engines.batch import EngineWorkers
@@ -18,12 +19,25 @@ class _Strict(BaseModel):
 
 
 class CurateSource(_Strict):
-    """One dataset in its original layout; its train split is curated."""
+    """One dataset: in its original layout below `root`, or a Hugging Face dataset (`hf`). Its train split is
+    curated."""
 
-    dataset: str  # a layout of unifer_ray.data.sources: rafdb, ferplus, affectnet, sfew, folder
-    root: str  # the dataset's root directory (local)
+    # A layout of unifer_ray.data.sources (rafdb, ferplus, affectnet, sfew, folder); with `hf`, our dataset key
+    # whose label set the labels map to, or a new dataset's name.
+    dataset: str
+    root: str | None = None  # the dataset's root directory (local)
+    hf: str | None = None  # a Hugging Face dataset: save_to_disk or parquet/arrow/imagefolder directory, or hub id
+    hf_name: str | None = None  # its configuration name
+    hf_revision: str | None = None  # a hub dataset's branch, tag or commit
+    image_column: str = "image"
+    label_column: str = "label"
+    label_map: dict[str, str] = Field(default_factory=dict)  # hf: the dataset's label name or id -> a candidate
+    # hf: where its images are written, one file each (local or s3://; default: <out_dir>/images/<dataset dir>)
+    image_dir: str | None = None
     split: str = "train"
-    labels: list[str] | None = None  # the folder layout's candidate labels (default: its subfolder names)
+    # The candidate labels: the folder layout's (default: its subfolder names), or an hf dataset's (default: the
+    # dataset's label set, or the ClassLabel names).
+    labels: list[str] | None = None
     # The prefix of the items' image_path ('/RAF-DB'); default: '/' + the name FERBench paths use. Readers resolve
     # image_path below the directory that holds the dataset roots under these names.
     path_prefix: str | None = None
@@ -32,12 +46,21 @@ class CurateSource(_Strict):
     # are drawn on every run): e.g. a small cold-start CoT set from images whose labels all feed the RLVR set.
     fraction: float = Field(1.0, gt=0.0, le=1.0)
 
-    @field_validator("dataset")
-    @classmethod
-    def _known_layout(cls, dataset: str) -> str:
-        if dataset not in LAYOUTS:
-            raise ValueError(f"unknown dataset layout {dataset!r}; expected one of {sorted(LAYOUTS)}")
-        return dataset
+    @model_validator(mode="after")
+    def _one_place(self) -> CurateSource:
+        if (self.root is None) == (self.hf is None):
+            raise ValueError("a source has either root (a dataset layout) or hf (a Hugging Face dataset)")
+        if self.root is not None and self.dataset not in LAYOUTS:
+            raise ValueError(f"unknown dataset layout {self.dataset!r}; expected one of {sorted(LAYOUTS)}")
+        hf_only = ("hf_name", "hf_revision", "label_map", "image_dir")
+        if self.root is not None and any(k in self.model_fields_set for k in hf_only):
+            raise ValueError(f"{', '.join(k for k in hf_only if k in self.model_fields_set)}: for hf sources only")
+        return self
+
+    def hf_source(self) -> HFSource:
+        return HFSource(path=self.hf, split=self.split, dataset=self.dataset, name=self.hf_name,
+                        revision=self.hf_revision, image_column=self.image_column, label_column=self.label_column,
+                        labels=tuple(self.labels) if self.labels else None, label_map=dict(self.label_map))
 
 
 def sources_under(data_root: str, datasets: tuple[str, ...] = ("rafdb", "ferplus", "affectnet", "sfew"),

@@ -18,7 +18,7 @@ from unifer_ray import storage
 from unifer_ray.curate.config import CotSetConfig, OracleTeacherConfig
 from unifer_ray.curate.filters import KEPT, REJECTION_REASONS, filter_batch
 from unifer_ray.curate.ledger import nest, run_ledger
-from unifer_ray.curate.samples import all_source_rows
+from unifer_ray.curate.samples import IMAGES_DIR, all_source_rows
 from unifer_ray.curate.teachers import add_teacher, teacher_prompt
 from unifer_ray.data.images import load_image_batch
 from unifer_ray.prompts import ferbench_prompt
@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 
 def cot_rows(config: CotSetConfig) -> tuple[list[dict], list[dict]]:
     """Input rows (one per train image, with the question and the teacher's prompt) and the sources' errors."""
-    rows, errors = all_source_rows(config.sources,
-                                   with_action_params=isinstance(config.teacher, OracleTeacherConfig))
+    rows, errors = all_source_rows(config.sources, with_action_params=isinstance(config.teacher, OracleTeacherConfig),
+                                   image_root=storage.join(config.out_dir, IMAGES_DIR))
     for row in rows:
         hint = row["label"] if config.hint == "label" else None
         row["question"] = ferbench_prompt(row["candidate_labels"])
@@ -68,7 +68,8 @@ def curate_cot_set(config: CotSetConfig) -> dict:
     """Curate the CoT set into `config.out_dir`; a rerun resumes. Returns the stats (also in stats.json)."""
     rows, source_errors = cot_rows(config)
     if not rows:
-        raise ValueError(f"no samples in the sources {[s.root for s in config.sources]} (errors: {source_errors[:3]})")
+        where = [s.root or s.hf for s in config.sources]
+        raise ValueError(f"no samples in the sources {where} (errors: {source_errors[:3]})")
     teacher = config.teacher
 
     def build(ds):

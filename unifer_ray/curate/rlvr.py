@@ -26,7 +26,7 @@ from unifer_ray.curate.config import RlvrSetConfig
 from unifer_ray.curate.leakage import ferbench_hashes, hash_batch
 from unifer_ray.curate.ledger import LEDGER_KEYS, nest, object_array, run_ledger
 from unifer_ray.curate.oracle import row_rng
-from unifer_ray.curate.samples import all_source_rows
+from unifer_ray.curate.samples import IMAGES_DIR, all_source_rows
 from unifer_ray.labels import CANONICAL, canonical
 from unifer_ray.prompts import ferbench_prompt
 
@@ -125,9 +125,10 @@ def count_rlvr(batch: dict) -> dict[str, int]:
 
 def curate_rlvr_set(config: RlvrSetConfig) -> dict:
     """Curate the RLVR set into `config.out_dir`; a rerun resumes. Returns the stats (also in stats.json)."""
-    listed, source_errors = all_source_rows(config.sources)
+    listed, source_errors = all_source_rows(config.sources, image_root=storage.join(config.out_dir, IMAGES_DIR))
     if not listed:
-        raise ValueError(f"no samples in the sources {[s.root for s in config.sources]} (errors: {source_errors[:3]})")
+        where = [s.root or s.hf for s in config.sources]
+        raise ValueError(f"no samples in the sources {where} (errors: {source_errors[:3]})")
     rows = listed
     if config.balance or config.max_per_class:
         rows = balance(listed, equalise=config.balance, max_per_class=config.max_per_class, seed=config.seed)

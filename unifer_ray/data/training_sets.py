@@ -6,7 +6,8 @@
   `id`, `dataset`, `task`.
 
 A file is a JSON array (the released files), JSONL or Parquet, local or s3://; a directory stands for the
-.json/.jsonl/.parquet files below it (the shards the curation pipelines write). Every file is read and validated by
+.json/.jsonl/.parquet files below it (the shards the curation pipelines write, a Hugging Face dataset that
+`unifer export` wrote), and a hub id (org/name) for a hub dataset's files. Every file is read and validated by
 one Ray task, so the sets stream at any size. `image_path` is resolved below `image_root` into `image_uri`, as
 FERBench items are. A bad row never stops the read: it becomes an error record (`source`, `row`, `id`, and the
 reason in `error`), dropped from the dataset unless `keep_errors=True`.
@@ -25,6 +26,7 @@ import ray
 
 from unifer_ray import storage
 from unifer_ray.labels import DATASETS
+from unifer_ray.models.model_dir import hub_snapshot, is_hub_id
 from unifer_ray.parsing import is_format_compliant
 from unifer_ray.records import ErrorRecord, read_records
 
@@ -44,9 +46,12 @@ RLVR = ItemFormat("rlvr", ("problem", "solution"), "task")
 
 
 def training_files(paths: str | list[str]) -> list[str]:
-    """The files `paths` name, directories expanded to their .json/.jsonl/.parquet files; raises if none exist."""
+    """The files `paths` name, directories expanded to their .json/.jsonl/.parquet files (so a Hugging Face dataset
+    `unifer export` wrote reads as its parquet shards), hub dataset ids to their snapshot's; raises if none exist."""
     files: list[str] = []
     for path in [paths] if isinstance(paths, str) else list(paths):
+        if is_hub_id(path) and not path.endswith(TRAINING_FILE_SUFFIXES):  # a hub dataset, e.g. one exported
+            path = hub_snapshot(path, repo_type="dataset")
         fs, inner = storage.filesystem(path)
         kind = fs.get_file_info(inner).type
         if kind == pafs.FileType.NotFound:

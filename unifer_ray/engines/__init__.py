@@ -40,12 +40,13 @@ def engine_description(spec: EngineSpec, *, on_cpu: bool) -> str:
 
 
 def create_engine(spec: EngineSpec) -> GenerationEngine:
-    """The engine `spec` names; a local engine's s3:// model is copied to local disk first."""
+    """The engine `spec` names; a local engine's s3:// model is copied to local disk first, and a hub id resolved to
+    its snapshot in the Hugging Face cache (downloaded there unless offline)."""
     kind = resolve_engine(spec)
     if kind in ("hf", "vllm"):
         from unifer_ray.models.model_dir import local_model_dir
 
-        spec = spec.model_copy(update={"model": local_model_dir(spec.model)})
+        spec = spec.model_copy(update={"model": local_model_dir(spec.model, revision=spec.revision), "revision": None})
     if kind == "hf":
         from unifer_ray.engines.hf import HFEngine
 

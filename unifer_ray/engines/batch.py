@@ -106,7 +106,8 @@ def _vllm_generation(ds: ray.data.Dataset, spec: EngineSpec, sampling: SamplingP
     processor.get_stage_by_name("vLLMEngineStage").map_batches_kwargs.update(gpu_node_options(workers))
     # The processor returns one completion per row: n samples are n rows (sample k seeded seed + k, vLLM's own
     # rule for n), gathered again by id after the engine.
-    ds = ds.map_batches(vllm_requests, fn_kwargs={"model": spec.model, "sampling": sampling.model_dump()},
+    ds = ds.map_batches(vllm_requests, fn_kwargs={"model": spec.model, "revision": spec.revision,
+                                                  "sampling": sampling.model_dump()},
                         batch_size=workers.batch_size, num_cpus=0.25)
     ds = processor(ds).map_batches(vllm_outputs, batch_size=None, num_cpus=0.1)
     if sampling.n > 1:
@@ -115,17 +116,19 @@ def _vllm_generation(ds: ray.data.Dataset, spec: EngineSpec, sampling: SamplingP
 
 
 @cache
-def _chat_processor(model: str):
+def _chat_processor(model: str, revision: str | None):
     """The model's processor, once per worker process (Ray reuses task workers), for its chat template. An s3://
     model's weights stay in S3: these CPU workers fetch its other files only, once per node."""
     from transformers import AutoProcessor
 
     from unifer_ray.models.model_dir import local_model_dir
 
-    return AutoProcessor.from_pretrained(local_model_dir(model, weights=False), local_files_only=True)
+    return AutoProcessor.from_pretrained(local_model_dir(model, revision=revision, weights=False),
+                                         local_files_only=True)
 
 
-def vllm_requests(batch: dict[str, np.ndarray], *, model: str, sampling: dict) -> dict[str, np.ndarray]:
+def vllm_requests(batch: dict[str, np.ndarray], *, model: str, revision: str | None = None,
+                  sampling: dict) -> dict[str, np.ndarray]:
     """Rows → vLLM requests: `prompt` (the chat text), `multimodal_data`, `sampling_params`; n rows per row for n
     samples.
 
@@ -135,7 +138,7 @@ def vllm_requests(batch: dict[str, np.ndarray], *, model: str, sampling: dict) -
     from unifer_ray.engines.hf import chat_text
 
     params = SamplingParams.model_validate(sampling)
-    processor = _chat_processor(model)
+    processor = _chat_processor(model, revision)
     rows = {k: v for k, v in batch.items() if k not in ("image", "prompt")}
     out: dict[str, list] = {k: [] for k in [*rows, "prompt", "multimodal_data", "sampling_params", "sample"]}
     for i, question in enumerate(batch["prompt"]):

@@ -11,7 +11,8 @@ class EngineSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     engine: Literal["auto", "hf", "vllm", "openai"] = "auto"  # auto: vllm wherever it is installed, else hf
-    model: str  # hf/vllm: a local model directory; openai: the served model's name
+    model: str  # hf/vllm: a local model directory, an s3:// prefix or a hub id (org/name); openai: the served name
+    revision: str | None = None  # hf/vllm with a hub id: its branch, tag or commit (default: main)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_batch_size: int = Field(16, gt=0)  # hf: requests per forward pass
     # openai: an OpenAI-compatible chat-completions endpoint

@@ -32,6 +32,8 @@ def vllm_llm_kwargs(spec: EngineSpec, *, on_cpu: bool, seeded: bool = False) -> 
     kwargs = {"dtype": resolved_dtype(spec.dtype, on_cpu=on_cpu), **DEFAULT_LLM_KWARGS}
     if on_cpu:
         kwargs |= CPU_ENGINE_DEFAULTS
+    if spec.revision is not None:  # a hub id's revision, for vLLM's own download (ray.data.llm's engine stage)
+        kwargs |= {"revision": spec.revision, "tokenizer_revision": spec.revision}
     if seeded and on_cpu:
         whole = max(int(spec.vllm_kwargs.get("max_model_len", 0)), 16384)
         kwargs |= {"enable_chunked_prefill": False, "max_num_batched_tokens": whole}

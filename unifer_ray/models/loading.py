@@ -31,13 +31,14 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def load_model_and_processor(
-    path: str | Path, *, dtype: str = "auto", device: str = "auto"
+    path: str | Path, *, dtype: str = "auto", device: str = "auto", revision: str | None = None
 ) -> tuple[PreTrainedModel, Any]:
     """The model (in eval mode, on `device`) and its processor, with left padding for batched generation.
 
-    `path` is a local directory, or an s3:// prefix copied to local disk once; nothing is downloaded from a hub.
+    `path` is a local directory, an s3:// prefix copied to local disk once, or a hub id (at `revision`) resolved
+    to its snapshot in the Hugging Face cache (models/model_dir.py).
     """
-    path = Path(local_model_dir(str(path)))
+    path = Path(local_model_dir(str(path), revision=revision))
     if not path.is_dir():
         raise FileNotFoundError(
             f"model directory {path} does not exist (models are loaded from local directories only)")

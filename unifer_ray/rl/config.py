@@ -34,8 +34,8 @@ class RolloutEngine(_Strict):
     max_batch_size: int = Field(16, gt=0)  # hf: requests per forward pass
     vllm_kwargs: dict[str, Any] = Field(default_factory=dict)  # extra keyword arguments for vllm.LLM
 
-    def spec(self, model: str) -> EngineSpec:
-        return EngineSpec(model=model, **self.model_dump())
+    def spec(self, model: str, revision: str | None = None) -> EngineSpec:
+        return EngineSpec(model=model, revision=revision, **self.model_dump())
 
 
 class RolloutConfig(_Strict):
@@ -137,8 +137,10 @@ DEFAULT_REWARDS = [RewardSpec(name="accuracy"), RewardSpec(name="format")]
 
 
 class RLVRConfig(_Strict):
-    # The starting policy (and the KL reference): a Hugging Face directory (local or s3://), e.g. the SFT output.
+    # The starting policy (and the KL reference): a Hugging Face directory (local or s3://), e.g. the SFT output, or
+    # a hub id (org/name) at `revision` (a branch, tag or commit; default main).
     model: str
+    revision: str | None = None
     data: PromptData
     output_dir: str  # the final policy, a Hugging Face directory (model + processor); local or s3://
     checkpoint_dir: str  # checkpoints and `latest`; local or s3://

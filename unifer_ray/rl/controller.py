@@ -117,7 +117,8 @@ def run_rlvr(config: RLVRConfig, *, resume: bool = False) -> RLVRResult:
     prompts = PromptSource(config.data, prompts_per_step=config.grpo.prompts_per_step, seed=config.seed)
     rewards = RewardSet(config.rewards)
     learners = LearnerGroup(config, config.model)
-    rollouts = RolloutGroup(config.rollout, model=config.model, image_size=config.data.image_size,
+    rollouts = RolloutGroup(config.rollout, model=config.model, revision=config.revision,
+                            image_size=config.data.image_size,
                             max_prompt_tokens=config.grpo.max_prompt_tokens, nccl=config.sync.kind == "nccl")
     run_log = RunLog(config.metrics_dir, attempt=state.step)
     try:

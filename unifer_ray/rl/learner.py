@@ -28,6 +28,7 @@ from unifer_ray.data.images import load_image
 from unifer_ray.engines.base import ChatRequest, SamplingParams
 from unifer_ray.engines.hf import HFEngine, chat_text
 from unifer_ray.models.loading import load_model_and_processor
+from unifer_ray.models.model_dir import local_model_dir
 from unifer_ray.parallel import DataParallel, load_reference, load_trainable, prepare_model, seed_everything
 from unifer_ray.ray_utils import THREAD_ENV
 from unifer_ray.rl.checkpoint import readable_dir, writable_dir
@@ -166,10 +167,12 @@ class LearnerWorker:
     """One rank of the learner group (a Ray actor)."""
 
     def __init__(self, learner: dict, grpo: dict, *, model_dir: str, image_size: int, rank: int, world_size: int,
-                 grad_accum_steps: int, total_steps: int, seed: int, group_timeout_s: float):
+                 grad_accum_steps: int, total_steps: int, seed: int, group_timeout_s: float,
+                 revision: str | None = None):
         self.config = LearnerConfig.model_validate(learner)
         self.grpo = GRPOConfig.model_validate(grpo)
-        self.model_dir = model_dir
+        # Resolved once on this node (an s3:// copy, a hub snapshot): the policy, the reference and exports read it.
+        self.model_dir = local_model_dir(model_dir, revision=revision)
         self.image_size = image_size
         self.rank, self.world_size = rank, world_size
         self.grad_accum_steps, self.total_steps = grad_accum_steps, total_steps
@@ -364,7 +367,7 @@ class LearnerGroup:
             ray.remote(concurrency_groups={"abort": 1})(LearnerWorker).options(
                 name=f"{name}-{rank}", scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=self.placement_group, placement_group_bundle_index=rank), **options).remote(
-                learner.model_dump(), config.grpo.model_dump(), model_dir=model_dir,
+                learner.model_dump(), config.grpo.model_dump(), model_dir=model_dir, revision=config.revision,
                 image_size=config.data.image_size, rank=rank, world_size=self.world_size,
                 grad_accum_steps=grad_accum_steps, total_steps=config.steps * config.grpo.updates_per_batch,
                 seed=config.seed, group_timeout_s=group_timeout_s(config))

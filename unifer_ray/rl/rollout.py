@@ -189,7 +189,7 @@ class RolloutGroup:
     placement group (on GPUs one bundle per tensor-parallel GPU), which outlives the worker's replacements."""
 
     def __init__(self, config: RolloutConfig, *, model: str, image_size: int, max_prompt_tokens: int,
-                 nccl: bool = False):
+                 nccl: bool = False, revision: str | None = None):
         self.config = config
         self.tensor_parallel = int(config.engine.vllm_kwargs.get("tensor_parallel_size", 1))
         # processed_logprobs: the sampled tokens' log-probabilities after temperature, as the learner computes them.
@@ -198,7 +198,7 @@ class RolloutGroup:
                        "logprobs_mode": "processed_logprobs"} | config.engine.vllm_kwargs
         if self.tensor_parallel > 1:
             vllm_kwargs.setdefault("distributed_executor_backend", "ray")
-        self.spec = config.engine.spec(model).model_copy(update={"vllm_kwargs": vllm_kwargs}).model_dump()
+        self.spec = config.engine.spec(model, revision).model_copy(update={"vllm_kwargs": vllm_kwargs}).model_dump()
         self.worker_kwargs = {"image_size": image_size, "max_prompt_tokens": max_prompt_tokens,
                               "torch_threads": config.torch_threads, "tensor_parallel": self.tensor_parallel > 1}
         self.name = f"rollout-{uuid.uuid4().hex[:8]}"  # actors are named <name>-<index>-<replacement>

@@ -15,7 +15,10 @@ class SFTConfig(ParallelConfig):
     """The workers, parallelism and optimizer fields are ParallelConfig's (shared with the RL learners)."""
 
     # What to train on what, and where the result goes.
-    model: str  # the starting checkpoint: a local Hugging Face directory (a real Qwen2.5-VL or the tiny model)
+    # The starting checkpoint (a real Qwen2.5-VL or the tiny model): a Hugging Face directory, local or s3://, or a
+    # hub id (org/name) at `revision` (a branch, tag or commit; default main).
+    model: str
+    revision: str | None = None
     data: list[str] = Field(min_length=1)  # CoT files or directories of them (.json/.jsonl/.parquet, local or s3://)
     image_root: str | None = None  # items' image_path is read below this root (local or s3://)
     output_dir: str  # the final model, a Hugging Face directory (model + processor); local or s3://

@@ -147,7 +147,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     seed_everything(config.seed)
 
     settings = config.settings(grad_accum_steps=config.grad_accum_steps, total_steps=plan.total_steps)
-    model, processor = load_trainable(config.model, settings, device)
+    model, processor = load_trainable(config.model, settings, device, revision=config.revision)
     prepare_model(model, config)
     parallel = DataParallel(model, settings)
     start_step = step = restore(parallel, ray.train.get_checkpoint())
