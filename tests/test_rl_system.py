@@ -351,6 +351,10 @@ def test_job_submitted_to_a_head_node_runs_rlvr(head_node, tmp_path, tiny_model_
     logs = ray_cli(env, "job", "logs", "--address", address, "--follow", "rlvr-test", timeout=480).stdout
     status = ray_cli(env, "job", "status", "--address", address, "--log-color", "false", "rlvr-test").stdout
     assert "Job 'rlvr-test' succeeded" in status, logs[-3000:]
+    # The job's log shows the run's progress as plain lines (no carriage-return redraws), the last at the end.
+    progress = [line for line in logs.split("\n") if line.startswith("rlvr: ")]
+    assert progress and progress[-1].startswith("rlvr: 2/2 steps (100%)"), logs[-3000:]
+    assert all(key in progress[-1] for key in ("| reward ", " accuracy ", " kl ")) and "\r" not in "".join(progress)
 
     records = read_run_log(tmp_path / "logs")
     assert [(r["step"], r["policy_version"]) for r in records] == [(1, 1), (2, 2)]
