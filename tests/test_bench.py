@@ -9,6 +9,7 @@ from unifer_ray.bench.config import BenchConfig, BenchFile, BenchModel
 from unifer_ray.bench.items import read_items
 from unifer_ray.bench.runner import run_bench, warn_if_the_pool_fills_the_cluster
 from unifer_ray.engines.spec import EngineSpec
+from unifer_ray.progress import shown
 
 
 def _model(model_dir, name="tiny", **kw) -> BenchModel:
@@ -27,7 +28,8 @@ def bad_item_lines(good: list[dict], synthetic_root, folder: str) -> list[str]:
     ]
 
 
-def test_bench_counts_add_up_with_bad_items(ray_cluster, tiny_model_dir, synthetic_root, ferbench_files, tmp_path):
+def test_bench_counts_add_up_with_bad_items(ray_cluster, tiny_model_dir, synthetic_root, ferbench_files, tmp_path,
+                                            capfd):
     good = json.loads(ferbench_files[0].read_text())[:6]
     bad_lines = bad_item_lines(good, synthetic_root, "RAF-DB/aligned")
     mixed = tmp_path / "mixed.jsonl"
@@ -48,6 +50,12 @@ def test_bench_counts_add_up_with_bad_items(ray_cluster, tiny_model_dir, synthet
     assert all(r["engine"] == "hf" for r in results)
     assert all(r["latency_s"] > 0 and r["num_tokens"] > 0 for r in results)
     assert {r["id"] for r in results} == {f"rafdb:{g['image_path']}" for g in good}
+    # The model's progress, as a log shows it: plain lines, the last one with the run's totals (8 items were sent:
+    # the 6 good ones and the 2 whose images fail to load).
+    progress = [line for line in capfd.readouterr().err.split("\n") if line.startswith("tiny: ")]
+    accuracy = sum(r["correct_strict"] for r in results) / len(results)
+    assert progress and progress[-1].startswith("tiny: 8/8 items (100%)")
+    assert progress[-1].endswith(f"| accuracy {shown(accuracy)} errors 2")
 
     # A rerun skips the finished items and retries only the failed ones (which fail again).
     (rerun,) = run_bench(config)

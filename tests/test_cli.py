@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from importlib.metadata import version
 from pathlib import Path
 
+import pytest
+
 import unifer_ray
 from unifer_ray.cli import build_parser
 from unifer_ray.labels import RAFDB
+
+HEAVY = {"torch", "transformers", "ray", "vllm", "deepspeed"}
 
 
 def unifer(*args: str) -> subprocess.CompletedProcess:
@@ -89,3 +94,19 @@ def test_config_defaults_are_the_packaged_files_and_can_be_overridden(tmp_path):
 def test_version():
     proc = unifer("--version")
     assert proc.returncode == 0 and proc.stdout.strip() == f"unifer {version('unifer-ray')}"
+
+
+@pytest.mark.parametrize(("args", "returncode", "says"), [
+    (["--help"], 0, "usage: unifer"),
+    (["pipeline", "--help"], 0, "curate_cot,curate_rlvr,sft,rlvr,bench,serve"),
+    (["--version"], 0, "unifer "),
+    (["rlvr", "--no-such-flag"], 2, "unrecognized arguments: --no-such-flag"),
+])
+def test_help_version_and_argument_errors_import_no_stage(args, returncode, says):
+    """What answers before any work starts imports none of the stages' libraries: it answers at once."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "unifer_ray.cli", *args], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == returncode and says in proc.stdout + proc.stderr
+    imported = re.findall(r"^import time:\s+\d+ \|\s+\d+ \|\s+([\w.]+)$", proc.stderr, flags=re.MULTILINE)
+    assert "unifer_ray.stages" in imported  # -X importtime listed what the command imported
+    assert not {name.split(".")[0] for name in imported} & HEAVY

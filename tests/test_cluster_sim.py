@@ -153,6 +153,10 @@ def test_rlvr_job_scales_up_survives_a_preempted_rollout_node_and_scales_to_zero
     assert all(r["samples"] == PROMPTS * GROUP and r["prompt_errors"] == 0 for r in records)
     assert sum(r["rollout_replacements"] for r in records) >= 1
     assert "replacing it" in logs  # the controller's warning, in the job's log
+    # The job's log shows the run's progress as plain lines (no carriage-return redraws), the last at the end.
+    progress = [line for line in logs.split("\n") if line.startswith("rlvr: ")]
+    assert progress and progress[-1].startswith(f"rlvr: {steps}/{steps} steps (100%)"), logs[-3000:]
+    assert all(key in progress[-1] for key in ("| reward ", " accuracy ", " kl ")) and "\r" not in "".join(progress)
     for record in records:
         for key in ("reward/mean", "reward/accuracy/mean", "reward/format/mean", "accuracy", "format_rate", "kl",
                     "entropy", "clip_fraction", "response_length/mean", "version_lag/mean", "time/generate_s",

@@ -63,7 +63,7 @@ def _oracle_config(sources: list[dict], out_dir: str, **overrides) -> CotSetConf
     return parse_config(data, CotSetConfig)
 
 
-def test_cot_oracle_keeps_only_verified_traces_and_resumes(ray_cluster, synthetic_root, tmp_path):
+def test_cot_oracle_keeps_only_verified_traces_and_resumes(ray_cluster, synthetic_root, tmp_path, capfd):
     # A private copy of RAF-DB with one unreadable train image: it must land in the errors table.
     rafdb = tmp_path / "data" / "RAF-DB"
     shutil.copytree(synthetic_root / "RAF-DB", rafdb)
@@ -79,6 +79,9 @@ def test_cot_oracle_keeps_only_verified_traces_and_resumes(ray_cluster, syntheti
     assert stats["images_done"] == len(truth) - 1 and stats["images_failed"] == 1
     assert stats["generated"] == 4 * stats["images_done"]
     assert stats["accounted"] and stats["generated"] == stats["kept"] + sum(stats["rejected"].values())
+    progress = [line for line in capfd.readouterr().err.split("\n") if line.startswith("curate cot: ")]
+    assert progress and progress[-1].startswith("curate cot: 56/56 images (100%)")  # plain lines, as a log shows
+    assert progress[-1].endswith(f"| kept {stats['kept']} rejected {stats['generated'] - stats['kept']} failed 1")
     # Wrong traces were made at about the configured rate, and the verification filter caught all of them.
     assert 0.1 < stats["rejected"]["wrong_answer"] / stats["generated"] < 0.3
     items = load_dataset("json", data_files=storage.list_files(out / "items", ".jsonl"), split="train").to_list()
@@ -146,7 +149,7 @@ def read_ledger_rows(out: Path) -> list[dict]:
     return [row for shard in storage.list_files(out / "ledger", ".parquet") for row in pq.read_table(shard).to_pylist()]
 
 
-def test_rlvr_excludes_planted_ferbench_images(ray_cluster, synthetic_root, tmp_path):
+def test_rlvr_excludes_planted_ferbench_images(ray_cluster, synthetic_root, tmp_path, capfd):
     data = synthetic_root
     # FERBench items of the test split, plus two train images planted under other names (same bytes).
     ferbench_root = tmp_path / "ferbench_images"
@@ -171,6 +174,9 @@ def test_rlvr_excludes_planted_ferbench_images(ray_cluster, synthetic_root, tmp_
     assert stats["ferbench"]["images"] == len(items) and stats["ferbench"]["unhashable"] == 0
     assert stats["excluded_ferbench"] == 2 and stats["images_done"] == 28
     assert stats["items"] == 4 * 26 and stats["by_task"] == {t: 26 for t in ("binary", "mc", "mc_shuffled", "unified")}
+    progress = [line for line in capfd.readouterr().err.split("\n") if line.startswith("curate rlvr: ")]
+    assert progress and progress[-1].startswith("curate rlvr: 28/28 images (100%)")
+    assert progress[-1].endswith("| items 104 excluded_ferbench 2 failed 0")
     rows = load_dataset("parquet", data_files=storage.list_files(tmp_path / "rlvr" / "items", ".parquet"),
                         split="train").to_list()
     paths = {r["image_path"] for r in rows}

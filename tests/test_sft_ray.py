@@ -49,7 +49,7 @@ def test_two_workers_follow_the_one_worker_loss_curve(ray_cluster, tiny_model_di
     one = sft_config(tiny_model_dir, cot_file, synthetic_root, tmp_path / "one", strategy="ddp")
     two = sft_config(tiny_model_dir, cot_file, synthetic_root, tmp_path / "two", strategy="deepspeed", zero_stage=3,
                      num_workers=2, num_cpus=0.5, grad_accum_steps=1)
-    result_one, result_two = run_sft(one, progress=False), run_sft(two, progress=False)
+    result_one, result_two = run_sft(one), run_sft(two)
     assert result_one.steps == result_two.steps == 4
 
     curve_one, curve_two = records(one), records(two)
@@ -112,7 +112,7 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint_and_the_best_k_are_kep
     killed: dict = {}
     killer = threading.Thread(target=_kill_a_worker_after, args=(3, config.metrics_dir, killed), daemon=True)
     killer.start()
-    result = run_sft(config, progress=False)
+    result = run_sft(config)
     killer.join()
     assert killed, "no worker was killed"
     assert result.steps == 10
@@ -146,14 +146,17 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint_and_the_best_k_are_kep
 
 
 def test_checkpoints_and_model_on_s3_and_a_rerun_resumes(s3_server, ray_cluster, tiny_model_dir, synthetic_root,
-                                                         cot_file, tmp_path):
+                                                         cot_file, tmp_path, capfd):
     base = f"{s3_server}/sft-{tmp_path.name}"
     storage.write_bytes(f"{base}/cot/cot.jsonl", cot_file.read_bytes())
     config = sft_config(tiny_model_dir, cot_file, synthetic_root, tmp_path, data=[f"{base}/cot"],
                         checkpoint_dir=f"{base}/runs/sft", output_dir=f"{base}/model", log_dir=str(tmp_path / "logs"),
                         max_steps=2, checkpoint_every=1)
-    first = run_sft(config, progress=False)
+    first = run_sft(config)
     assert first.steps == 2
+    # Not a terminal: the progress is plain lines (no carriage returns), the last one written as the run ends.
+    progress = [line for line in capfd.readouterr().err.split("\n") if line.startswith("sft: ")]
+    assert progress and progress[-1].startswith("sft: 2/2 steps (100%)") and "| loss " in progress[-1]
     assert len(records(config)) == 2
 
     files = storage.list_files(f"{base}/model")
@@ -170,6 +173,6 @@ def test_checkpoints_and_model_on_s3_and_a_rerun_resumes(s3_server, ray_cluster,
     assert f"{checkpoint}/train_state.json" in storage.list_files(f"{base}/runs")
 
     # The same run again: it finds its finished checkpoint in S3 and trains nothing more.
-    again = run_sft(config, progress=False)
+    again = run_sft(config)
     assert (again.steps, again.checkpoint) == (first.steps, first.checkpoint)
     assert len(records(config)) == 2

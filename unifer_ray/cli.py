@@ -11,6 +11,8 @@ import logging
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
+from unifer_ray.stages import STAGES
+
 
 def _convert(args: argparse.Namespace) -> None:
     from unifer_ray.data.convert import convert_ferbench, convert_hf_ferbench
@@ -256,8 +258,6 @@ def _training_commands(sub) -> None:
 
 
 def _pipeline_commands(sub) -> None:
-    from unifer_ray.pipeline import STAGES
-
     pipeline = _command(sub, "pipeline", "curate -> SFT -> RLVR -> FERBench -> Serve from one config file",
                         "unifer pipeline --config configs/qwen2_5_vl_7b.yaml --stages sft rlvr bench", _pipeline)
     _add_config(pipeline, "tiny.yaml")

@@ -22,9 +22,8 @@ from unifer_ray.bench.config import BenchConfig, BenchFile, BenchModel
 from unifer_ray.config import ConfigError, parse_config, read_yaml
 from unifer_ray.curate.config import CotSetConfig, RlvrSetConfig
 from unifer_ray.rl.config import RLVRConfig
+from unifer_ray.stages import STAGES
 from unifer_ray.train.config import SFTConfig
-
-STAGES = ("curate_cot", "curate_rlvr", "sft", "rlvr", "bench", "serve")
 
 
 class ServeStage(BaseModel):

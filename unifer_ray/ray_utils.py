@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from unifer_ray.engines.processes import RAY_CLUSTER_ENV
+from unifer_ray.progress import Progress, polling
 
 # Workers on small machines share few cores: torch must not start one thread per core in every actor.
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -60,6 +64,17 @@ def init_ray(num_cpus: float | None = None) -> None:
         runtime_env=driver_runtime_env(),
     )
     scope_ray_data_to_cpu_nodes()
+    quiet_ray_data_progress()
+
+
+def quiet_ray_data_progress() -> None:
+    """The stages show their own progress (unifer_ray/progress.py): Ray Data's per-operator bars would draw over
+    that bar on a terminal and, in a log, add a table of every operator every 10 s. RAY_DATA_DISABLE_PROGRESS_BARS=0
+    brings them back."""
+    from ray.data import DataContext
+
+    if "RAY_DATA_DISABLE_PROGRESS_BARS" not in os.environ:
+        DataContext.get_current().enable_progress_bars = False
 
 
 def scope_ray_data_to_cpu_nodes() -> None:
@@ -86,3 +101,29 @@ def get_all(refs: list, timeout_s: float) -> list:
             raise ray.exceptions.GetTimeoutError(f"{len(pending)} of {len(refs)} calls not done within {timeout_s}s")
         ray.get(done[0])  # raises the call's failure
     return ray.get(list(refs))
+
+
+@contextmanager
+def progress_of_tasks(desc: str, total: int, unit: str, show: Callable[[Counter], tuple[int, dict]]) -> Iterator:
+    """A `Progress` fed by the Ray tasks of the body: they `put` dicts of counts into the yielded queue (an actor
+    that takes no CPU), and `show` turns the sums so far into the position and the fields shown.
+
+    A retried task puts its counts again: the sums are for watching a run; its report counts from what it wrote."""
+    from ray.util.queue import Queue
+
+    queue = Queue(actor_options={"num_cpus": 0})
+    totals: Counter = Counter()
+
+    def poll() -> None:
+        size = queue.qsize()
+        if size:
+            for counts in queue.get_nowait_batch(size):
+                totals.update(counts)
+            n, fields = show(totals)
+            progress.update(n, **fields)
+
+    try:
+        with Progress(desc, total, unit) as progress, polling(poll):
+            yield queue
+    finally:
+        queue.shutdown()

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
+from ray.util.queue import Queue
 
 from unifer_ray import storage
 from unifer_ray.bench.config import BenchConfig, BenchModel
@@ -19,6 +20,7 @@ from unifer_ray.data.images import load_image_batch
 from unifer_ray.engines import engine_label
 from unifer_ray.engines.batch import add_generation
 from unifer_ray.parsing import parsed_columns
+from unifer_ray.ray_utils import progress_of_tasks
 from unifer_ray.records import ErrorRecord, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -47,8 +49,10 @@ class ModelRun:
         return self.generated / self.seconds if self.seconds > 0 else 0.0
 
 
-def score_batch(batch: dict[str, np.ndarray], *, model: str, engine: str) -> dict[str, np.ndarray]:
-    """Parse each response in both modes and mark it; rows that carry an error are kept, marked `error`."""
+def score_batch(batch: dict[str, np.ndarray], *, model: str, engine: str,
+                tally: Queue | None = None) -> dict[str, np.ndarray]:
+    """Parse each response in both modes and mark it; rows that carry an error are kept, marked `error`. The
+    counts go to `tally` (a queue of the driver's progress), if given."""
     n = len(batch["id"])
     cols: dict[str, list] = {k: [] for k in ("response", *UNPARSED, "correct_strict", "correct_paper", "status")}
     for i in range(n):
@@ -67,7 +71,15 @@ def score_batch(batch: dict[str, np.ndarray], *, model: str, engine: str) -> dic
     out["model"] = np.full(n, model, dtype=object)
     out["engine"] = np.full(n, engine, dtype=object)
     out.update({k: _object_array(v) for k, v in cols.items()})
+    if tally is not None:
+        tally.put({"done": n, "errors": cols["status"].count("error"), "correct": int(sum(cols["correct_strict"]))})
     return out
+
+
+def show_bench(counts: dict) -> tuple[int, dict]:
+    """A model's progress: items done; strict accuracy of the scored ones so far, and failed items."""
+    scored = counts["done"] - counts["errors"]
+    return counts["done"], {"accuracy": counts["correct"] / scored if scored else 0.0, "errors": counts["errors"]}
 
 
 def _object_array(values: list) -> np.ndarray:
@@ -127,11 +139,12 @@ def run_model(model: BenchModel, items: ItemRows, config: BenchConfig) -> ModelR
         ds = ds.map_batches(load_image_batch, fn_kwargs={"size": model.image_size}, batch_size=None,
                             num_cpus=config.load_num_cpus)
         ds = add_generation(ds, model.engine, model.sampling, model)
-        # Scoring and writing ask for the same resources, so Ray Data fuses them into one task per block.
-        ds = ds.map_batches(score_batch, fn_kwargs={"model": model.name, "engine": engine_label(model.engine)},
-                            batch_size=None, num_cpus=0.25)
         fs, path = storage.filesystem(shards)
-        ds.write_parquet(path, filesystem=fs, ray_remote_args={"num_cpus": 0.25})
+        with progress_of_tasks(model.name, len(todo), "item", show_bench) as tally:
+            # Scoring and writing ask for the same resources, so Ray Data fuses them into one task per block.
+            ds = ds.map_batches(score_batch, fn_kwargs={"model": model.name, "engine": engine_label(model.engine),
+                                                        "tally": tally}, batch_size=None, num_cpus=0.25)
+            ds.write_parquet(path, filesystem=fs, ray_remote_args={"num_cpus": 0.25})
     seconds = time.perf_counter() - start
 
     scored, failed = _latest_by_id(_read_shards(shards))

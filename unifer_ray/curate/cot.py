@@ -64,6 +64,11 @@ def count_cot(batch: dict) -> dict[str, int]:
     return dict(counts)
 
 
+def shown_cot(counts: Counter) -> dict[str, int]:
+    """Traces kept and rejected so far."""
+    return {"kept": counts["kept"], "rejected": counts["generated"] - counts["kept"]}
+
+
 def curate_cot_set(config: CotSetConfig) -> dict:
     """Curate the CoT set into `config.out_dir`; a rerun resumes. Returns the stats (also in stats.json)."""
     rows, source_errors = cot_rows(config)
@@ -80,7 +85,8 @@ def curate_cot_set(config: CotSetConfig) -> dict:
                               batch_size=teacher.batch_size, num_cpus=config.load_num_cpus)
 
     run = run_ledger(rows, config.out_dir, build=build, expand=cot_items, count_batch=count_cot,
-                     fmt=config.format, rows_per_shard=config.rows_per_shard, source_errors=source_errors)
+                     progress=("curate cot", shown_cot), num_cpus=config.load_num_cpus, fmt=config.format,
+                     rows_per_shard=config.rows_per_shard, source_errors=source_errors)
     counts = nest(run.counts)
     rejected = {reason: counts.get("rejected", {}).get(reason, 0) for reason in REJECTION_REASONS}
     generated, kept = counts.get("generated", 0), counts.get("kept", 0)

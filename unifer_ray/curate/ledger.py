@@ -22,8 +22,10 @@ import ray
 from ray.data.block import BlockAccessor
 from ray.data.datasource import BlockBasedFileDatasink
 from ray.data.expressions import col
+from ray.util.queue import Queue
 
 from unifer_ray import storage
+from unifer_ray.ray_utils import progress_of_tasks
 from unifer_ray.records import ErrorRecord, jsonl_text, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -57,9 +59,11 @@ def done_ids(ledger_dir: str) -> set[str]:
     return done
 
 
-def write_ledger(ds: ray.data.Dataset, ledger_dir: str, rows_per_shard: int) -> None:
+def write_ledger(ds: ray.data.Dataset, ledger_dir: str, rows_per_shard: int, num_cpus: float) -> None:
+    """Write with `num_cpus` per task: unless it differs from the last stage's, Ray Data fuses that stage into the
+    write, which waits for `rows_per_shard` rows, so the stage (and the progress counts) would run once per shard."""
     fs, path = storage.filesystem(ledger_dir)
-    ds.write_parquet(path, filesystem=fs, min_rows_per_file=rows_per_shard)
+    ds.write_parquet(path, filesystem=fs, min_rows_per_file=rows_per_shard, ray_remote_args={"num_cpus": num_cpus})
 
 
 def read_ledger(ledger_dir: str) -> ray.data.Dataset | None:
@@ -91,13 +95,25 @@ def write_items(ledger: ray.data.Dataset, expand: Callable[[dict], Iterator[dict
         items.write_datasink(JsonlDatasink(path, filesystem=fs, mode="overwrite"))
 
 
+def done_counts(batch: dict, count_batch: Callable[[dict], dict[str, int]]) -> dict[str, int]:
+    """`count_batch` of a batch's done rows."""
+    ok = batch["error"] == ""
+    return count_batch({k: v[ok] for k, v in batch.items()}) if ok.any() else {}
+
+
+def tally_batch(batch: dict, *, count_batch: Callable[[dict], dict[str, int]], tally: Queue) -> dict:
+    """Ray Data batch UDF at the end of the graph: the counts of a batch of ledger rows to the driver's progress."""
+    tally.put(done_counts(batch, count_batch) | {"failed": int((batch["error"] != "").sum())})
+    return batch
+
+
 def summarise(ledger: ray.data.Dataset, done: set[str], count_batch: Callable[[dict], dict[str, int]]
               ) -> tuple[dict[str, int], list[dict]]:
     """One pass over the ledger: `count_batch` summed over the done rows ({key: count}), and the error records
     {source, id, reason} of the images that failed and were not done since (the latest run's reason)."""
     def one_row(batch: dict) -> dict:
         ok = batch["error"] == ""
-        counts = count_batch({k: v[ok] for k, v in batch.items()}) if ok.any() else {}
+        counts = done_counts(batch, count_batch)
         failed = [ErrorRecord(str(u), str(e), id=str(i)).to_dict() | {"run": int(r)}
                   for i, u, e, r in zip(*(batch[k][~ok] for k in ("id", "image_uri", "error", "run")))]
         return {"counts": object_array([json.dumps(counts)]), "failed": object_array([json.dumps(failed)])}
@@ -139,6 +155,8 @@ def run_ledger(
     build: Callable[[ray.data.Dataset], ray.data.Dataset],
     expand: Callable[[dict], Iterator[dict]],
     count_batch: Callable[[dict], dict[str, int]],
+    progress: tuple[str, Callable[[Counter], dict]],
+    num_cpus: float,
     fmt: str,
     rows_per_shard: int,
     source_errors: list[dict],
@@ -147,7 +165,9 @@ def run_ledger(
     `items/` (`expand` of every done row), `errors.jsonl`. Returns what the report needs.
 
     `build` turns the dataset of rows to do into ledger rows: one per input row, with LEDGER_KEYS among its
-    columns (the input rows carry `id`, `image_uri`, `error` and `run`)."""
+    columns (the input rows carry `id`, `image_uri`, `error` and `run`). While it runs, `progress` (a name, and
+    the fields shown from the sums of `count_batch` so far) says how far it is; the counting joins the task of
+    build's last stage, which takes `num_cpus` CPUs (a stage with the same resources: Ray Data fuses the two)."""
     ledger_dir = storage.join(out_dir, "ledger")
     done = done_ids(ledger_dir)
     run = int(time.time() * 1000)
@@ -155,7 +175,16 @@ def run_ledger(
     log.info("%d images to process, %d done before", len(todo), len(rows) - len(todo))
     start = time.perf_counter()
     if todo:
-        write_ledger(build(ray.data.from_items(todo)), ledger_dir, rows_per_shard)
+        name, fields = progress
+
+        def show(counts: Counter) -> tuple[int, dict]:
+            return counts["images"] + counts["failed"], fields(counts) | {"failed": counts["failed"]}
+
+        with progress_of_tasks(name, len(todo), "image", show) as tally:
+            ds = build(ray.data.from_items(todo)).map_batches(
+                tally_batch, fn_kwargs={"count_batch": count_batch, "tally": tally}, batch_size=None,
+                num_cpus=num_cpus)
+            write_ledger(ds, ledger_dir, rows_per_shard, num_cpus=num_cpus / 2)  # I/O, and not fused with the tally
     seconds = time.perf_counter() - start
 
     done = done_ids(ledger_dir)

@@ -123,6 +123,11 @@ def count_rlvr(batch: dict) -> dict[str, int]:
     return dict(counts)
 
 
+def shown_rlvr(counts: Counter) -> dict[str, int]:
+    """Items made so far, and images left out because FERBench has them."""
+    return {"items": counts["items"], "excluded_ferbench": counts["excluded_ferbench"]}
+
+
 def curate_rlvr_set(config: RlvrSetConfig) -> dict:
     """Curate the RLVR set into `config.out_dir`; a rerun resumes. Returns the stats (also in stats.json)."""
     listed, source_errors = all_source_rows(config.sources, image_root=storage.join(config.out_dir, IMAGES_DIR))
@@ -148,7 +153,8 @@ def curate_rlvr_set(config: RlvrSetConfig) -> dict:
                               batch_size=config.hash_batch_size, num_cpus=config.load_num_cpus)
 
     run = run_ledger(rows, config.out_dir, build=build, expand=rlvr_items, count_batch=count_rlvr,
-                     fmt=config.format, rows_per_shard=config.rows_per_shard,
+                     progress=("curate rlvr", shown_rlvr), num_cpus=config.load_num_cpus, fmt=config.format,
+                     rows_per_shard=config.rows_per_shard,
                      source_errors=source_errors + ferbench["errors"])
     counts = nest(run.counts)
     stats = {

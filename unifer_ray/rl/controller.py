@@ -19,6 +19,7 @@ import numpy as np
 
 from unifer_ray import storage
 from unifer_ray.engines import SamplingParams
+from unifer_ray.progress import Progress
 from unifer_ray.rl.checkpoint import RunState, commit, latest, learner_uri, step_uri
 from unifer_ray.rl.config import RLVRConfig
 from unifer_ray.rl.grpo import group_advantages, sequence_weights
@@ -150,6 +151,7 @@ def run_steps(config: RLVRConfig, state: RunState, prompts: PromptSource, reward
     sampling = SamplingParams(n=grpo.group_size, temperature=grpo.temperature, top_p=grpo.top_p,
                               max_new_tokens=grpo.max_new_tokens, logprobs=True)
     pending = None
+    progress = Progress("rlvr", config.steps, "step", initial=state.step)
     for step in range(state.step, config.steps):
         step_started = time.perf_counter()
         replacements = rollouts.replacements
@@ -188,10 +190,11 @@ def run_steps(config: RLVRConfig, state: RunState, prompts: PromptSource, reward
         run_log.step(record)
         if config.sample_log_every and state.step % config.sample_log_every == 0:
             run_log.samples(batch.samples)
-        log.info("step %d/%d: reward %.3f, accuracy %.3f, format %.3f, kl %.4f, %.1fs", state.step, config.steps,
-                 record["reward/mean"], record["accuracy"], record["format_rate"], record["kl"], step_s)
+        progress.update(state.step, reward=record["reward/mean"], accuracy=record["accuracy"],
+                        format=record["format_rate"], kl=record["kl"])
 
         if state.step % config.checkpoint_every == 0 or state.step == config.steps:
             directory = step_uri(config.checkpoint_dir, state.step)
             learners.save(learner_uri(directory))
             commit(config.checkpoint_dir, state, keep=config.keep_checkpoints)
+    progress.close()

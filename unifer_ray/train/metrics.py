@@ -1,4 +1,4 @@
-"""Training metrics: per-step records to metrics.jsonl and TensorBoard, bad rows to errors.jsonl, a progress bar.
+"""Training metrics: per-step records to metrics.jsonl and TensorBoard, bad rows to errors.jsonl, progress.
 
 Workers hand their records to `ray.train.report`; `MetricsLogger` runs in the Ray Train controller, which lives on
 the driver's node, so the driver can follow the same files for its progress bar.
@@ -6,13 +6,13 @@ the driver's node, so the driver can follow the same files for its progress bar.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ray.train import UserCallback
 
+from unifer_ray.progress import Progress
 from unifer_ray.records import append_jsonl, read_log
 
 METRICS_FILE = "metrics.jsonl"
@@ -57,29 +57,12 @@ def last_record(log_dir: str | Path) -> dict | None:
     return records[-1] if records else None
 
 
-def run_with_progress(fit: Callable[[], Any], log_dir: str | Path, total_steps: int, poll_s: float = 1.0) -> Any:
-    """Run `fit` (blocking) while a progress bar follows the metrics file; returns what `fit` returns."""
-    from tqdm import tqdm
+def follow_metrics(log_dir: str | Path, progress: Progress) -> Callable[[], None]:
+    """A poll (for `polling`) that moves `progress` to the last step logged in `log_dir`."""
+    def poll() -> None:
+        record = last_record(log_dir)
+        if record is not None and record["step"] != progress.n:
+            progress.update(record["step"], loss=record["loss"], lr=f"{record['lr']:.2e}",
+                            tok_s=round(record["tokens_per_s"]))
 
-    outcome: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            outcome["result"] = fit()
-        except BaseException as exc:  # re-raised in the caller's thread
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=target, name="sft-fit", daemon=True)
-    thread.start()
-    with tqdm(total=total_steps, desc="sft", unit="step") as bar:
-        while thread.is_alive():
-            thread.join(poll_s)
-            record = last_record(log_dir)
-            if record is not None and record["step"] != bar.n:
-                bar.n = record["step"]
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                tok_s=f"{record['tokens_per_s']:.0f}")
-                bar.refresh()
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["result"]
+    return poll

@@ -21,10 +21,11 @@ from ray.train.torch import TorchTrainer
 
 from unifer_ray import placement, storage
 from unifer_ray.data.training_sets import read_cot
+from unifer_ray.progress import Progress, polling
 from unifer_ray.ray_utils import THREAD_ENV
 from unifer_ray.train.config import SFTConfig
 from unifer_ray.train.loop import COLUMNS, MODEL_DIR, StepPlan, train_loop_per_worker
-from unifer_ray.train.metrics import ERRORS_FILE, METRICS_FILE, MetricsLogger, run_with_progress
+from unifer_ray.train.metrics import ERRORS_FILE, METRICS_FILE, MetricsLogger, follow_metrics
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def training_rows(config: SFTConfig) -> ray.data.Dataset:
     return ds.random_shuffle(seed=config.seed).materialize()
 
 
-def run_sft(config: SFTConfig, *, progress: bool = True) -> SFTResult:
+def run_sft(config: SFTConfig) -> SFTResult:
     started = time.perf_counter()
     rows = training_rows(config)
     num_rows = rows.count()
@@ -78,7 +79,8 @@ def run_sft(config: SFTConfig, *, progress: bool = True) -> SFTResult:
         # Not split: each worker takes its slice of every global batch (see train/loop.py).
         dataset_config=DataConfig(datasets_to_split=[], execution_options=execution),
     )
-    result = run_with_progress(trainer.fit, config.metrics_dir, plan.total_steps) if progress else trainer.fit()
+    with Progress("sft", plan.total_steps, "step") as progress, polling(follow_metrics(config.metrics_dir, progress)):
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"SFT run {config.run_name} ended without a checkpoint")
 
