@@ -72,7 +72,7 @@ def _subcommands(parser: argparse.ArgumentParser, prefix: str = "unifer") -> dic
 
 def test_every_command_says_what_it_does_with_an_example():
     commands = _subcommands(build_parser())
-    assert len(commands) == 12
+    assert len(commands) == 16
     for name, parser in commands.items():
         help_text = parser.format_help()
         assert parser.description, name

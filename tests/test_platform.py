@@ -44,7 +44,7 @@ def test_cpu_engines_take_the_cpus_fast_dtype_and_a_written_dtype_wins():
 
 
 @needs_vllm
-def test_serve_replicas_on_cpus_take_the_cpus_fast_dtype(tiny_model_dir):
+def test_serve_replicas_on_cpus_take_the_cpus_fast_dtype(ray_cluster, tiny_model_dir):  # placement reads the nodes
     from unifer_ray.serve.app import llm_config
     from unifer_ray.serve.config import ServeConfig
 
