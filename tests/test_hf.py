@@ -240,7 +240,7 @@ def test_cot_round_trip_curate_export_read_back_sft_loader(ray_cluster, syntheti
     batch = SFTCollator(AutoProcessor.from_pretrained(tiny_model_dir), image_size=56, max_seq_len=2048)(rows[:4])
 
     assert report["rows"] == stats["kept"] == len(rows) > 0
-    assert {r["dataset"] for r in rows} == {"sfew"} and all(r["image_path"].startswith("/SFEW-2.0/") for r in rows)
+    assert all(r["image_uri"].startswith(f"{synthetic_root}/SFEW-2.0/") for r in rows)
     assert not batch.errors and len(batch.ids) == 4 and (batch.inputs["labels"] != -100).any()
     assert '"teacher": "oracle"' in (tmp_path / "hf_cot" / "README.md").read_text()
 
