@@ -218,6 +218,8 @@ def start_head(*, cluster_file: Path | None = None, num_cpus: float = 0, labels:
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN": secrets.token_hex(32),  # this head's own token, never the user's ~/.ray/auth_token
         "RAY_USAGE_STATS_ENABLED": "0",
+        # The job API lives in the dashboard, which a busy 2-core machine can take longer than Ray's 60 s to start.
+        "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "300",
     } | RAY_CLUSTER_ENV
     args = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus", str(num_cpus),
             "--node-ip-address", "127.0.0.1",
