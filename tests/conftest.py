@@ -58,6 +58,7 @@ def ray_cluster(s3_server):
 
     os.environ.update(RAY_CLUSTER_ENV)  # engines end with the actors that own them
     ray.init(
+        address="local",  # this run's own cluster, whatever else runs Ray on the machine
         num_cpus=4,  # logical CPUs on 2 cores, so that fractional actors and tasks can overlap
         include_dashboard=False,
         log_to_driver=False,

@@ -56,6 +56,9 @@ def init_ray(num_cpus: float | None = None) -> None:
         for key, value in RAY_CLUSTER_ENV.items():
             os.environ.setdefault(key, value)
     ray.init(
+        # "local": a new cluster of our own, never one that another program started with `ray start` on this machine
+        # (ray.init's default joins the last of those).
+        address="local" if local else None,
         num_cpus=num_cpus if local else None,
         include_dashboard=False if local else None,
         # On a cluster the driver's stdout is what `ray job logs` shows: actors' and tasks' logs must reach it.
