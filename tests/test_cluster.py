@@ -409,6 +409,7 @@ def cluster_jobs(doc: dict) -> list:
     return every_stage()
 
 
+@needs_vllm  # a Serve app's bundles are Ray Serve LLM's, which imports vLLM
 @pytest.mark.parametrize("name", CLUSTER_FILES)
 def test_every_actor_of_the_clusters_jobs_has_a_node_type_that_holds_it(name):
     from unifer_ray.cluster_fit import node_groups, unmet
@@ -418,6 +419,7 @@ def test_every_actor_of_the_clusters_jobs_has_a_node_type_that_holds_it(name):
     assert unmet(demands, node_groups(CLUSTER / name)) == []
 
 
+@needs_vllm
 def test_the_fit_check_finds_what_would_wait_forever(tmp_path):
     """The defects this check exists for, each put back into a cluster file or config."""
     from unifer_ray.cluster_fit import node_groups, stage_demands, unmet
