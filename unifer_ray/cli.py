@@ -266,7 +266,8 @@ def _pipeline_commands(sub) -> None:
 
     serve = _command(sub, "serve", "serve a model (OpenAI-compatible + /v1/fer) with Ray Serve; Ctrl-C stops",
                      "unifer serve --model runs/demo/models/tiny-rlvr", _serve)
-    serve.add_argument("--model", default=None, help="a model directory or s3:// prefix (default: the config's)")
+    serve.add_argument("--model", default=None,
+                       help="a model directory, s3:// prefix or hub id (default: the config's)")
     _add_config(serve, "serve.yaml")
 
     demo = _command(sub, "demo", "the whole system on the embedded default (CPU, synthetic faces)",
