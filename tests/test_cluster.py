@@ -215,6 +215,7 @@ def test_the_path_check_names_each_path_a_node_cannot_see(tmp_path):
     config["rlvr"]["data"]["image_root"] = "runs/demo/data"  # relative, and not uploaded with the job
     config["rlvr"]["checkpoint_dir"] = "checkpoints/rlvr"  # workers on other nodes would each write their own
     config["rlvr"]["log_dir"] = "/home/ray/logs"  # the driver's own files: fine
+    config["rlvr"]["model"] = "Qwen/Qwen2.5-VL-7B-Instruct"  # a hub id: every node resolves it into its own cache
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     problems = check_config(tmp_path / "c.yaml", CLUSTER / "aws.yaml", runtime_env=CLUSTER / "runtime_env.yaml",
                             workdir=REPO)

@@ -316,13 +316,14 @@ def test_hub_ids_resolve_from_the_offline_cache(offline_hub, tiny_model_dir):
     assert completions[0].token_ids and len(completions[0].token_ids) <= 4
 
 
-def test_bench_run_on_a_hf_dataset_with_a_hub_id_model(offline_hub, hf_datasets, tmp_path):
-    """What a user runs: convert a Hugging Face dataset, then benchmark a hub-id model on it, offline."""
+def test_bench_run_on_a_hf_dataset_with_a_hub_id_model(ray_cluster, offline_hub, hf_datasets, tmp_path):
+    """What a user runs: convert a Hugging Face dataset, then benchmark a hub-id model on it, offline. The command
+    joins the running cluster, whose workers were started without HF_HOME and HF_HUB_OFFLINE: the driver's reach
+    them through its runtime env."""
     paths, _ = hf_datasets
     items = tmp_path / "ferbench" / "rafdb_qa.json"
     cli = [sys.executable, "-m", "unifer_ray.cli"]
-    # Its own local Ray, whose workers inherit HF_HOME and HF_HUB_OFFLINE.
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = os.environ | {"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     convert = subprocess.run([*cli, "convert", "ferbench", "--dataset", "rafdb", "--hf", str(paths["saved"]),
                               "--split", "test", "--out", str(items)], capture_output=True, text=True, timeout=120)
     assert convert.returncode == 0, convert.stderr

@@ -266,7 +266,8 @@ def _pipeline_commands(sub) -> None:
 
     serve = _command(sub, "serve", "serve a model (OpenAI-compatible + /v1/fer) with Ray Serve; Ctrl-C stops",
                      "unifer serve --model runs/demo/models/tiny-rlvr", _serve)
-    serve.add_argument("--model", default=None, help="a model directory or s3:// prefix (default: the config's)")
+    serve.add_argument("--model", default=None,
+                       help="a model directory, s3:// prefix or hub id (default: the config's)")
     _add_config(serve, "serve.yaml")
 
     deploy = _command(sub, "serve-config", "a Serve config file for `serve deploy`, with $api_key_env's SHA-256 "

@@ -86,8 +86,9 @@ class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # ray.serve.llm.LLMConfig, as a mapping (its keys are checked by LLMConfig itself, unknown ones refused):
-    # model_loading_config.model_id is the model name clients send; model_source a local directory or s3:// prefix;
-    # engine_kwargs are vLLM's engine arguments; deployment_config holds autoscaling.
+    # model_loading_config.model_id is the model name clients send; model_source a local directory, s3:// prefix or
+    # hub id (engine_kwargs.revision its revision); engine_kwargs are vLLM's engine arguments; deployment_config
+    # holds autoscaling.
     llm_config: dict[str, Any]
     # The name of the variable holding the API key (never the key). When set, every /v1 route needs
     # `Authorization: Bearer <key>`; the variable must be set where the app is built (under `serve deploy`, a task on

@@ -19,7 +19,7 @@ DEFAULT_SERVE_CONFIG = packaged_config("serve.yaml")
 
 
 def with_model(config: ServeConfig, model: str | Path) -> ServeConfig:
-    """`config` serving `model` (a local directory or an s3:// prefix, which Ray Serve LLM downloads)."""
+    """`config` serving `model` (a local directory, or an s3:// prefix or hub id, which Ray Serve LLM downloads)."""
     loading = config.llm_config["model_loading_config"] | {"model_source": str(model)}
     return config.model_copy(update={"llm_config": config.llm_config | {"model_loading_config": loading}})
 
@@ -51,7 +51,7 @@ def running_app(config: ServeConfig, *, host: str = "127.0.0.1", port: int | Non
 def serve_model(model: str | Path | None, config_path: str | Path = DEFAULT_SERVE_CONFIG) -> None:
     """`unifer serve --model DIR --config FILE`: run the app from a Serve config file until Ctrl-C.
 
-    `model` (a local directory or an s3:// prefix) replaces the file's `model_source`. Ray is joined at
+    `model` (a local directory, an s3:// prefix or a hub id) replaces the file's `model_source`. Ray is joined at
     RAY_ADDRESS, or started locally.
     """
     from ray import serve
