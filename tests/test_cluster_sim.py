@@ -120,8 +120,7 @@ def test_rlvr_job_scales_up_survives_a_preempted_rollout_node_and_scales_to_zero
                                                                                 synthetic_root):
     steps = 40  # under a second each here: the run is still going when the rollout node is preempted after step 2
     config = rl_config(tmp_path, tiny_model_dir, synthetic_root, steps=steps, mode="one_step_off",
-                       rollout={"max_replacements": 2}, checkpoint_every=20, sample_log_every=0,
-                       learner={"num_workers": 2, "num_cpus": 0.5, "strategy": "deepspeed", "micro_batch_size": 4})
+                       rollout={"max_replacements": 2}, checkpoint_every=20, sample_log_every=0)
     (tmp_path / "rlvr.yaml").write_text(yaml.safe_dump({"rlvr": config}))
     sim.submit(["python", "jobs/rlvr.py", "--config", str(tmp_path / "rlvr.yaml")], submission_id="rlvr")
 
