@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 
 import psutil
 import pytest
@@ -54,3 +55,19 @@ def wait_for_engines_to_end(timeout_s: float = 20.0) -> list[psutil.Process]:
         with contextlib.suppress(psutil.NoSuchProcess):
             survivors.append(psutil.Process(pid))
     return psutil.wait_procs(survivors, timeout=timeout_s)[1]
+
+
+# Defined here, not in a test module: Ray's workers import an actor's class by module, and they find `tests.helpers`
+# (the driver's working directory is on their path) but not a test module's bare name.
+class EngineStandIn:
+    """A rollout actor as vLLM's NCCL sender sees it during an update: `wait` is an engine blocked in the broadcast
+    (for a peer that died), `die` one whose process dies mid-update."""
+
+    def __init__(self, behaviour: str):
+        self.behaviour = behaviour
+
+    def update_weights(self, update_info: dict) -> None:
+        if self.behaviour == "die":
+            time.sleep(1)
+            os._exit(1)
+        time.sleep(600)

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 import ray
-from test_rl_system import rl_config
 
+from tests.helpers import EngineStandIn
+from tests.test_rl_system import rl_config
 from unifer_ray.config import parse_config
 from unifer_ray.engines import SamplingParams
 from unifer_ray.rl.config import RLVRConfig
@@ -26,20 +27,6 @@ from unifer_ray.rl.prompts import PromptSource
 from unifer_ray.rl.rollout import RolloutGroup
 
 # ---------------------------------------------------------------- NCCL: the first failed engine aborts the update
-
-
-class EngineStandIn:
-    """A rollout actor as vLLM's NCCL sender sees it during an update: `wait` is an engine blocked in the broadcast
-    (for a peer that died), `die` one whose process dies mid-update."""
-
-    def __init__(self, behaviour: str):
-        self.behaviour = behaviour
-
-    def update_weights(self, update_info: dict) -> None:
-        if self.behaviour == "die":
-            time.sleep(1)
-            os._exit(1)
-        time.sleep(600)
 
 
 def test_an_engine_that_dies_mid_update_aborts_the_transfer_at_once(ray_cluster):
@@ -139,7 +126,7 @@ def test_a_lost_rollout_node_is_replaced_however_long_the_next_node_takes(rollou
     start_node, stop_node = rollout_nodes
     monkeypatch.setenv("UNIFER_PLACEMENT", "labels")  # the session's own node carries no label: rollouts go here
     first = start_node()
-    wait_for(lambda: rollout_nodes_alive() == 1, 60)
+    wait_for(lambda: rollout_nodes_alive() == 1, 180)  # a raylet registering on a busy 2-core machine
     rollout = {"engine": {"engine": "hf", "max_batch_size": 8}, "num_cpus": 1, "start_timeout_s": 20,
                "placement_timeout_s": 180, "max_replacements": 1}
     config = parse_config(rl_config(tmp_path, tiny_model_dir, synthetic_root, rollout=rollout), RLVRConfig)
@@ -149,7 +136,7 @@ def test_a_lost_rollout_node_is_replaced_however_long_the_next_node_takes(rollou
     try:
         before = rollouts.generate(items, params, seed=5)
         stop_node(first)  # the spot reclaim: the actor is gone, its placement group waits for a rollout node
-        wait_for(lambda: rollout_nodes_alive() == 0, 60)
+        wait_for(lambda: rollout_nodes_alive() == 0, 180)
         late = threading.Timer(config.rollout.start_timeout_s + 5, start_node)
         late.start()
         started = time.monotonic()
