@@ -162,12 +162,12 @@ def test_the_learners_share_one_placement_group_and_their_gathers_outwait_a_weig
     assert group_timeout_s(config) > config.rollout.update_timeout_s
 
 
-def test_a_sender_whose_engine_died_before_the_broadcast_still_joins_the_other_ranks_gathers(zero3):
+def test_a_sender_that_fails_before_its_broadcast_still_joins_the_other_ranks_gathers(zero3):
     """NCCL sync under ZeRO-3 (vLLM's trainer engine on every rank, the sender without its NCCL endpoint, which needs
-    CUDA): the engine died before the update began, so vLLM's sender raises at `start_weight_update`, before its
-    first gather. The other rank gathers every parameter for that send; the sender finishes those gathers before it
-    raises, and the group goes on in step (last in this module: without that, rank 1 would wait until the group's
-    timeout)."""
+    CUDA). The other rank gathers every parameter of a send in step with the sender; a sender that raises before its
+    first gather must still join them, or that rank waits in a collective until the group's timeout kills it (last
+    in this module for that reason). Twice: an engine that died before the update began (vLLM's sender raises at
+    `start_weight_update`), and a send on an aborted group."""
     from tests.helpers import EngineStandIn
 
     _, learners = zero3
@@ -196,5 +196,24 @@ def test_a_sender_whose_engine_died_before_the_broadcast_still_joins_the_other_r
         ray.get(sender, timeout=120)
     assert isinstance(failed.value.cause, ray.exceptions.RayActorError)
     ray.get(other, timeout=120)  # rank 1's gathers all found rank 0's
+
+    def disable(worker) -> None:
+        """Rank 0's communicator in PyNccl's `disabled` state, as destroy() (the abort) leaves it: its broadcasts
+        would return at once and send nothing (a one-member group is disabled from the start)."""
+        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+        from vllm.distributed.utils import StatelessProcessGroup
+
+        from unifer_ray.rl.learner import free_port
+
+        if worker.rank == 0:
+            group = StatelessProcessGroup.create("127.0.0.1", free_port(), rank=0, world_size=1)
+            worker.transfer.model_update_group = PyNcclCommunicator(group, device="cpu")
+            assert worker.transfer.model_update_group.disabled
+
+    ray.get([w.__ray_call__.remote(disable) for w in learners.workers])
+    sender, other = (w.send_weights.remote(2) for w in learners.workers)
+    with pytest.raises(ray.exceptions.RayTaskError, match="weight-transfer group was aborted"):
+        ray.get(sender, timeout=120)  # a send on an aborted group is refused, not silently empty
+    ray.get(other, timeout=120)
     full = ray.get([w.trainable_state.remote() for w in learners.workers], timeout=120)[0]  # still in step
     assert full and all(torch.isfinite(t).all() for t in full.values())
