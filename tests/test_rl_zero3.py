@@ -27,6 +27,8 @@ def zero3(ray_cluster, tmp_path_factory, tiny_model_dir, synthetic_root):
                                     learner={"num_workers": WORLD, "num_cpus": 0.5, "strategy": "deepspeed",
                                              "zero_stage": 3, "micro_batch_size": 2,
                                              "placement_strategy": "STRICT_PACK"},
+                                    # a group timeout (400 + 900 + 600 s) unlike gloo's default (1800 s)
+                                    rollout={"sync_timeout_s": 400},
                                     grpo={"group_size": 2, "beta": 0.04}), RLVRConfig)
     learners = LearnerGroup(config, str(tiny_model_dir))
     yield config, learners
@@ -158,7 +160,7 @@ def test_the_learners_share_one_placement_group_and_their_gathers_outwait_a_weig
 
     for group_id, timeouts in ray.get([w.__ray_call__.remote(where_and_timeouts) for w in learners.workers]):
         assert group_id == learners.placement_group.id.hex()
-        assert timeouts == [group_timeout_s(config)]
+        assert timeouts == [group_timeout_s(config)] != [1800.0]
     assert group_timeout_s(config) > config.rollout.update_timeout_s
 
 
