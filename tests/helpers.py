@@ -66,6 +66,9 @@ class EngineStandIn:
     def __init__(self, behaviour: str):
         self.behaviour = behaviour
 
+    def start_weight_update(self) -> None:
+        pass
+
     def update_weights(self, update_info: dict) -> None:
         if self.behaviour == "die":
             time.sleep(1)
