@@ -71,7 +71,7 @@ def test_submission_needs_the_clusters_token(sim):
 
 
 def test_runtime_env_submission_places_each_role_on_its_node_type(sim):
-    """The README's form, from zero workers: one probe actor per role; each starts a node of its type. The actors'
+    """docs/cluster.md's form, from zero workers: one probe actor per role; each starts a node of its type. The actors'
     own prints reach `ray job logs`, so worker logs are forwarded to the driver."""
     assert [n["labels"].get(ROLE_LABEL) for n in sim.alive_nodes()] == ["head"]
     sim.submit(["python", "jobs/placement.py"], submission_id="placement")
