@@ -159,15 +159,6 @@ def test_aggregations_by_hand(aggregation, expected):
     assert float(aggregate(LOSS, MASK, weights)) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("aggregation", ["grpo", "dapo", "dr_grpo"])
-def test_aggregation_does_not_depend_on_sharding(aggregation):
-    """Weights are computed once for the global batch: micro-batch shares add up to the whole batch's loss."""
-    weights = torch.tensor(sequence_weights(np.array([2, 4]), aggregation, max_new_tokens=8))
-    whole = aggregate(LOSS, MASK, weights)
-    shares = aggregate(LOSS[:1], MASK[:1], weights[:1]) + aggregate(LOSS[1:], MASK[1:], weights[1:])
-    assert float(shares) == pytest.approx(float(whole))
-
-
 def test_unknown_aggregation_is_an_error():
     with pytest.raises(ValueError, match="unknown loss aggregation 'mean'"):
         sequence_weights(np.array([3]), "mean", max_new_tokens=8)
