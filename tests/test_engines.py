@@ -77,6 +77,8 @@ def test_sampling_n_completions_reproducible_per_seed(engine, requests_):
     other = engine.generate(requests_[:3], params.model_copy(update={"seed": 8}))
     assert other != first
     assert len({tuple(c.token_ids) for c in first[0]}) > 1  # n samples, not n copies
+    # Request i's samples come from seed 7 + 3i, as in vLLM: request 2 alone with seed 13 draws request 2's samples.
+    assert engine.generate(requests_[2:3], params.model_copy(update={"seed": 13})) == first[2:]
 
 
 def test_greedy_n_gives_n_equal_completions(engine, requests_):

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from unifer_ray.bench.metrics import bootstrap_ci, compute_metrics, model_name_from_path, read_results
+from unifer_ray.bench.metrics import (
+    bootstrap_ci,
+    compute_metrics,
+    mcnemar_exact,
+    model_name_from_path,
+    paired_comparison,
+    read_results,
+)
 from unifer_ray.bench.report import leaderboard_text, score_files
 from unifer_ray.labels import CANONICAL, DATASETS
 from unifer_ray.parsing import parsed_columns
@@ -172,6 +180,39 @@ def test_reference_and_our_files_score_identically(tmp_path, mode):
     errors = [json.loads(line) for line in (tmp_path / "ref" / "errors.jsonl").read_text().splitlines()]
     assert len(errors) == 1 and errors[0]["source"].endswith("ferplus_m_results.json")
     assert errors[0]["reason"] == "inference failed: ERROR: CUDA out of memory"
+
+
+def test_paired_comparison_counts_corrected_and_broken_items():
+    changed = list(CRAFTED)
+    changed[0] = ("rafdb", "happiness", "", "timeout")  # failed in the second run: left out of the pairs
+    changed[1] = ("rafdb", "happiness", _ok("happiness"), "")  # wrong before, right after: corrected
+    changed[2] = ("rafdb", "sadness", _ok("fear"), "")  # right before, wrong after: broken
+    changed[6] = ("ferplus", "sad", _ok("sad"), "")  # corrected
+    paired = paired_comparison(_our_rows("sft"), _our_rows("rlvr", changed))
+    # Rows 1-7 pair (row 8 failed in both runs); right before: 2, 4, 5, 7; after: 1, 4, 5, 6, 7.
+    # 2 corrected vs 1 broken: p = 2 × P(X <= 1 | n=3, 1/2) = 2 × 4/8, capped at 1.
+    assert paired == {"items": 7, "before_correct": 4, "after_correct": 5, "corrected": 2, "broken": 1,
+                      "mcnemar_p": 1.0}
+
+
+def _two_sided_binomial(k: int, n: int) -> float:
+    """2 × P(X <= min(k, n - k)) for X ~ Binomial(n, 1/2), capped at 1: McNemar's exact test by its definition."""
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(k, n - k) + 1)) / 2**n)
+
+
+@pytest.mark.parametrize(("corrected", "broken", "p"), [
+    (83, 62, 0.0964),  # issue 22's vLLM demo run
+    (79, 54, 0.0370),  # its transformers-rollout run
+    (61, 62, 1.0),  # its AVX2 run
+    (5, 0, 2 / 32),  # 2 × (1/2)^5
+    (2, 1, 1.0),  # 2 × 4/8
+    (0, 0, 1.0),  # no discordant item: no evidence either way
+])
+def test_mcnemar_exact(corrected, broken, p):
+    assert mcnemar_exact(corrected, broken) == pytest.approx(p, abs=5e-5)
+    assert mcnemar_exact(broken, corrected) == mcnemar_exact(corrected, broken)
+    if corrected + broken:
+        assert mcnemar_exact(corrected, broken) == pytest.approx(_two_sided_binomial(corrected, corrected + broken))
 
 
 def test_model_name_from_reference_file_names():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ from unifer_ray.config import ConfigError, read_yaml
 from unifer_ray.demo import moved_below, run_demo
 from unifer_ray.engines.platform import cpu_engine_dtype, vllm_installed, vllm_version
 from unifer_ray.pipeline import STAGES, Pipeline
+from unifer_ray.pipeline_report import first_vs_last_fifth, moving_average, task_accuracy, write_pipeline_report
+from unifer_ray.records import append_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -101,3 +104,65 @@ def test_the_demo_runs_every_stage_and_reports_base_sft_and_rlvr(ray_cluster, tm
         assert (out / "report" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = report.read_text()
     assert "| tiny-rlvr |" in text and "![FERBench strict accuracy](ferbench_accuracy.png)" in text
+    # RLVR against SFT item by item: the same items, the changed answers make the change of accuracy.
+    paired = summary["paired"]
+    assert (paired["before"], paired["after"]) == ("tiny-sft", "tiny-rlvr")
+    for model, key in (("tiny-sft", "before_correct"), ("tiny-rlvr", "after_correct")):
+        overall = summary["ferbench"][model]["overall"]
+        assert paired[key] == pytest.approx(overall["accuracy"] * paired["items"])  # no failed inference here
+    assert paired["after_correct"] - paired["before_correct"] == paired["corrected"] - paired["broken"]
+    assert 0 < paired["mcnemar_p"] <= 1 and "## tiny-rlvr vs tiny-sft on the same FERBench items" in text
+
+
+def test_moving_average_and_its_standard_error_skip_steps_without_a_value():
+    means, errors = moving_average([0.0, 1.0, float("nan"), 3.0], window=2)
+    assert means.tolist() == [0.0, 0.5, 1.0, 3.0]  # a task absent from a step (NaN) is left out of its window
+    # [0, 1]: standard deviation √0.5, over √2 values: 0.5. One value has no spread to estimate.
+    assert math.isnan(errors[0]) and errors[1] == pytest.approx(0.5) and math.isnan(errors[2])
+
+
+def test_first_and_last_fifth_with_standard_errors():
+    fifths = first_vs_last_fifth([0.5, 0.7] + [0.6] * 6 + [0.8, 1.0])  # 10 steps: fifths of 2
+    # Each fifth: standard deviation √0.02 over √2 values, 0.1; the gain 0.3 over √(0.1² + 0.1²).
+    assert fifths == pytest.approx({"steps_each": 2, "first": 0.6, "first_se": 0.1, "last": 0.9, "last_se": 0.1,
+                                    "gain_in_se": 0.3 / math.sqrt(0.02)})
+    assert first_vs_last_fifth([0.5] * 4)["gain_in_se"] is None  # no spread: no gain in standard errors
+
+
+def rlvr_records(steps: int) -> list[dict]:
+    """A run whose accuracy rises by 0.01 a step; the unified task is in the odd steps only."""
+    return [{"step": s, "accuracy": 0.5 + 0.01 * s, "reward/mean": 1.5 + 0.01 * s, "format_rate": 1.0,
+             "kl": 0.001 * s, "clip_fraction": 0.0, "rollout_is_clipped_fraction": 0.0,
+             "accuracy/mc": 0.6 + 0.01 * s, **({"accuracy/unified": 0.4} if s % 2 else {})}
+            for s in range(1, steps + 1)]
+
+
+def test_task_accuracy_over_the_first_and_last_fifths():
+    records = rlvr_records(10)  # fifths: steps 1-2 and 9-10
+    records[-2].pop("accuracy/unified")  # now in step 1 only of the four
+    assert task_accuracy(records) == {"mc": {"first": pytest.approx(0.615), "last": pytest.approx(0.695)},
+                                      "unified": {"first": 0.4, "last": None}}
+
+
+def test_the_report_shows_rlvr_learning_and_the_paired_comparison(tmp_path):
+    (tmp_path / "rlvr").mkdir()
+    append_jsonl(tmp_path / "rlvr" / "metrics.jsonl", rlvr_records(20))
+    paired = {"before": "tiny-sft", "after": "tiny-rlvr", "items": 900, "before_correct": 620, "after_correct": 641,
+              "corrected": 83, "broken": 62, "mcnemar_p": 0.0964}
+    report = write_pipeline_report(tmp_path / "report", [{"stage": "RLVR (GRPO)", "seconds": 1.0}], None,
+                                   sft_log=None, rlvr_log=str(tmp_path / "rlvr"), paired=paired)
+    summary = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert summary["paired"] == paired
+    # Steps 1-4 and 17-20: means 0.525 and 0.685; squared deviations 2 × (0.015² + 0.005²) = 0.0005, so a standard
+    # deviation √(0.0005 / 3) over √4 values each; the gain 0.16 over √2 of those.
+    accuracy = summary["rlvr"]["accuracy"]
+    se = math.sqrt(0.0005 / 3) / 2
+    assert accuracy == pytest.approx({"steps_each": 4, "first": 0.525, "first_se": se, "last": 0.685, "last_se": se,
+                                      "gain_in_se": 0.16 / (se * math.sqrt(2))})
+    assert summary["rlvr"]["accuracy_by_task"]["unified"] == {"first": 0.4, "last": 0.4}
+    assert summary["rlvr"]["steps"] == 20 and summary["rlvr"]["kl_last"] == pytest.approx(0.02)
+    text = report.read_text()
+    assert "| 900 | 620 | 641 | 83 | 62 | 0.096 |" in text and "McNemar exact p" in text
+    assert "0.525 ± 0.006 over the first 4 steps, 0.685 ± 0.006 over the last 4 (+17.5 standard errors)" in text
+    assert "Per task type, first → last: mc 0.625 → 0.785, unified 0.400 → 0.400." in text
+    assert (tmp_path / "report" / "rlvr_rewards.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

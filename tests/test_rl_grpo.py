@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from unifer_ray.config import ConfigError, load_config, parse_config
+from unifer_ray.engines import Completion
 from unifer_ray.rl.config import RewardSpec, RLVRConfig
+from unifer_ray.rl.controller import score
 from unifer_ray.rl.grpo import (
     aggregate,
     group_advantages,
@@ -20,6 +22,7 @@ from unifer_ray.rl.grpo import (
     truncated_is_weights,
 )
 from unifer_ray.rl.rewards import RewardSet, accuracy_reward, format_reward, load_reward
+from unifer_ray.rl.rollout import Rollout
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -156,15 +159,6 @@ def test_aggregations_by_hand(aggregation, expected):
     assert float(aggregate(LOSS, MASK, weights)) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("aggregation", ["grpo", "dapo", "dr_grpo"])
-def test_aggregation_does_not_depend_on_sharding(aggregation):
-    """Weights are computed once for the global batch: micro-batch shares add up to the whole batch's loss."""
-    weights = torch.tensor(sequence_weights(np.array([2, 4]), aggregation, max_new_tokens=8))
-    whole = aggregate(LOSS, MASK, weights)
-    shares = aggregate(LOSS[:1], MASK[:1], weights[:1]) + aggregate(LOSS[1:], MASK[1:], weights[1:])
-    assert float(shares) == pytest.approx(float(whole))
-
-
 def test_unknown_aggregation_is_an_error():
     with pytest.raises(ValueError, match="unknown loss aggregation 'mean'"):
         sequence_weights(np.array([3]), "mean", max_new_tokens=8)
@@ -233,6 +227,24 @@ def test_bad_reward_output_is_a_clear_error(function, message):
 def test_unloadable_reward_names_the_function(function, message):
     with pytest.raises(ValueError, match=message):
         load_reward(function)
+
+
+def test_a_steps_record_has_the_accuracy_of_each_task_type():
+    """Three prompts of two samples: mc right once of two, binary twice of two, an item without a task never."""
+    answers = ["happiness", "yes", "anger"]
+    prompts = [item | {"image_uri": "/i.jpg", "task": task}
+               for item, task in zip(items(answers), ["mc", "binary", ""])]
+    texts = [["<think>t</think><answer>happiness</answer>", "<answer>sadness</answer>"],
+             ["<answer>yes</answer>", "<think>t</think><answer>yes</answer>"],
+             ["<answer>fear</answer>", ""]]
+    completions = [[Completion(text=t, token_ids=[1] * (1 + len(t) // 8), logprobs=None, finish_reason="stop")
+                    for t in group] for group in texts]
+    config = parse_config(minimal(grpo={"group_size": 2, "prompts_per_step": 3}), RLVRConfig)
+    record = score(Rollout(prompts, completions, [0, 0, 0], [], generate_s=0.0, wait_s=0.0), RewardSet(config.rewards),
+                   config, learner_version=0, step=1).record
+    assert record["accuracy"] == pytest.approx(3 / 6)
+    assert {k: v for k, v in record.items() if k.startswith("accuracy/")} == {
+        "accuracy/mc": 0.5, "accuracy/binary": 1.0, "accuracy/untyped": 0.0}
 
 
 # ---------------------------------------------------------------- configs

@@ -14,6 +14,7 @@ from unifer_ray.data.images import load_image
 from unifer_ray.engines import ChatRequest, EngineSpec, SamplingParams, create_engine, engine_label, resolve_engine
 from unifer_ray.engines.hf import HFEngine
 from unifer_ray.engines.vllm_engine import VLLMEngine
+from unifer_ray.rl.rollout import share_seeds
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +89,19 @@ def test_n_samples_have_distinct_seeds_and_reproduce(vllm_engine, ferbench_reque
     # Request i's sample k has seed 5 + 4i + k: request 1 alone with seed 9 draws request 1's samples.
     [alone] = vllm_engine.generate([ferbench_requests[1]], params.model_copy(update={"seed": 9}))
     assert alone == first[1]
+
+
+def test_a_batch_split_as_rollout_workers_split_it_draws_the_same_samples(vllm_engine, ferbench_requests):
+    """The shares two rollout workers generate, with the seeds the group gives them, draw the whole batch's
+    samples."""
+    requests = ferbench_requests[:5]
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, n=3, seed=100, logprobs=True)
+    whole = vllm_engine.generate(requests, params)
+    shares = []
+    for rows, seed in share_seeds(len(requests), 2, params.seed, params.n):
+        shares += vllm_engine.generate([requests[i] for i in rows], params.model_copy(update={"seed": seed}))
+    assert [[c.token_ids for c in group] for group in shares] == [[c.token_ids for c in group] for group in whole]
+    assert len({tuple(c.token_ids) for group in whole for c in group}) > len(whole)  # samples, not copies
 
 
 def test_stops_at_the_end_of_turn(tiny_model_dir, ferbench_requests, tmp_path):

@@ -164,14 +164,15 @@ class Pipeline:
                     update={"model": path, "revision": self.base_revision() if name == "base" else None}),
                 "items_per_dataset": config.base_items_per_dataset if name == "base" else base.items_per_dataset})
                 for name, path in self.models().items()]
-            _, scored = bench_and_score(BenchConfig(files=config.ferbench, models=models, out_dir=config.bench_out_dir,
-                                           models_at_once=config.models_at_once))
+            runs, scored = bench_and_score(BenchConfig(files=config.ferbench, models=models,
+                                                       out_dir=config.bench_out_dir,
+                                                       models_at_once=config.models_at_once))
             metrics = {m.name: scored[m.name] for m in models}  # pipeline order: base, SFT, RLVR
             last = metrics[models[-1].name]["overall"]
             note = ", ".join(f"{m.name}: {metrics[m.name]['overall']['accuracy']:.3f}" for m in models)
             engine = engine_description(base.engine, on_cpu=not base.num_gpus)
-            return metrics, {"accuracy": last["accuracy"], "format_rate": last["format_rate"], "note": note,
-                             "engine": engine}
+            summary = {"accuracy": last["accuracy"], "format_rate": last["format_rate"], "note": note, "engine": engine}
+            return {"metrics": metrics, "paired": paired_last_two(runs)}, summary
 
         def serve():
             if not vllm_installed():
@@ -186,6 +187,18 @@ class Pipeline:
                 title, fn = steps[stage]
                 outcome[stage] = stages.run(title, fn)
         return outcome
+
+
+def paired_last_two(runs: list) -> dict | None:
+    """The last model against the one before it (RLVR against SFT) on the items both answered: the corrected and
+    broken answers and McNemar's exact p-value (bench.metrics.paired_comparison)."""
+    if len(runs) < 2:
+        return None
+    from unifer_ray.bench.metrics import paired_comparison, read_results
+
+    before, after = runs[-2], runs[-1]
+    counts = paired_comparison(read_results(before.results_path).rows, read_results(after.results_path).rows)
+    return {"before": before.model, "after": after.model, **counts}
 
 
 def teacher_description(teacher) -> str:
@@ -231,7 +244,9 @@ def write_report(pipeline: Pipeline, stages: StageTable, outcome: dict) -> Path:
     """report.md, report.json and the plots in the pipeline's report_dir."""
     from unifer_ray.pipeline_report import write_pipeline_report
 
-    return write_pipeline_report(Path(pipeline.config.report_dir), stages.rows, outcome.get("bench"),
+    bench = outcome.get("bench") or {}
+    return write_pipeline_report(Path(pipeline.config.report_dir), stages.rows, bench.get("metrics"),
+                                 paired=bench.get("paired"),
                                  sft_log=pipeline.sft.metrics_dir if pipeline.sft else None,
                                  rlvr_log=pipeline.rlvr.metrics_dir if pipeline.rlvr else None)
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow.fs as pafs
+from scipy.stats import binomtest
 from sklearn.metrics import precision_recall_fscore_support
 
 from unifer_ray import storage
@@ -243,3 +244,29 @@ def compute_metrics(rows: list[dict], mode: str) -> dict:
     out[OVERALL] = {"mode": mode, "datasets": pooled["datasets"]} | label_metrics(
         pooled["y_true"], pooled["y_pred"], pooled["format_ok"], labels, pooled["n_errors"])
     return out
+
+
+# ---------------------------------------------------------------- two models on the same items
+
+
+def mcnemar_exact(corrected: int, broken: int) -> float:
+    """McNemar's exact test, two-sided: the p-value of `corrected` against `broken` discordant items if each were as
+    likely to go either way (the binomial test of one count in corrected + broken draws at 1/2)."""
+    n = corrected + broken
+    return float(binomtest(corrected, n, 0.5).pvalue) if n else 1.0
+
+
+def paired_comparison(before: list[dict], after: list[dict], mode: str = "strict") -> dict:
+    """Two models' result rows on the items both answered (failed inferences left out): how many `after` gets right
+    that `before` got wrong (corrected), the reverse (broken), and McNemar's exact p-value of those counts."""
+    def correct(rows: list[dict]) -> dict[tuple[str, str], bool]:
+        return {(row["dataset"], row["id"]): predict(row, mode) == row["true_label"]
+                for row in rows if not row.get("error")}
+
+    was, now = correct(before), correct(after)
+    shared = was.keys() & now.keys()
+    corrected = sum(now[i] and not was[i] for i in shared)
+    broken = sum(was[i] and not now[i] for i in shared)
+    return {"items": len(shared), "before_correct": sum(was[i] for i in shared),
+            "after_correct": sum(now[i] for i in shared), "corrected": corrected, "broken": broken,
+            "mcnemar_p": mcnemar_exact(corrected, broken)}

@@ -22,8 +22,11 @@ class HFEngine(GenerationEngine):
     """`model.generate` over chunks of `max_batch_size` requests.
 
     Sampling uses exactly the given parameters (temperature, top_p; no top-k, no repetition penalty), whatever the
-    checkpoint's generation_config suggests. With a seed, results are reproducible for the same requests and batch
-    size. Token ids include the closing end-of-turn token when the model emitted one (as vLLM reports them);
+    checkpoint's generation_config suggests. With a seed, request i draws its n samples from seed + i * n alone, the
+    seed vLLMEngine gives request i (whose k-th sample vLLM then seeds with + k): a request's samples do not depend
+    on the requests beside it, so a batch split over rollout workers draws what it draws whole. Seeded sampling
+    therefore generates one request (its n samples) at a time.
+    Token ids include the closing end-of-turn token when the model emitted one (as vLLM reports them);
     texts are decoded without special tokens. Log-probabilities are those of the sampled tokens under
     softmax(logits / temperature) (temperature 1 when greedy), before top-p truncation.
     """
@@ -52,13 +55,17 @@ class HFEngine(GenerationEngine):
             raise KeyError(f"weights not in the model: {sorted(result.unexpected_keys)[:5]}")
 
     def generate(self, requests: list[ChatRequest], params: SamplingParams) -> list[list[Completion]]:
+        if params.seed is not None and params.temperature > 0:
+            return [self._seeded(request, params, params.seed + i * params.n) for i, request in enumerate(requests)]
         results: list[list[Completion]] = []
-        with torch.random.fork_rng(devices=self._rng_devices(), enabled=params.seed is not None):
-            if params.seed is not None:
-                torch.manual_seed(params.seed)
-            for start in range(0, len(requests), self.max_batch_size):
-                results += self._generate_batch(requests[start : start + self.max_batch_size], params)
+        for start in range(0, len(requests), self.max_batch_size):
+            results += self._generate_batch(requests[start : start + self.max_batch_size], params)
         return results
+
+    def _seeded(self, request: ChatRequest, params: SamplingParams, seed: int) -> list[Completion]:
+        with torch.random.fork_rng(devices=self._rng_devices()):
+            torch.manual_seed(seed)
+            return self._generate_batch([request], params)[0]
 
     def _rng_devices(self) -> list[int]:
         device = self.model.device

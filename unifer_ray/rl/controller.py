@@ -73,6 +73,8 @@ def score(rollout: Rollout, rewards: RewardSet, config: RLVRConfig, *, learner_v
         raise RuntimeError(f"step {step}: samples of policy versions {sorted(set(versions.tolist()))} for learner "
                            f"version {learner_version} break the {config.mode} staleness bound")
 
+    correct = np.asarray(accuracy_reward(texts, [i["solution"] for i in items], answers=[i["answer"] for i in items]))
+    tasks = np.array([item.get("task") or "untyped" for item in items])
     rows = [TrainRow(image_uri=item["image_uri"], problem=item["problem"], completion_ids=c.token_ids,
                      advantage=float(a), weight=float(w), rollout_logprobs=c.logprobs)
             for item, c, a, w in zip(items, completions, advantages, weights)]
@@ -81,8 +83,7 @@ def score(rollout: Rollout, rewards: RewardSet, config: RLVRConfig, *, learner_v
         "samples": len(completions),
         "reward/mean": float(total.mean()),
         "reward/std": float(total.std()),
-        "accuracy": float(np.mean(accuracy_reward(texts, [i["solution"] for i in items],
-                                                  answers=[i["answer"] for i in items]))),
+        "accuracy": float(correct.mean()),
         "format_rate": float(np.mean(format_reward(texts, [i["solution"] for i in items]))),
         "groups_all_equal": int(all_equal.sum()),
         "groups_all_equal_fraction": float(all_equal.mean()),
@@ -92,6 +93,8 @@ def score(rollout: Rollout, rewards: RewardSet, config: RLVRConfig, *, learner_v
         "version_lag/mean": float(lags.mean()),
         "version_lag/max": int(lags.max()),
     }
+    for task in sorted(set(tasks)):  # the task types (mc, binary, ...) learn at their own rates
+        record[f"accuracy/{task}"] = float(correct[tasks == task].mean())
     for name, scores in per_function.items():
         record[f"reward/{name}/mean"] = float(scores.mean())
         record[f"reward/{name}/std"] = float(scores.std())

@@ -6,8 +6,9 @@ Aggregations (what one optimizer step minimises; `L_i` = completion i's tokens, 
 - `dr_grpo`: a constant normaliser, Σ_i Σ_t ℓ_it / (B · max_new_tokens), so long answers are not down-weighted;
 - `dapo`: the token mean over the whole batch, Σ_i Σ_t ℓ_it / Σ_i L_i.
 Each is a per-completion weight on its token-loss sum (`sequence_weights`), computed once for the global batch, so
-the loss is the same however the batch is sharded over learners and micro-batches. Advantage estimators and
-aggregations are registries by name (ADVANTAGES, AGGREGATIONS): the names the config accepts.
+the loss is the same however the batch is sharded over learners and micro-batches (tests/test_rl_equivalence.py).
+Advantage estimators and aggregations are registries by name (ADVANTAGES, AGGREGATIONS): the names the config
+accepts.
 """
 
 from __future__ import annotations

@@ -182,6 +182,13 @@ class Rollout:
     wait_s: float  # how long the controller waited for the batch after asking for it
 
 
+def share_seeds(count: int, workers: int, seed: int, n: int) -> list[tuple[np.ndarray, int]]:
+    """Each worker's contiguous share of `count` prompts, and the seed of its call: an engine gives the j-th request
+    of a call seed + j * n, so prompt i's samples come from seed + i * n whichever worker draws them."""
+    return [(rows, seed + int(rows[0]) * n if len(rows) else seed)
+            for rows in np.array_split(np.arange(count), workers)]
+
+
 class RolloutGroup:
     """The rollout actors of a run, serving `model` (the starting policy) and then the weights they are sent.
 
@@ -243,15 +250,15 @@ class RolloutGroup:
     def submit(self, items: list[dict], params: SamplingParams, seed: int) -> PendingRollout:
         """Start generating `params.n` completions per item, each worker a contiguous share.
 
-        Item i's k-th sample gets seed `seed + i * n + k` whichever worker generates it (the engines give request j
-        of a call seed + j * n, its k-th sample + k), so seeds never repeat within a batch and a replacement worker
-        regenerates exactly the same samples."""
+        Item i's samples are drawn from seed `seed + i * n` whichever worker generates them (`share_seeds`; vLLM
+        gives the k-th sample + k), so seeds never repeat within a batch, a batch split over more workers draws the
+        same samples, and a replacement worker regenerates exactly the same samples."""
         shares = []
-        for index, rows in enumerate(np.array_split(np.arange(len(items)), len(self.workers))):
+        for index, (rows, share_seed) in enumerate(share_seeds(len(items), len(self.workers), seed, params.n)):
             if len(rows) == 0:
                 continue
             share_items = [items[i] for i in rows]
-            share_params = params.model_copy(update={"seed": seed + int(rows[0]) * params.n}).model_dump()
+            share_params = params.model_copy(update={"seed": share_seed}).model_dump()
             actor = self.workers[index]
             shares.append(_Share(index, share_items, share_params, actor,
                                  actor.generate.remote(share_items, share_params)))
