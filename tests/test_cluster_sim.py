@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.helpers import wait_for_engines_to_end
-from tests.test_rl_system import GROUP, PROMPTS, rl_config
+from tests.helpers import GROUP, PROMPTS, rl_config, wait_for_engines_to_end
 from unifer_ray.cluster_sim import Head, start_head
 from unifer_ray.engines import ChatRequest, SamplingParams
 from unifer_ray.engines.hf import HFEngine

@@ -9,8 +9,8 @@ import posixpath
 import pytest
 import ray
 import torch
-from test_rl_system import rl_config
 
+from tests.helpers import rl_config
 from unifer_ray.config import parse_config
 from unifer_ray.models.loading import load_model_and_processor
 from unifer_ray.rl.config import RLVRConfig
