@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -30,7 +29,7 @@ from unifer_ray.engines.hf import HFEngine, chat_text
 from unifer_ray.models.loading import load_model_and_processor
 from unifer_ray.models.model_dir import local_model_dir
 from unifer_ray.parallel import DataParallel, load_reference, load_trainable, prepare_model, seed_everything
-from unifer_ray.ray_utils import THREAD_ENV
+from unifer_ray.ray_utils import THREAD_ENV, free_port
 from unifer_ray.rl.checkpoint import readable_dir, writable_dir
 from unifer_ray.rl.config import GRPOConfig, LearnerConfig, RLVRConfig
 from unifer_ray.rl.grpo import aggregate, rollout_mismatch, token_loss, truncated_is_weights
@@ -127,12 +126,6 @@ def file_format(module: Any, state: dict[str, torch.Tensor]) -> dict[str, torch.
     from transformers.core_model_loading import revert_weight_conversion
 
     return revert_weight_conversion(module, state)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def group_timeout_s(config: RLVRConfig) -> float:
