@@ -37,7 +37,7 @@ from unifer_ray.prompts import ferbench_prompt
 from unifer_ray.ray_utils import init_ray
 from unifer_ray.rl.config import RLVRConfig
 from unifer_ray.rl.controller import run_rlvr
-from unifer_ray.rl.metrics import read_run_log
+from unifer_ray.runlog import read_run_log
 
 REPO = Path(__file__).resolve().parent.parent
 

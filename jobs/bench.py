@@ -1,23 +1,11 @@
-"""FERBench on a Ray cluster:
-`ray job submit --runtime-env cluster/runtime_env.yaml -- python jobs/bench.py --config configs/ferbench.yaml`."""
+"""FERBench on a Ray cluster: `unifer bench run`, the same options, logs and output.
 
-from __future__ import annotations
+    ray job submit --runtime-env cluster/runtime_env.yaml -- python jobs/bench.py --config configs/ferbench.yaml
+"""
 
-import argparse
-import logging
+import sys
 
-from unifer_ray.bench.config import BenchConfig
-from unifer_ray.bench.pipeline import bench_and_score
-from unifer_ray.config import load_config
-from unifer_ray.ray_utils import init_ray
+from unifer_ray.cli import main
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--section", default=None)
-    parser.add_argument("--mode", choices=["strict", "paper"], default="strict")
-    args = parser.parse_args()
-    config = load_config(args.config, BenchConfig, section=args.section)
-    init_ray()
-    bench_and_score(config, mode=args.mode)
+    main(["bench", "run", *sys.argv[1:]])

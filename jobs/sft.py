@@ -1,23 +1,11 @@
-"""Cold-start SFT on a Ray cluster:
-`ray job submit --runtime-env cluster/runtime_env.yaml -- python jobs/sft.py --config configs/<name>.yaml`."""
+"""Cold-start SFT on a Ray cluster: `unifer sft`, the same options, logs and output.
 
-from __future__ import annotations
+    ray job submit --runtime-env cluster/runtime_env.yaml -- python jobs/sft.py --config configs/qwen2_5_vl_7b.yaml
+"""
 
-import argparse
-import logging
+import sys
 
-from unifer_ray.config import load_config
-from unifer_ray.ray_utils import init_ray
-from unifer_ray.train.config import SFTConfig
-from unifer_ray.train.sft import run_sft
+from unifer_ray.cli import main
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--section", default="sft", help="the config file's section holding the SFT config")
-    args = parser.parse_args()
-    config = load_config(args.config, SFTConfig, section=args.section)
-    init_ray()
-    result = run_sft(config)
-    print(f"SFT done: {result.steps} steps in {result.seconds:.0f}s, loss {result.loss:.4f}; model: {result.model_dir}")
+    main(["sft", *sys.argv[1:]])

@@ -24,7 +24,7 @@ from unifer_ray.engines.hf import HFEngine
 from unifer_ray.models.loading import load_model_and_processor
 from unifer_ray.placement import ROLE_LABEL
 from unifer_ray.rl.checkpoint import latest
-from unifer_ray.rl.metrics import read_run_log
+from unifer_ray.runlog import read_run_log
 
 REPO = Path(__file__).resolve().parent.parent
 SIM_IDLE_MINUTES = 0.25

@@ -219,7 +219,7 @@ def test_bad_reward_output_is_a_clear_error(function, message):
 
 
 @pytest.mark.parametrize(("function", "message"), [
-    ("nope", "expected one of"),
+    ("nope", "unknown reward function 'nope'; expected one of accuracy, format"),
     ("no_such_module_xyz:f", "cannot be loaded"),
     (f"{__name__}:no_such_function", "cannot be loaded"),
     (f"{__name__}:REPO", "not callable"),

@@ -25,10 +25,10 @@ from unifer_ray.rl.checkpoint import latest
 from unifer_ray.rl.config import PromptData, RLVRConfig, SyncConfig
 from unifer_ray.rl.controller import run_rlvr
 from unifer_ray.rl.learner import LearnerGroup, TrainRow
-from unifer_ray.rl.metrics import read_run_log
 from unifer_ray.rl.prompts import PromptSource
 from unifer_ray.rl.rollout import RolloutGroup
 from unifer_ray.rl.weight_sync import WeightSync
+from unifer_ray.runlog import read_run_log
 
 REPO = Path(__file__).resolve().parent.parent
 HF = {"engine": "hf", "max_batch_size": 8}
@@ -311,14 +311,14 @@ def test_resume_continues_at_the_right_step_and_policy_version(stopped_run, tiny
     CHAOS["stop_after"] = None
     result = run_rlvr(parse_config(config, RLVRConfig), resume=True)
     assert (result.steps, result.policy_version) == (4, 4)
-    resumed = [r for r in read_run_log(tmp / "logs") if r["attempt"] == 2]
+    resumed = [r for r in read_run_log(tmp / "logs") if r["start_step"] == 2]
     assert [(r["step"], r["policy_version"]) for r in resumed] == [(3, 3), (4, 4)]
     assert resumed[0]["rollout_logprob_gap"] < SAME_POLICY_GAP  # rollouts and learners: the checkpoint's weights
 
     # Step 3 ran again from the checkpoint: the same prompts (batch 2), the same version-2 weights and the same
     # seed, so exactly the completions the first attempt generated before the stop.
     samples = read_run_log(tmp / "logs", "samples.jsonl")
-    first, again = ([s for s in samples if s["step"] == 3 and s["attempt"] == attempt] for attempt in (0, 2))
+    first, again = ([s for s in samples if s["step"] == 3 and s["start_step"] == start] for start in (0, 2))
     items = PromptSource(parse_config(config, RLVRConfig).data, prompts_per_step=PROMPTS, seed=0).batch(2)
     assert [s["id"] for s in again] == [item["id"] for item in items for _ in range(GROUP)]
     assert {s["version"] for s in again} == {2}

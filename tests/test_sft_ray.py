@@ -16,9 +16,9 @@ from test_sft import cot_rows
 
 from unifer_ray import storage
 from unifer_ray.models.loading import load_model_and_processor
+from unifer_ray.runlog import METRICS_FILE
 from unifer_ray.train.config import SFTConfig
 from unifer_ray.train.loop import checkpoint_dir_name
-from unifer_ray.train.metrics import METRICS_FILE
 from unifer_ray.train.sft import run_sft
 
 COT_FIELDS = ("id", "image_path", "question", "response")

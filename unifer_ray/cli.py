@@ -103,7 +103,8 @@ def _rlvr(args: argparse.Namespace) -> None:
     config = load_config(args.config, RLVRConfig, section=args.section)
     init_ray()
     result = run_rlvr(config, resume=args.resume)
-    print(result)
+    print(f"RLVR: {result.steps} steps, policy version {result.policy_version}, {result.seconds:.1f}s; "
+          f"model: {result.model_dir}; metrics: {result.metrics_path}")
 
 
 def _sft(args: argparse.Namespace) -> None:
@@ -114,7 +115,9 @@ def _sft(args: argparse.Namespace) -> None:
 
     config = load_config(args.config, SFTConfig, section=args.section)
     init_ray()
-    print(run_sft(config))
+    result = run_sft(config)
+    print(f"SFT: {result.steps} steps, loss {result.loss:.4f}, {result.seconds:.1f}s; model: {result.model_dir}; "
+          f"metrics: {result.metrics_path}")
 
 
 def _pipeline(args: argparse.Namespace) -> None:

@@ -25,7 +25,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ import yaml
 
 from unifer_ray.engines.processes import RAY_CLUSTER_ENV
 from unifer_ray.placement import ROLE_LABEL
+from unifer_ray.ray_utils import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 FAKE_HEAD_NODE_ID = "fffffffffffffffffffffffffffffffffffffffffffffffffff00000"  # the fake provider's head id
@@ -50,12 +50,6 @@ EMPTY_LAUNCHER_KEYS = {"file_mounts": {}, "cluster_synced_files": [], "file_moun
                        "rsync_exclude": [], "rsync_filter": [], "initialization_commands": [], "setup_commands": [],
                        "head_setup_commands": [], "worker_setup_commands": [], "head_start_ray_commands": [],
                        "worker_start_ray_commands": []}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def simulated_config(cluster_file: Path, *, gcs_address: str, cpus_per_node: float = 2, max_per_type: int = 2,

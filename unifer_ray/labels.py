@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from unifer_ray.registry import lookup
+
 
 @dataclass(frozen=True)
 class DatasetSpec:
@@ -50,10 +52,7 @@ def canonical(label: str) -> str:
 
 
 def dataset_spec(key: str) -> DatasetSpec:
-    try:
-        return DATASETS[key]
-    except KeyError:
-        raise ValueError(f"unknown dataset {key!r}; expected one of {sorted(DATASETS)}") from None
+    return lookup(DATASETS, key, "dataset")
 
 
 def dataset_of(candidate_labels: list[str] | tuple[str, ...]) -> str | None:

@@ -11,7 +11,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from unifer_ray.bench.report import accuracy_table
-from unifer_ray.rl.metrics import read_run_log
+from unifer_ray.runlog import read_run_log
 
 SFT_PLOT = "sft_loss.png"
 RLVR_PLOT = "rlvr_rewards.png"

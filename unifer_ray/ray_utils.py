@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -89,6 +90,14 @@ def scope_ray_data_to_cpu_nodes() -> None:
 
     if placement.enabled():
         DataContext.get_current().execution_options.label_selector = placement.selector("cpu")
+
+
+def free_port() -> int:
+    """A TCP port free on every interface of this node: for a Ray head, Serve's HTTP proxy or the learners' group,
+    whose rendezvous other nodes reach at this node's address."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 def get_all(refs: list, timeout_s: float) -> list:

@@ -5,6 +5,7 @@
 - `write_jsonl`: JSON Lines, UTF-8 text as is, written whole or not at all (`jsonl_text` for other writers).
 - `append_jsonl` / `read_log`: the local logs a run appends to (metrics, samples, errors).
 - `ErrorRecord`: why one row or image was not used, {source, row, id, reason}, in every errors table.
+- `object_array`: a batch column holding one list, dict or array per row, as Ray Data's numpy batches hold them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 
 from unifer_ray import storage
@@ -32,6 +34,13 @@ class ErrorRecord:
         """The record as the errors tables write it: `source`, then `row` and `id` where known, then `reason`."""
         fields = {"source": self.source, "row": self.row, "id": self.id}
         return {k: v for k, v in fields.items() if v is not None} | {"reason": self.reason}
+
+
+def object_array(values: list) -> np.ndarray:
+    """A 1-D object array, even of equal-length lists or arrays (np.array would stack those into 2-D)."""
+    arr = np.empty(len(values), dtype=object)
+    arr[:] = values
+    return arr
 
 
 def read_records(path: str) -> Iterator[tuple[int, object]]:

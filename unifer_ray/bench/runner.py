@@ -22,7 +22,7 @@ from unifer_ray.engines import engine_label
 from unifer_ray.engines.batch import add_generation
 from unifer_ray.parsing import parsed_columns
 from unifer_ray.ray_utils import progress_of_tasks
-from unifer_ray.records import ErrorRecord, write_jsonl
+from unifer_ray.records import ErrorRecord, object_array, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +68,10 @@ def score_batch(batch: dict[str, np.ndarray], *, model: str, engine: str,
         for k, v in row.items():
             cols[k].append(v)
     out = {k: batch[k] for k in ("id", "dataset", "image_path", "true_label", "latency_s", "num_tokens", "error")}
-    out["candidate_labels"] = _object_array([[str(c) for c in cands] for cands in batch["candidate_labels"]])
+    out["candidate_labels"] = object_array([[str(c) for c in cands] for cands in batch["candidate_labels"]])
     out["model"] = np.full(n, model, dtype=object)
     out["engine"] = np.full(n, engine, dtype=object)
-    out.update({k: _object_array(v) for k, v in cols.items()})
+    out.update({k: object_array(v) for k, v in cols.items()})
     if tally is not None:
         tally.put({"done": n, "errors": cols["status"].count("error"), "correct": int(sum(cols["correct_strict"]))})
     return out
@@ -81,13 +81,6 @@ def show_bench(counts: dict) -> tuple[int, dict]:
     """A model's progress: items done; strict accuracy of the scored ones so far, and failed items."""
     scored = counts["done"] - counts["errors"]
     return counts["done"], {"accuracy": counts["correct"] / scored if scored else 0.0, "errors": counts["errors"]}
-
-
-def _object_array(values: list) -> np.ndarray:
-    """A 1-D object array, even of equal-length lists (np.array would make those 2-D)."""
-    arr = np.empty(len(values), dtype=object)
-    arr[:] = values
-    return arr
 
 
 def _read_shards(shards_dir: str) -> list[dict]:

@@ -12,6 +12,7 @@ from unifer_ray.engines.base import SamplingParams
 from unifer_ray.engines.batch import EngineWorkers
 from unifer_ray.engines.spec import EngineSpec
 from unifer_ray.labels import dataset_spec
+from unifer_ray.registry import lookup
 
 
 class _Strict(BaseModel):
@@ -50,8 +51,8 @@ class CurateSource(_Strict):
     def _one_place(self) -> CurateSource:
         if (self.root is None) == (self.hf is None):
             raise ValueError("a source has either root (a dataset layout) or hf (a Hugging Face dataset)")
-        if self.root is not None and self.dataset not in LAYOUTS:
-            raise ValueError(f"unknown dataset layout {self.dataset!r}; expected one of {sorted(LAYOUTS)}")
+        if self.root is not None:
+            lookup(LAYOUTS, self.dataset, "dataset layout")
         hf_only = ("hf_name", "hf_revision", "label_map", "image_dir")
         if self.root is not None and any(k in self.model_fields_set for k in hf_only):
             raise ValueError(f"{', '.join(k for k in hf_only if k in self.model_fields_set)}: for hf sources only")

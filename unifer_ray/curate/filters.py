@@ -15,8 +15,9 @@ import string
 import numpy as np
 
 from unifer_ray.curate.config import CotFilters
-from unifer_ray.curate.ledger import LEDGER_KEYS, object_array
+from unifer_ray.curate.ledger import LEDGER_KEYS
 from unifer_ray.parsing import is_format_compliant, parse_strict
+from unifer_ray.records import object_array
 
 KEPT = "kept"
 REJECTION_REASONS = ("format", "wrong_answer", "too_short", "too_long", "leakage", "duplicate", "over_cap")

@@ -15,9 +15,8 @@ import ray
 
 from unifer_ray import storage
 from unifer_ray.bench.items import read_items
-from unifer_ray.curate.ledger import object_array
 from unifer_ray.data.images import ImageError, load_image
-from unifer_ray.records import ErrorRecord
+from unifer_ray.records import ErrorRecord, object_array
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,6 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
@@ -26,16 +25,9 @@ from ray.util.queue import Queue
 
 from unifer_ray import storage
 from unifer_ray.ray_utils import progress_of_tasks
-from unifer_ray.records import ErrorRecord, jsonl_text, write_jsonl
+from unifer_ray.records import ErrorRecord, jsonl_text, object_array, write_jsonl
 
 log = logging.getLogger(__name__)
-
-
-def object_array(values: list) -> np.ndarray:
-    """A 1-D object array, even of equal-length lists (np.array would make those 2-D)."""
-    arr = np.empty(len(values), dtype=object)
-    arr[:] = values
-    return arr
 
 
 # Columns every ledger row has, whatever the pipeline: the image's id, where its pixels are, why it failed ("" when

@@ -24,11 +24,12 @@ import numpy as np
 from unifer_ray import storage
 from unifer_ray.curate.config import RlvrSetConfig
 from unifer_ray.curate.leakage import ferbench_hashes, hash_batch
-from unifer_ray.curate.ledger import LEDGER_KEYS, nest, object_array, run_ledger
+from unifer_ray.curate.ledger import LEDGER_KEYS, nest, run_ledger
 from unifer_ray.curate.oracle import row_rng
 from unifer_ray.curate.samples import IMAGES_DIR, all_source_rows
 from unifer_ray.labels import CANONICAL, canonical
 from unifer_ray.prompts import ferbench_prompt
+from unifer_ray.records import object_array
 
 log = logging.getLogger(__name__)
 

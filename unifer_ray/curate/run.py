@@ -6,6 +6,7 @@ from unifer_ray.config import load_config
 from unifer_ray.curate.config import CotSetConfig, RlvrSetConfig
 from unifer_ray.curate.cot import curate_cot_set
 from unifer_ray.curate.rlvr import curate_rlvr_set
+from unifer_ray.registry import lookup
 
 PIPELINES = {"cot": (CotSetConfig, curate_cot_set), "rlvr": (RlvrSetConfig, curate_rlvr_set)}
 SECTIONS = {"cot": "curate_cot", "rlvr": "curate_rlvr"}  # a config file's section of each pipeline
@@ -16,9 +17,7 @@ def curate_from_file(what: str, config_path: str, section: str | None = None) ->
     the pipeline and return its stats."""
     from unifer_ray.ray_utils import init_ray
 
-    if what not in PIPELINES:
-        raise ValueError(f"unknown curation pipeline {what!r}; expected one of {sorted(PIPELINES)}")
-    config_cls, run = PIPELINES[what]
+    config_cls, run = lookup(PIPELINES, what, "curation pipeline")
     config = load_config(config_path, config_cls, section=section or SECTIONS[what])
     init_ray()
     return run(config)

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from unifer_ray import storage
 from unifer_ray.data.training_sets import COT, RLVR, training_files, validate_item
 from unifer_ray.records import read_records
+from unifer_ray.registry import lookup
 
 SET_FORMATS = {"cot": COT, "rlvr": RLVR}
 SET_TITLES = {"cot": "UniFER CoT set", "rlvr": "UniFER RLVR set"}
@@ -54,9 +55,7 @@ def export_training_set(kind: str, paths: str | list[str], out_dir: str, *, made
     """Write the valid items of a CoT or RLVR set (files or directories, as read_cot/read_rlvr take them) as a
     Hugging Face dataset with one split, `train`. `made`: how the set was made (default: the stats.json beside the
     items directory, as the curation pipelines write it). Returns {rows, skipped, shards, card}."""
-    if kind not in SET_FORMATS:
-        raise ValueError(f"unknown training set kind {kind!r}; expected one of {sorted(SET_FORMATS)}")
-    fmt = SET_FORMATS[kind]
+    fmt = lookup(SET_FORMATS, kind, "training set kind")
     files = training_files(paths)
     if made is None:
         made = _stats_beside(paths)

@@ -40,6 +40,11 @@ def load_image(source: str | bytes, size: int | None = None) -> Image.Image:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"not a decodable image: {exc}") from None
+    return model_input(image, size)
+
+
+def model_input(image: Image.Image, size: int | None = None) -> Image.Image:
+    """`image` as every model sees it: RGB, resized to size×size (bicubic, as FERBench resizes) when size is given."""
     image = image.convert("RGB")
     if size is not None:
         image = image.resize((size, size), Image.Resampling.BICUBIC)

@@ -29,6 +29,7 @@ from PIL import Image
 from unifer_ray.data.schema import FerSample
 from unifer_ray.labels import AFFECTNET, FERPLUS, RAFDB, SFEW, label_in
 from unifer_ray.records import ErrorRecord
+from unifer_ray.registry import lookup
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -77,8 +78,7 @@ def read_samples(
     `labels` is the candidate list of a generic folder (default: its sorted subfolder names); a folder dataset
     is one split, whose samples carry `split` (default "test").
     """
-    if dataset not in LAYOUTS:
-        raise ValueError(f"unknown dataset layout {dataset!r}; expected one of {sorted(LAYOUTS)}")
+    lookup(LAYOUTS, dataset, "dataset layout")
     if labels is not None and dataset != "folder":
         raise ValueError(f"labels= applies to the 'folder' layout only; {dataset} has its own label list")
     root = Path(os.path.abspath(Path(root).expanduser()))

@@ -27,6 +27,7 @@ from unifer_ray.engines import resolve_engine
 from unifer_ray.engines.base import ChatRequest, SamplingParams
 from unifer_ray.engines.ray_actor import EngineActor
 from unifer_ray.engines.spec import EngineSpec
+from unifer_ray.records import object_array
 
 # Columns that the vLLM engine stage adds to each row; none of them leaves our output stage.
 VLLM_OUTPUT_COLUMNS = ("prompt_token_ids", "num_input_tokens", "generated_tokens", "generated_text",
@@ -157,7 +158,7 @@ def vllm_requests(batch: dict[str, np.ndarray], *, model: str, revision: str | N
                 "seed": None if params.seed is None else params.seed + k,
             })
             out["sample"].append(k)
-    return {k: _column(v) for k, v in out.items()}
+    return {k: object_array(v) for k, v in out.items()}
 
 
 def vllm_outputs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -172,7 +173,7 @@ def vllm_outputs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             errors[i] = f"generation: {failed[i]}"
     ok = [not errors[i] for i in range(n)]
     out = {k: v for k, v in batch.items() if k not in VLLM_OUTPUT_COLUMNS and k != "prompt"}
-    out["responses"] = _column([[str(texts[i])] if ok[i] else [] for i in range(n)])
+    out["responses"] = object_array([[str(texts[i])] if ok[i] else [] for i in range(n)])
     out["num_tokens"] = np.array([int(batch["num_generated_tokens"][i]) if ok[i] else 0 for i in range(n)],
                                  dtype=np.int64)
     out["latency_s"] = np.array([float(batch["time_taken_llm"][i]) if ok[i] else 0.0 for i in range(n)])
@@ -187,15 +188,8 @@ def gather_samples(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     first = order[0]
     per_sample = ("sample", "responses", "num_tokens", "latency_s", "error")
     out = {k: v[first : first + 1] for k, v in group.items() if k not in per_sample}
-    out["responses"] = _column([[] if errors else [r[0] for r in group["responses"][order]]])
+    out["responses"] = object_array([[] if errors else [r[0] for r in group["responses"][order]]])
     out["num_tokens"] = np.array([int(group["num_tokens"].sum())])
     out["latency_s"] = np.array([float(group["latency_s"].max())])
     out["error"] = np.array([errors[0] if errors else ""], dtype=object)
     return out
-
-
-def _column(values: list) -> np.ndarray:
-    """A 1-D object array, even of equal-length lists or arrays (np.array would stack those)."""
-    arr = np.empty(len(values), dtype=object)
-    arr[:] = values
-    return arr

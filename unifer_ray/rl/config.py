@@ -10,6 +10,7 @@ from unifer_ray import storage
 from unifer_ray.engines.spec import EngineSpec
 from unifer_ray.optim import OptimizerConfig
 from unifer_ray.parallel import ParallelConfig
+from unifer_ray.registry import lookup
 from unifer_ray.rl.grpo import ADVANTAGES, AGGREGATIONS
 
 
@@ -82,12 +83,6 @@ class LearnerConfig(ParallelConfig):
     placement_timeout_s: float = Field(1800, gt=0)  # the learners' placement group: on a cluster, a node's launch
 
 
-def _registered(registry: dict, name: str) -> str:
-    if name not in registry:
-        raise ValueError(f"{name!r} is not one of {', '.join(registry)}")
-    return name
-
-
 class GRPOConfig(_Strict):
     group_size: int = Field(8, ge=2)  # G completions per prompt; a group of one has no advantage
     prompts_per_step: int = Field(8, gt=0)
@@ -109,12 +104,14 @@ class GRPOConfig(_Strict):
     @field_validator("advantage")
     @classmethod
     def _advantage(cls, name: str) -> str:
-        return _registered(ADVANTAGES, name)
+        lookup(ADVANTAGES, name, "advantage estimator")
+        return name
 
     @field_validator("aggregation")
     @classmethod
     def _aggregation(cls, name: str) -> str:
-        return _registered(AGGREGATIONS, name)
+        lookup(AGGREGATIONS, name, "loss aggregation")
+        return name
 
     @property
     def clip_high(self) -> float:

@@ -24,11 +24,11 @@ from unifer_ray.rl.checkpoint import RunState, commit, latest, learner_uri, step
 from unifer_ray.rl.config import RLVRConfig
 from unifer_ray.rl.grpo import group_advantages, sequence_weights
 from unifer_ray.rl.learner import LearnerGroup, TrainRow
-from unifer_ray.rl.metrics import METRICS_FILE, RunLog
 from unifer_ray.rl.prompts import PromptSource
 from unifer_ray.rl.rewards import RewardSet, accuracy_reward, format_reward
 from unifer_ray.rl.rollout import Rollout, RolloutGroup
 from unifer_ray.rl.weight_sync import WeightSync
+from unifer_ray.runlog import METRICS_FILE, RunLog
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def run_rlvr(config: RLVRConfig, *, resume: bool = False) -> RLVRResult:
     rollouts = RolloutGroup(config.rollout, model=config.model, revision=config.revision,
                             image_size=config.data.image_size,
                             max_prompt_tokens=config.grpo.max_prompt_tokens, nccl=config.sync.kind == "nccl")
-    run_log = RunLog(config.metrics_dir, attempt=state.step)
+    run_log = RunLog(config.metrics_dir, start_step=state.step)
     try:
         if state.step == 0:
             run_log.errors(prompts.errors)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from unifer_ray.registry import lookup
+
 
 def _std_scaled(rewards: np.ndarray, eps: float) -> np.ndarray:
     """GRPO: (r - mean) / (std + eps), the sample std (n - 1)."""
@@ -40,7 +42,7 @@ def group_advantages(rewards: np.ndarray, estimator: str, *, eps: float) -> tupl
     if rewards.ndim != 2 or rewards.shape[1] < 2:
         raise ValueError(f"rewards must be shaped (groups, G >= 2), got {rewards.shape}")
     all_equal = (rewards == rewards[:, :1]).all(axis=1)
-    return _lookup(ADVANTAGES, estimator, "advantage estimator")(rewards, eps), all_equal
+    return lookup(ADVANTAGES, estimator, "advantage estimator")(rewards, eps), all_equal
 
 
 def _grpo_weights(lengths: np.ndarray, max_new_tokens: int) -> np.ndarray:
@@ -60,15 +62,8 @@ AGGREGATIONS = {"grpo": _grpo_weights, "dr_grpo": _dr_grpo_weights, "dapo": _dap
 
 def sequence_weights(lengths: np.ndarray, aggregation: str, max_new_tokens: int) -> np.ndarray:
     """The weight of each completion's token-loss sum in the batch loss (see the module docstring)."""
-    weigh = _lookup(AGGREGATIONS, aggregation, "loss aggregation")
+    weigh = lookup(AGGREGATIONS, aggregation, "loss aggregation")
     return weigh(np.asarray(lengths, dtype=np.float64), max_new_tokens)
-
-
-def _lookup(registry: dict, name: str, kind: str):
-    try:
-        return registry[name]
-    except KeyError:
-        raise ValueError(f"unknown {kind} {name!r}; expected one of {', '.join(registry)}") from None
 
 
 def truncated_is_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, cap: float) -> torch.Tensor:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -30,11 +29,12 @@ from unifer_ray.engines.hf import HFEngine, chat_text
 from unifer_ray.models.loading import load_model_and_processor
 from unifer_ray.models.model_dir import local_model_dir
 from unifer_ray.parallel import DataParallel, load_reference, load_trainable, prepare_model, seed_everything
-from unifer_ray.ray_utils import THREAD_ENV
+from unifer_ray.ray_utils import THREAD_ENV, free_port
 from unifer_ray.rl.checkpoint import readable_dir, writable_dir
 from unifer_ray.rl.config import GRPOConfig, LearnerConfig, RLVRConfig
 from unifer_ray.rl.grpo import aggregate, rollout_mismatch, token_loss, truncated_is_weights
 from unifer_ray.rl.logprobs import token_logprobs
+from unifer_ray.rl.transfer_names import file_format
 
 # Sums each learner returns from `train`; the group adds them up over ranks.
 SUMS = ("tokens", "kl", "entropy", "clipped", "loss", "gap", "mismatch_k3", "is_clipped", "gap_tokens")
@@ -118,21 +118,6 @@ def completion_logprobs(model: Any, batch: PolicyBatch, temperature: float, *,
     outputs = model(**batch.inputs, inputs_embeds=embeddings, use_cache=False, logits_to_keep=width + 1)
     # Chunked: no full-vocabulary fp32 log-softmax of the whole micro-batch (see rl/logprobs.py).
     return token_logprobs(outputs.logits[:, :-1], batch.completion_ids, temperature, with_entropy=with_entropy)
-
-
-def file_format(module: Any, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`state` named (and laid out) as in the model's files, as `save_pretrained` writes it. transformers 5 renames
-    some weights on load (Qwen2.5-VL: visual.* → model.visual.*) and vLLM maps only the files' names: under the
-    in-memory names it would load the language model and silently skip the vision tower."""
-    from transformers.core_model_loading import revert_weight_conversion
-
-    return revert_weight_conversion(module, state)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def group_timeout_s(config: RLVRConfig) -> float:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from unifer_ray.parsing import is_format_compliant, parse_strict
+from unifer_ray.registry import unknown_name
 from unifer_ray.rl.config import RewardSpec
 
 RewardFn = Callable[..., Sequence[float]]
@@ -40,8 +41,7 @@ def load_reward(function: str) -> RewardFn:
         return REGISTRY[function]
     module_name, sep, attr = function.partition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"reward function {function!r}: expected one of {sorted(REGISTRY)} "
-                         "or 'package.module:function'")
+        raise ValueError(unknown_name("reward function", function, [*REGISTRY, "'package.module:function'"]))
     try:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:

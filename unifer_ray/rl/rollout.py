@@ -31,10 +31,7 @@ from unifer_ray.engines.vllm_env import vllm_env
 from unifer_ray.ray_utils import THREAD_ENV
 from unifer_ray.records import ErrorRecord
 from unifer_ray.rl.config import RolloutConfig
-
-# Imported by vLLM in its workers: registers our CPU weight-transfer backend with vLLM's registry.
-TRANSFER_REGISTRAR = "unifer_ray.rl.vllm_transfer.RegisterTransferEngines"
-SHM_BACKEND = "unifer_shm"  # = vllm_transfer.SHM_BACKEND (that module imports vLLM)
+from unifer_ray.rl.transfer_names import SHM_BACKEND, TRANSFER_REGISTRAR
 
 log = logging.getLogger(__name__)
 

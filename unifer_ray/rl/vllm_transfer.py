@@ -33,8 +33,7 @@ from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
 
 from unifer_ray.ray_utils import get_all
-
-SHM_BACKEND = "unifer_shm"
+from unifer_ray.rl.transfer_names import SHM_BACKEND, file_format
 
 
 @dataclass
@@ -94,8 +93,6 @@ class TrainableSource(WeightSource):
     learner rank iterates in lockstep) and cast to `dtype` (None: as trained)."""
 
     def __init__(self, parallel: Any, dtype: torch.dtype | None):
-        from unifer_ray.rl.learner import file_format
-
         self.parallel = parallel
         self.dtype = dtype
         self.params = list(parallel.trainable_parameters())

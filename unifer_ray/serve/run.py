@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,7 +11,9 @@ from pathlib import Path
 from PIL import Image
 
 from unifer_ray.config import packaged_config
+from unifer_ray.data.images import model_input
 from unifer_ray.labels import CANONICAL
+from unifer_ray.ray_utils import free_port, init_ray
 from unifer_ray.serve.config import ServeConfig, load_serve_file
 
 DEFAULT_SERVE_CONFIG = packaged_config("serve.yaml")
@@ -22,12 +23,6 @@ def with_model(config: ServeConfig, model: str | Path) -> ServeConfig:
     """`config` serving `model` (a local directory, or an s3:// prefix or hub id, which Ray Serve LLM downloads)."""
     loading = config.llm_config["model_loading_config"] | {"model_source": str(model)}
     return config.model_copy(update={"llm_config": config.llm_config | {"model_loading_config": loading}})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
@@ -56,7 +51,6 @@ def serve_model(model: str | Path | None, config_path: str | Path = DEFAULT_SERV
     """
     from ray import serve
 
-    from unifer_ray.ray_utils import init_ray
     from unifer_ray.serve.app import build_app
 
     file = load_serve_file(config_path)
@@ -77,8 +71,6 @@ def ask_served_model(config: ServeConfig, image: Image.Image, *,
                      candidate_labels: list[str] | tuple[str, ...] = CANONICAL) -> dict:
     """Serve the app of `config` on the connected (or a new local) Ray cluster, ask it one FERBench question about
     `image` (`ask_fer_question`), and shut Serve down."""
-    from unifer_ray.ray_utils import init_ray
-
     api_key = os.environ.get(config.api_key_env, "") if config.api_key_env else "unused"  # build_app checks it
     init_ray()
     with running_app(config) as base_url:
@@ -99,8 +91,7 @@ def ask_fer_question(base_url: str, config: ServeConfig, image: Image.Image, *, 
     from unifer_ray.prompts import ferbench_prompt
     from unifer_ray.serve.app import png_data_url
 
-    size = config.fer.image_size
-    image = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+    image = model_input(image, config.fer.image_size)
     client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=api_key, max_retries=0)
     start = time.perf_counter()
     stream = client.chat.completions.create(

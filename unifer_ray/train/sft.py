@@ -12,20 +12,22 @@ import logging
 import os
 import posixpath
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import ray
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchTrainer
 
 from unifer_ray import placement, storage
 from unifer_ray.data.training_sets import read_cot
 from unifer_ray.progress import Progress, polling
 from unifer_ray.ray_utils import THREAD_ENV
+from unifer_ray.runlog import ERRORS_FILE, METRICS_FILE, RunLog, read_run_log
 from unifer_ray.train.config import SFTConfig
 from unifer_ray.train.loop import COLUMNS, MODEL_DIR, StepPlan, train_loop_per_worker
-from unifer_ray.train.metrics import ERRORS_FILE, METRICS_FILE, MetricsLogger, follow_metrics
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,40 @@ class SFTResult:
     checkpoint: str  # the final checkpoint: a directory (local or s3://) in checkpoint_dir
     metrics_path: str
     errors_path: str
+
+
+class LogReports(UserCallback):
+    """Writes what the workers hand to `ray.train.report` to the run log: the step records (every worker reports the
+    same all-reduced numbers; rank 0's are kept) and every worker's error records.
+
+    It runs in the Ray Train controller, which lives on the driver's node, so the driver follows the same files for
+    its progress bar (`follow_run_log`). The controller outlives the workers: after a restart, reports carry the
+    step the new attempt started from."""
+
+    def __init__(self, log_dir: str):
+        self.log_dir = log_dir
+        self.run_log: RunLog | None = None
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        report = metrics[0]
+        if self.run_log is None:
+            self.run_log = RunLog(self.log_dir, start_step=report["start_step"])
+        self.run_log.start_step = report["start_step"]
+        for record in report["records"]:
+            self.run_log.step(record)
+        self.run_log.errors([error for worker in metrics for error in worker["errors"]])
+
+
+def follow_run_log(log_dir: str, progress: Progress) -> Callable[[], None]:
+    """A poll (for `polling`) that moves `progress` to the last step logged in `log_dir`."""
+    def poll() -> None:
+        records = read_run_log(log_dir)
+        if records and records[-1]["step"] != progress.n:
+            record = records[-1]
+            progress.update(record["step"], loss=record["loss"], lr=f"{record['lr']:.2e}",
+                            tok_s=round(record["tokens_per_s"]))
+
+    return poll
 
 
 def training_rows(config: SFTConfig) -> ray.data.Dataset:
@@ -76,14 +112,14 @@ def run_sft(config: SFTConfig) -> SFTResult:
             failure_config=FailureConfig(max_failures=config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints,
                                                checkpoint_score_attribute="loss", checkpoint_score_order="min"),
-            callbacks=[MetricsLogger(config.metrics_dir)],
+            callbacks=[LogReports(config.metrics_dir)],
             worker_runtime_env={"env_vars": THREAD_ENV},
         ),
         datasets={"train": rows},
         # Not split: each worker takes its slice of every global batch (see train/loop.py).
         dataset_config=DataConfig(datasets_to_split=[], execution_options=execution),
     )
-    with Progress("sft", plan.total_steps, "step") as progress, polling(follow_metrics(config.metrics_dir, progress)):
+    with Progress("sft", plan.total_steps, "step") as progress, polling(follow_run_log(config.metrics_dir, progress)):
         result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"SFT run {config.run_name} ended without a checkpoint")

@@ -1,8 +1,9 @@
-"""RLVR logs in `log_dir`: one record per step in metrics.jsonl and TensorBoard, the completions of sampled steps
-in samples.jsonl, bad prompts in errors.jsonl.
+"""A run's logs in `log_dir`, the same for SFT and RLVR: one record per step in metrics.jsonl and TensorBoard, the
+completions of sampled steps in samples.jsonl, rows that could not be used in errors.jsonl.
 
-A resumed run appends: the steps after the last checkpoint run, and are logged, again; the last record of a step is
-the one that counts (records and samples carry `attempt`, the step the run started from).
+A resumed run appends: the steps after the last checkpoint run, and are logged, again. Step records and samples
+carry `start_step`, the step the run (or Ray Train's attempt) started from; the last record of a step is the one
+that counts.
 """
 
 from __future__ import annotations
@@ -19,32 +20,30 @@ TENSORBOARD_DIR = "tensorboard"
 
 
 class RunLog:
-    def __init__(self, log_dir: str, attempt: int):
+    def __init__(self, log_dir: str | Path, start_step: int):
         self.dir = Path(log_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.attempt = attempt
+        self.start_step = start_step
         from torch.utils.tensorboard import SummaryWriter
 
         self.tensorboard = SummaryWriter(str(self.dir / TENSORBOARD_DIR))
 
     def step(self, record: dict) -> None:
-        self._append(METRICS_FILE, [record | {"attempt": self.attempt}])
+        """The step's record; each of its finite numbers is also a TensorBoard scalar of that name at `step`."""
+        append_jsonl(self.dir / METRICS_FILE, [record | {"start_step": self.start_step}])
         for name, value in record.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 self.tensorboard.add_scalar(name, value, record["step"])
         self.tensorboard.flush()
 
     def samples(self, rows: list[dict]) -> None:
-        self._append(SAMPLES_FILE, [row | {"attempt": self.attempt} for row in rows])
+        append_jsonl(self.dir / SAMPLES_FILE, [row | {"start_step": self.start_step} for row in rows])
 
     def errors(self, rows: list[dict]) -> None:
-        self._append(ERRORS_FILE, rows)
+        append_jsonl(self.dir / ERRORS_FILE, rows)
 
     def close(self) -> None:
         self.tensorboard.close()
-
-    def _append(self, name: str, rows: list[dict]) -> None:
-        append_jsonl(self.dir / name, rows)
 
 
 def read_run_log(log_dir: str | Path, name: str = METRICS_FILE) -> list[dict]:
