@@ -252,7 +252,7 @@ def main() -> None:
               f"vLLM = reference {same(bare_responses['images'], base_responses)}")
 
         ms = {k: 1e3 * v / n for k, v in seconds.items()}
-        print("\nwhere the time goes, ms per item (this process, one core):")
+        print("\nwhere the time goes, ms per item (CPU steps: in this process, one core; engines: wall time):")
         print(f"  decode + resize to {args.image_size} px (the decode stage): {ms['decode']:.2f}")
         print(f"  chat template, every item: {ms['template']:.2f}")
         print(f"  request stage (template and tokens once per question, image to the model's grid, content id): "
