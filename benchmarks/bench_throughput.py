@@ -1,20 +1,30 @@
-"""FERBench throughput on the tiny model, three ways in one process: the reference loop, the transformers engine path
-and the vLLM path.
+"""FERBench throughput on the tiny model, four ways in one process on the same items: the reference loop, the
+transformers engine path, the vLLM path and one bare vLLM engine; then where the vLLM path's time goes.
 
 - Reference: what the paper's inference scripts do, one item at a time: read the image, resize it, apply the chat
   template, `model.generate` with batch 1 (fp32), decode; one torch thread (its fastest setting on 2 cores).
 - transformers path: `bench.runner.run_model` with engine `hf`: a decode/resize stage and a pool of batched hf engine
-  actors streaming through Ray Data, then parse/score and Parquet shards.
-- vLLM path: the same runner with engine `vllm`: the decode/resize stage, then ray.data.llm's vLLM processor (the CPU
-  build; continuous batching over several batches in flight per engine), then parse/score and Parquet.
+  actors (two: a core each) streaming through Ray Data, then parse/score and Parquet shards.
+- vLLM path: the same runner with engine `vllm`: the decode/resize stage, the request stage (chat template and tokens,
+  image at the model's grid), ray.data.llm's vLLM engine stage (continuous batching), then parse/score and Parquet.
+  Engines and batches in flight are sized from the cluster (`engines.batch.sized_workers`), as a user's run gets them.
+- Bare engine: one `vllm.LLM` in this process with the same engine settings, given all items at once as the images
+  decoded at 224 px and the chat text: the engine's own speed, without decoding the images (done beforehand and not
+  counted) and without Ray.
 Each Ray Data time runs from the start of the dataset to the last shard written, so it includes starting its engines
-(hf actors: imports and model loading; vLLM: engine processes, model loading, torch.compile from its cache, KV cache).
-It excludes what a long-lived cluster has already done, as the reference's time excludes its imports and model
-loading: `ray.init` and Ray Data's one-off helper actors. Engine start-up is a fixed cost, so ratios grow with the
-number of items; each path's start-up is measured apart (a run of one batch) and the rate without it printed too.
-Same model, same items, greedy decoding with the same max_new_tokens; the responses are compared item by item with
-the reference (the hf path matches it exactly; vLLM's float32 kernels round differently, and a random-init model's
-near-flat next-token distribution turns that into different tokens at near-ties).
+(hf actors: imports and model loading; vLLM: engine processes, model loading, KV cache). It excludes what a long-lived
+cluster has already done, as the reference's time excludes its imports and model loading: `ray.init` and Ray Data's
+one-off helper actors. Engine start-up is a fixed cost, so ratios grow with the number of items; each path's start-up
+is measured apart (a run of one batch; the bare engine: constructing `vllm.LLM`) and the rate without it printed too.
+Same model, same items, greedy decoding with the same max_new_tokens. The vLLM path's responses must equal the bare
+engine's item for item (asserted); both are compared with the reference too (the hf path matches it exactly; vLLM's
+float32 kernels round differently, and a random-init model's near-flat next-token distribution turns that into
+different tokens at near-ties).
+
+The breakdown: each CPU step in front of the engine timed alone in this process, per item; the bare engine again on
+the images at the model's grid with content ids (the vLLM path's requests: what its front end still does per image),
+and on the chat text alone (no image: its model and scheduling, text only); and Ray Data's own per-operator stats of
+the vLLM path's run.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import numpy as np
 import ray
 import torch
 
@@ -37,13 +48,18 @@ from unifer_ray.bench.runner import ModelRun, read_all_items, run_model
 from unifer_ray.data.convert import convert_ferbench
 from unifer_ray.data.images import load_image
 from unifer_ray.data.synthetic import write_synthetic_datasets
+from unifer_ray.engines.base import ChatRequest
+from unifer_ray.engines.batch import sized_workers, vllm_engine_kwargs, vllm_requests
+from unifer_ray.engines.hf import chat_text
 from unifer_ray.engines.spec import EngineSpec
+from unifer_ray.engines.vllm_env import vllm_env_applied
 from unifer_ray.labels import DATASETS
 from unifer_ray.models.loading import load_model_and_processor
 from unifer_ray.models.tiny import build_tiny_model
 from unifer_ray.ray_utils import init_ray
 
 CLASSES = 30  # the four synthetic datasets have 7 + 8 + 8 + 7 classes
+IMAGE_TAG = "<|vision_start|><|image_pad|><|vision_end|>"  # the tiny model's image placeholder in the chat text
 
 
 def one_at_a_time(model_dir: Path, items: list[dict], image_size: int, max_new_tokens: int,
@@ -76,28 +92,96 @@ def load_average() -> str:
     return "load average {:.1f} {:.1f} {:.1f}".format(*os.getloadavg())
 
 
-def ray_data_path(name: str, engine: EngineSpec, items: ItemRows, config: BenchConfig, args) -> tuple[ModelRun, float]:
+def bench_model(name: str, engine: EngineSpec, args, **workers) -> BenchModel:
+    return BenchModel(name=name, engine=engine, sampling={"max_new_tokens": args.max_new_tokens},
+                      image_size=args.image_size, batch_size=args.batch_size, num_cpus=1, torch_threads=1, **workers)
+
+
+def ray_data_path(model: BenchModel, items: ItemRows, config: BenchConfig) -> tuple[ModelRun, float]:
     """The run over every item, and the seconds of a one-batch run (the path's fixed start-up and one batch)."""
-    model = BenchModel(name=name, engine=engine, sampling={"max_new_tokens": args.max_new_tokens},
-                       image_size=args.image_size, batch_size=args.batch_size, concurrency=args.concurrency,
-                       num_cpus=1, torch_threads=1, max_concurrent_batches=args.batch_in_flight)
-    one_batch = ItemRows(rows=items.rows[: args.batch_size])
-    startup = run_model(model.model_copy(update={"name": f"{name}-startup"}), one_batch, config).seconds
-    print(f"{name} starts, {load_average()}", flush=True)
+    one_batch = ItemRows(rows=items.rows[: model.batch_size])
+    startup = run_model(model.model_copy(update={"name": f"{model.name}-startup"}), one_batch, config).seconds
+    print(f"{model.name} starts, {load_average()}", flush=True)
     run = run_model(model, items, config)
-    print(f"{name} done, {load_average()}", flush=True)
+    print(f"{model.name} done, {load_average()}", flush=True)
     return run, startup
 
 
-def report(label: str, run: ModelRun, startup: float, n: int, base_rate: float, base_responses: list[str],
-           items: ItemRows) -> None:
+def responses_of(run: ModelRun, items: ItemRows) -> list[str]:
     rows = {row["id"]: row for row in map(json.loads, open(run.results_path))}
-    assert run.generated == n and len(rows) == n, f"{label} scored {len(rows)} of {n} items ({run.errors} errors)"
-    same = sum(rows[item["id"]]["response"] == text for item, text in zip(items.rows, base_responses))
-    rate, steady = n / run.seconds, n / max(run.seconds - startup, 1e-9)
-    print(f"{label}: {rate:8.2f} items/s ({run.seconds:.1f}s incl. start-up; one-batch run {startup:.1f}s; "
-          f"{steady:.2f} items/s without it); {rate / base_rate:.2f}x the reference ({steady / base_rate:.2f}x "
-          f"without start-up); identical responses {same}/{n}; engine {next(iter(rows.values()))['engine']}")
+    n = len(items.rows)
+    assert run.generated == n and len(rows) == n, f"{run.model} scored {len(rows)} of {n} items ({run.errors} errors)"
+    return [rows[item["id"]]["response"] for item in items.rows]
+
+
+def rates(label: str, seconds: float, startup: float, n: int, base_rate: float, *, steady_s: float | None = None
+          ) -> float:
+    """Print a path's items/s with and without start-up; returns the rate without it."""
+    steady = n / (steady_s if steady_s is not None else max(seconds - startup, 1e-9))
+    print(f"{label}: {n / seconds:8.2f} items/s ({seconds:.1f}s incl. {startup:.1f}s start-up), "
+          f"{steady:8.2f} items/s without it; {n / seconds / base_rate:.2f}x / {steady / base_rate:.2f}x the reference")
+    return steady
+
+
+def same(a: list[str], b: list[str]) -> str:
+    return f"{sum(x == y for x, y in zip(a, b))}/{len(a)}"
+
+
+def bare_engine(model_dir: Path, engine: EngineSpec, workers: BenchModel, items: ItemRows, image_size: int,
+                max_new_tokens: int) -> dict:
+    """One vllm.LLM in this process, with the engine stage's settings: start-up, and the seconds and responses of
+    three request forms (the decoded images; the vLLM path's requests; the chat text alone), plus the per-item
+    seconds of the CPU steps in front of the engine."""
+    import vllm
+    from transformers import AutoProcessor
+
+    rows = items.rows
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    images = [load_image(row["image_uri"], image_size) for row in rows]
+    seconds["decode"] = time.perf_counter() - start
+    processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+    start = time.perf_counter()
+    texts = [chat_text(processor, ChatRequest([{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": row["prompt"]}]}])) for row in rows]
+    seconds["template"] = time.perf_counter() - start
+    vllm_requests({"id": np.array(["warm-up"], dtype=object), "prompt": np.array(["?"], dtype=object),
+                   "image": np.asarray(images[0])[None], "error": np.array([""], dtype=object)},
+                  model=str(model_dir), sampling={"max_new_tokens": max_new_tokens})  # loads its processor
+    requests: dict[str, list] = {"tokenized_prompt": [], "multimodal_data": [], "multimodal_uuids": []}
+    start = time.perf_counter()
+    for i in range(0, len(rows), workers.batch_size):
+        part = rows[i : i + workers.batch_size]
+        batch = {"id": np.array([row["id"] for row in part], dtype=object),
+                 "prompt": np.array([row["prompt"] for row in part], dtype=object),
+                 "image": np.stack([np.asarray(image) for image in images[i : i + workers.batch_size]]),
+                 "error": np.full(len(part), "", dtype=object)}
+        out = vllm_requests(batch, model=str(model_dir), sampling={"max_new_tokens": max_new_tokens})
+        for key, column in requests.items():
+            column.extend(out[key])
+    seconds["request_stage"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    with vllm_env_applied():
+        llm = vllm.LLM(model=str(model_dir), **vllm_engine_kwargs(engine, workers))
+    seconds["startup"] = time.perf_counter() - start
+    params = vllm.SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
+    forms = {
+        "images": [{"prompt": text, "multi_modal_data": {"image": image}} for text, image in zip(texts, images)],
+        "requests": [{"prompt_token_ids": requests["tokenized_prompt"][i],
+                      "multi_modal_data": requests["multimodal_data"][i],
+                      "multi_modal_uuids": requests["multimodal_uuids"][i]} for i in range(len(rows))],
+        "text": [{"prompt": text.replace(IMAGE_TAG, "")} for text in texts],
+    }
+    llm.generate(forms["text"][:8], params, use_tqdm=False)  # first-call costs out of the timings
+    responses = {}
+    for form, prompts in forms.items():
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        seconds[form] = time.perf_counter() - start
+        responses[form] = [output.outputs[0].text for output in outputs]
+    llm.llm_engine.engine_core.shutdown()
+    return {"seconds": seconds, "responses": responses}
 
 
 def main() -> None:
@@ -105,10 +189,11 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=4096)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=64, help="rows per engine call (vLLM: per batch in flight)")
-    parser.add_argument("--batch-in-flight", type=int, default=4, help="vLLM: batches in flight per engine")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--baseline-threads", type=int, default=1)
-    parser.add_argument("--concurrency", type=int, default=2, help="engines, one CPU and one thread each")
+    parser.add_argument("--hf-actors", type=int, default=2, help="transformers path: actors, a core each")
+    parser.add_argument("--cpus", type=int, default=(os.cpu_count() or 2) + 1,
+                        help="the local Ray cluster's CPUs (default: the cores and one more, for the light stages)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -119,13 +204,16 @@ def main() -> None:
         for spec in DATASETS.values():
             convert_ferbench(spec.key, tmp / "data" / spec.name, tmp / spec.ferbench_file)
             files.append(BenchFile(path=str(tmp / spec.ferbench_file), image_root=str(tmp / "data")))
-        hf = EngineSpec(engine="hf", model=str(model_dir), max_batch_size=args.batch_size)
-        vllm = EngineSpec(engine="vllm", model=str(model_dir), vllm_kwargs={"max_model_len": 1024})
-        config = BenchConfig(files=files, models=[BenchModel(name="tiny", engine=hf)], out_dir=str(tmp / "out"))
+        hf = bench_model("hf", EngineSpec(engine="hf", model=str(model_dir), max_batch_size=args.batch_size), args,
+                         concurrency=args.hf_actors)
+        vllm = bench_model("vllm", EngineSpec(engine="vllm", model=str(model_dir),
+                                              vllm_kwargs={"max_model_len": 1024}), args)
+        config = BenchConfig(files=files, models=[hf], out_dir=str(tmp / "out"))
         items = read_all_items(config)
         items.rows = items.rows[: args.items]
         n = len(items.rows)
-        print(f"items: {n} (4 datasets), image {args.image_size}px, greedy, max {args.max_new_tokens} new tokens")
+        print(f"items: {n} (4 datasets), image {args.image_size}px, greedy, max {args.max_new_tokens} new tokens; "
+              f"{os.cpu_count()} cores, a Ray cluster of {args.cpus} CPUs")
 
         print(f"reference starts, {load_average()}", flush=True)
         base_s, base_responses, base_tokens = one_at_a_time(
@@ -133,19 +221,50 @@ def main() -> None:
         print(f"reference done, {load_average()}", flush=True)
         base_rate = n / base_s
 
-        init_ray(num_cpus=args.concurrency + 1)  # the engines' CPUs, and one for decoding, scoring, writing
+        init_ray(num_cpus=args.cpus)
+        hf, vllm = sized_workers(hf, hf.engine), sized_workers(vllm, vllm.engine)
         # Warm-up: one row through a one-actor pool starts Ray Data's cluster-wide helper actors.
         ray.data.range(1).map_batches(Identity, compute=ray.data.ActorPoolStrategy(size=1)).materialize()
-        hf_run, hf_startup = ray_data_path("hf", hf, items, config, args)
-        vllm_run, vllm_startup = ray_data_path("vllm", vllm, items, config, args)
+        hf_run, hf_startup = ray_data_path(hf, items, config)
+        vllm_run, vllm_startup = ray_data_path(vllm, items, config)
+        ray.shutdown()  # the bare engine gets the machine to itself
+        print(f"bare engine starts, {load_average()}", flush=True)
+        bare = bare_engine(model_dir, vllm.engine, vllm, items, args.image_size, args.max_new_tokens)
+        print(f"bare engine done, {load_average()}", flush=True)
+        seconds, bare_responses = bare["seconds"], bare["responses"]
+        hf_responses, vllm_responses = responses_of(hf_run, items), responses_of(vllm_run, items)
 
-        print(f"reference (model.generate, batch 1, {args.baseline_threads} torch thread): {base_rate:8.2f} items/s "
+        print(f"\nreference (model.generate, batch 1, {args.baseline_threads} torch thread): {base_rate:8.2f} items/s "
               f"({base_s:.1f}s, {base_tokens} new tokens)")
-        report(f"transformers path ({args.concurrency} hf actors x batch {args.batch_size})", hf_run, hf_startup, n,
-               base_rate, base_responses, items)
-        report(f"vLLM path ({args.concurrency} engines, {args.batch_in_flight} batches of {args.batch_size} in flight "
-               "each)", vllm_run, vllm_startup, n, base_rate, base_responses, items)
-        print(f"vLLM path vs transformers path: {hf_run.seconds / vllm_run.seconds:.2f}x")
+        rates(f"transformers path ({hf.concurrency} hf actors x batch {hf.batch_size})", hf_run.seconds, hf_startup,
+              n, base_rate)
+        path = rates(f"vLLM path ({vllm.concurrency} engine(s), {vllm.max_concurrent_batches} batches of "
+                     f"{vllm.batch_size} in flight each)", vllm_run.seconds, vllm_startup, n, base_rate)
+        engine = rates("bare vLLM engine (one vllm.LLM, no Ray, images decoded beforehand)",
+                       seconds["startup"] + seconds["images"], seconds["startup"], n, base_rate,
+                       steady_s=seconds["images"])
+        print(f"vLLM path: {path / engine:.1%} of the bare engine's items/s without start-up "
+              f"({vllm_run.seconds / (seconds['startup'] + seconds['images']):.2f}x its time with start-up); "
+              f"{hf_run.seconds / vllm_run.seconds:.2f}x the transformers path with start-up")
+        print(f"identical responses: vLLM path = bare engine {same(vllm_responses, bare_responses['images'])}; "
+              f"bare engine on the vLLM path's requests {same(bare_responses['requests'], bare_responses['images'])}; "
+              f"transformers path = reference {same(hf_responses, base_responses)}; "
+              f"vLLM = reference {same(bare_responses['images'], base_responses)}")
+
+        ms = {k: 1e3 * v / n for k, v in seconds.items()}
+        print("\nwhere the time goes, ms per item (CPU steps: in this process, one core; engines: wall time):")
+        print(f"  decode + resize to {args.image_size} px (the decode stage): {ms['decode']:.2f}")
+        print(f"  chat template, every item: {ms['template']:.2f}")
+        print(f"  request stage (template and tokens once per question, image to the model's grid, content id): "
+              f"{ms['request_stage']:.2f}")
+        print(f"  bare engine, decoded {args.image_size} px images: {ms['images']:.2f}; the vLLM path's requests "
+              f"(nothing left to tokenize, resize or hash): {ms['requests']:.2f}; chat text alone: {ms['text']:.2f} "
+              f"(so per image in the engine, front end and vision tower: {ms['images'] - ms['text']:.2f} and "
+              f"{ms['requests'] - ms['text']:.2f})")
+        print(f"  vLLM path without start-up: {1e3 / path:.2f} (Ray Data's stages and transfers around the "
+              f"engine: {1e3 / path - ms['requests']:.2f} beyond the bare engine on the same requests)")
+        print(f"\nRay Data's stats of the vLLM path's run:\n{vllm_run.stats}")
+        assert vllm_responses == bare_responses["images"], "the vLLM path's responses differ from the bare engine's"
 
 
 if __name__ == "__main__":

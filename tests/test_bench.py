@@ -133,3 +133,21 @@ def test_a_pool_that_takes_every_cpu_is_warned_about(ray_cluster, tiny_model_dir
     with caplog.at_level("WARNING", logger="unifer_ray.bench.runner"):
         assert warn_if_the_pool_fills_the_cluster(_model(tiny_model_dir, concurrency=4), config)
     assert "4 engine actors x 1 CPUs = 4 of the cluster's 4 CPUs" in caplog.text
+
+
+def test_engines_and_batches_in_flight_are_sized_on_the_cluster(ray_cluster, tiny_model_dir):
+    """The session cluster has 4 CPUs: one vLLM engine (front end and engine core, and a CPU left for the stages
+    around it), one hf actor on CPUs; batches in flight fill the engine's max_num_seqs and one more; written values
+    win."""
+    from unifer_ray.engines.batch import sized_workers
+
+    vllm = EngineSpec(engine="vllm", model=str(tiny_model_dir))
+    model = BenchModel(name="m", engine=vllm, batch_size=64)
+    sized = sized_workers(model, vllm)
+    assert (sized.concurrency, sized.max_concurrent_batches) == (1, 5)  # 256 sequences on CPUs: 4 batches + 1
+    few = vllm.model_copy(update={"vllm_kwargs": {"max_num_seqs": 32}})
+    assert sized_workers(model.model_copy(update={"engine": few}), few).max_concurrent_batches == 2
+    written = model.model_copy(update={"concurrency": 2, "max_concurrent_batches": 3})
+    assert sized_workers(written, vllm) == written
+    hf = _model(tiny_model_dir)
+    assert sized_workers(hf, hf.engine).concurrency == 1

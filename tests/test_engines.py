@@ -266,3 +266,34 @@ def test_openai_missing_key_names_the_variable(monkeypatch):
     monkeypatch.delenv("TEST_FER_API_KEY", raising=False)
     with pytest.raises(RuntimeError, match=r"\$TEST_FER_API_KEY"):
         create_engine(openai_spec("http://127.0.0.1:1/v1"))
+
+
+def test_the_vllm_request_stage_hands_the_engine_its_processors_own_pixels(tiny_model_dir):
+    """Images leave the request stage at the model's grid: the processor inside vLLM then computes the same pixel
+    values from them as from the decoded image (nothing left for it to resize), and each carries a content id."""
+    from transformers import AutoProcessor
+
+    from unifer_ray.engines.batch import vllm_requests
+
+    images = np.stack([np.asarray(random_image((224, 224), seed)) for seed in (0, 1, 0)])
+    batch = {"id": np.array(["a", "b", "c", "d"], dtype=object),
+             "prompt": np.array(["Which?", "Which?", "Which?", "Why?"], dtype=object),
+             "image": np.concatenate([images, np.zeros((1, 224, 224, 3), dtype=np.uint8)]),
+             "error": np.array(["", "", "", "image: not a decodable image"], dtype=object)}
+    requests = vllm_requests(batch, model=str(tiny_model_dir), sampling={"max_new_tokens": 8})
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir, local_files_only=True).image_processor
+    for i in range(3):
+        [image] = requests["multimodal_data"][i]["image"]
+        assert image.shape == (112, 112, 3) and image.dtype == np.uint8  # the tiny model's budget: 112² pixels
+        ours, own = processor(images=[image], return_tensors="pt"), processor(images=[images[i]], return_tensors="pt")
+        assert torch.equal(ours["pixel_values"], own["pixel_values"])
+        assert torch.equal(ours["image_grid_thw"], own["image_grid_thw"])
+    uuids = [requests["multimodal_uuids"][i]["image"][0] for i in range(3)]
+    assert uuids[0] == uuids[2] != uuids[1]  # the same pixels, the same id
+    tokenizer = AutoProcessor.from_pretrained(tiny_model_dir, local_files_only=True).tokenizer
+    image_pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert image_pad in requests["tokenized_prompt"][0] and image_pad not in requests["tokenized_prompt"][3]
+    assert tokenizer.decode(requests["tokenized_prompt"][3]).endswith("Why?<|im_end|>\n<|im_start|>assistant\n")
+    assert requests["multimodal_data"][3] is None and requests["sampling_params"][3]["max_tokens"] == 1
+    assert [p["max_tokens"] for p in requests["sampling_params"][:3]] == [8, 8, 8]

@@ -812,7 +812,7 @@ def test_a_prompt_worker_fetches_only_an_s3_models_small_files_once_per_node(s3_
     requests = batch.vllm_requests({"id": np.array(["a"], dtype=object), "prompt": np.array(["which?"], dtype=object),
                                     "image": np.array([None], dtype=object), "error": np.array(["bad image"])},
                                    model=prefix, sampling={"max_new_tokens": 4})
-    assert "which?" in requests["prompt"][0]
+    assert "which?" in processor.tokenizer.decode(requests["tokenized_prompt"][0])
     cached = Path(model_dir.local_model_dir(prefix, weights=False))
     try:
         assert not any(p.name.endswith(model_dir.WEIGHT_SUFFIXES) for p in cached.rglob("*"))

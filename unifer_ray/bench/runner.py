@@ -6,7 +6,7 @@ import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -19,7 +19,7 @@ from unifer_ray.bench.config import BenchConfig, BenchModel
 from unifer_ray.bench.items import ItemRows, read_items
 from unifer_ray.data.images import load_image_batch
 from unifer_ray.engines import engine_label
-from unifer_ray.engines.batch import add_generation
+from unifer_ray.engines.batch import add_generation, sized_workers
 from unifer_ray.parsing import parsed_columns
 from unifer_ray.ray_utils import progress_of_tasks
 from unifer_ray.records import ErrorRecord, object_array, write_jsonl
@@ -44,6 +44,7 @@ class ModelRun:
     seconds: float
     results_path: str
     errors_path: str
+    stats: str = field(default="", repr=False)  # Ray Data's execution stats of the run (per operator), if it ran
 
     @property
     def items_per_s(self) -> float:
@@ -108,12 +109,13 @@ def warn_if_the_pool_fills_the_cluster(model: BenchModel, config: BenchConfig) -
     reporting only backpressure; an autoscaling cluster adds a node instead, so this is a warning, not an error.
     """
     cpus = ray.cluster_resources().get("CPU", 0.0)
-    pool = model.concurrency * model.num_cpus
+    engines = sized_workers(model, model.engine).concurrency
+    pool = engines * model.num_cpus
     if pool + config.load_num_cpus <= cpus:
         return False
     log.warning("%s: %d engine actors x %g CPUs = %g of the cluster's %g CPUs leave less than load_num_cpus=%g for "
                 "image loading; unless the cluster adds nodes the run cannot progress (lower concurrency or num_cpus)",
-                model.name, model.concurrency, model.num_cpus, pool, cpus, config.load_num_cpus)
+                model.name, engines, model.num_cpus, pool, cpus, config.load_num_cpus)
     return True
 
 
@@ -123,6 +125,7 @@ def run_model(model: BenchModel, items: ItemRows, config: BenchConfig) -> ModelR
     scored, _ = _latest_by_id(_read_shards(shards))
     todo = [{**row, "error": ""} for row in items.rows if row["id"] not in scored]
     start = time.perf_counter()
+    stats = ""
     if todo:
         log.info("%s: %d items to run, %d already finished", model.name, len(todo), len(scored))
         warn_if_the_pool_fills_the_cluster(model, config)
@@ -139,6 +142,7 @@ def run_model(model: BenchModel, items: ItemRows, config: BenchConfig) -> ModelR
             ds = ds.map_batches(score_batch, fn_kwargs={"model": model.name, "engine": engine_label(model.engine),
                                                         "tally": tally}, batch_size=None, num_cpus=0.25)
             ds.write_parquet(path, filesystem=fs, ray_remote_args={"num_cpus": 0.25})
+        stats = ds.stats()
     seconds = time.perf_counter() - start
 
     scored, failed = _latest_by_id(_read_shards(shards))
@@ -152,7 +156,7 @@ def run_model(model: BenchModel, items: ItemRows, config: BenchConfig) -> ModelR
     write_jsonl(results_path, results)
     write_jsonl(errors_path, errors)
     return ModelRun(model.name, len(items.rows) + len(items.errors), len(results), len(errors), len(todo),
-                    seconds, results_path, errors_path)
+                    seconds, results_path, errors_path, stats)
 
 
 def read_all_items(config: BenchConfig) -> ItemRows:
@@ -186,5 +190,6 @@ def run_bench(config: BenchConfig) -> list[ModelRun]:
         runs = list(pool.map(lambda m: run_model(m, first_per_dataset(items, m.items_per_dataset), config),
                              config.models))
     storage.write_text(storage.join(config.out_dir, "summary.json"),
-                       json.dumps([asdict(r) | {"items_per_s": r.items_per_s} for r in runs], indent=2))
+                       json.dumps([{k: v for k, v in asdict(r).items() if k != "stats"} | {"items_per_s": r.items_per_s}
+                                   for r in runs], indent=2))
     return runs

@@ -83,6 +83,7 @@ class OracleTeacherConfig(_Workers):
     name: str = "oracle"  # written to each item's `teacher`
     wrong_rate: float = Field(0.0, ge=0.0, le=1.0)  # share of traces whose answer names another label
     seed: int = 0
+    concurrency: int = Field(1, gt=0)  # actors
     num_cpus: float = Field(0.25, ge=0)
     image_size: int = Field(64, gt=0)  # the oracle does not look: images are only checked to decode
 

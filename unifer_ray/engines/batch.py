@@ -5,10 +5,12 @@ failed, e.g. its image did not decode); they leave without `image`, with `respon
 `latency_s` and `error` (the generation's failure, if any). Nothing is dropped: a failed row stays a row.
 
 - vllm: `ray.data.llm`'s vLLM engine processor (continuous batching, several batches in flight per engine, tensor
-  parallel, `accelerator_type`), with our stages around it: request rows before it (the model's chat template, the
-  decoded image as multi-modal data, sampling parameters) and our output columns after it. The processor's own chat
-  template, tokenizer, multi-modal and detokenizer stages stay off: each would be one more actor pool for work that
-  our request stage does in the same pass, and vLLM detokenizes itself.
+  parallel, `accelerator_type`), with our stages around it: request rows before it (the chat text's token ids, the
+  image already at the model's grid with a content id, sampling parameters) and our output columns after it. What
+  vLLM's front end would otherwise do per item on the engine's critical path (tokenize, resize, hash) is done there,
+  beside the engines. The processor's own chat template, tokenizer, multi-modal and detokenizer stages stay off: each
+  would be one more actor pool for work that our request stage does in the same pass, and vLLM detokenizes itself.
+  Engines and batches in flight are sized on the cluster unless the config says (`sized_workers`).
 - hf and openai: a pool of EngineActors (engines/ray_actor.py). API models do not use `HttpRequestProcessorConfig`:
   its stage raises once a request has failed all its retries, which fails the whole dataset, where a benchmark needs
   that item as an error row and the rest scored.
@@ -16,6 +18,8 @@ failed, e.g. its image did not decode); they leave without `image`, with `respon
 
 from __future__ import annotations
 
+import hashlib
+import math
 from functools import cache
 
 import numpy as np
@@ -29,6 +33,18 @@ from unifer_ray.engines.ray_actor import EngineActor
 from unifer_ray.engines.spec import EngineSpec
 from unifer_ray.records import object_array
 
+# Each CPU engine keeps two processes busy: its front end and its engine core (see sized_workers).
+CPU_PROCESSES_PER_VLLM_ENGINE = 2
+# vLLM's batch limits for offline work on CPUs (what its LLM class gets): the AsyncLLM inside ray.data.llm's engine
+# stage would get its server defaults, 128 sequences and 2048 tokens a step.
+CPU_ENGINE_BATCH = {"max_num_seqs": 256, "max_num_batched_tokens": 4096}
+VLLM_ENGINE_MAX_NUM_SEQS = 128  # vLLM's default for an AsyncLLM (GPU engines without max_num_seqs of their own)
+# vLLM's CPU build swaps the engine stage's one-process executor ("uni") for a worker process beside the engine core
+# whenever vLLM runs multiprocess, and each of the two spins (sched_yield) while it waits for the other: a third busy
+# process per engine. An AsyncLLM always runs its engine core in a process of its own, whatever this variable says;
+# off, it only keeps the model in that engine core process.
+CPU_ENGINE_STAGE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+
 # Columns that the vLLM engine stage adds to each row; none of them leaves our output stage.
 VLLM_OUTPUT_COLUMNS = ("prompt_token_ids", "num_input_tokens", "generated_tokens", "generated_text",
                        "num_generated_tokens", "embeddings", "metrics", "logprobs", "prompt_logprobs", "request_id",
@@ -41,17 +57,52 @@ class EngineWorkers(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     batch_size: int = Field(16, gt=0)  # rows per engine call (vllm: per batch handed to the engine)
-    concurrency: int = Field(1, gt=0)  # engine actors (vllm: engine replicas)
+    concurrency: int | None = Field(None, gt=0)  # engine actors (vllm: engine replicas); None: sized on the cluster
     num_cpus: float = Field(1.0, ge=0)  # per actor (vllm: per engine worker)
     num_gpus: float = Field(0.0, ge=0)  # per actor (vllm: per engine worker, i.e. per tensor-parallel rank)
     torch_threads: int = Field(1, gt=0)  # hf: torch threads per actor
-    max_concurrent_batches: int = Field(4, gt=0)  # vllm: batches in flight per engine, continuously batched
+    # vllm: batches in flight per engine, continuously batched; None: enough to fill the engine's max_num_seqs
+    max_concurrent_batches: int | None = Field(None, gt=0)
     accelerator_type: str | None = None  # vllm on GPUs: the node's accelerator, e.g. "L40S" or "A100"
+
+
+def sized_workers(workers: EngineWorkers, spec: EngineSpec) -> EngineWorkers:
+    """`workers` with what the config leaves out sized on the cluster that Ray is connected to (what it has now).
+
+    Engines: one per GPU (per tensor x pipeline parallel ranks for vLLM) where the workers take GPUs. On CPUs each vLLM
+    engine keeps two processes busy, its front end (input processing, outputs) and its engine core (scheduler,
+    model), and one CPU stays for the stages around the engines (decoding, requests, scoring), so engines =
+    (CPUs - 1) / (2 x num_cpus), at least one: on 2 cores one engine with more in flight does 1.6x two
+    (benchmarks/bench_throughput.py, docs/throughput.md). hf actors on CPUs and API models: one, as each hf actor
+    holds a copy of the model (written concurrency uses more cores).
+    Batches in flight per vLLM engine: enough to keep its max_num_seqs scheduled while one more batch is refilled.
+    """
+    kind = resolve_engine(spec)
+    update: dict = {}
+    if workers.concurrency is None:
+        update["concurrency"] = _engines_on_cluster(workers, spec, kind)
+    if kind == "vllm" and workers.max_concurrent_batches is None:
+        max_num_seqs = vllm_engine_kwargs(spec, workers).get("max_num_seqs", VLLM_ENGINE_MAX_NUM_SEQS)
+        update["max_concurrent_batches"] = math.ceil(max_num_seqs / workers.batch_size) + 1
+    return workers.model_copy(update=update)
+
+
+def _engines_on_cluster(workers: EngineWorkers, spec: EngineSpec, kind: str) -> int:
+    resources = ray.cluster_resources()
+    if workers.num_gpus and kind != "openai":
+        ranks = spec.vllm_kwargs.get("tensor_parallel_size", 1) * spec.vllm_kwargs.get("pipeline_parallel_size", 1)
+        per_engine = ranks if kind == "vllm" else workers.num_gpus
+        return max(1, int(resources.get("GPU", 0) // per_engine))
+    if kind != "vllm":
+        return 1
+    cpus_per_engine = CPU_PROCESSES_PER_VLLM_ENGINE * max(workers.num_cpus, 1)
+    return max(1, int((resources.get("CPU", 0) - 1) // cpus_per_engine))
 
 
 def add_generation(ds: ray.data.Dataset, spec: EngineSpec, sampling: SamplingParams,
                    workers: EngineWorkers) -> ray.data.Dataset:
     """`ds` → the same rows with `responses`, `num_tokens` and `latency_s`, generated by `spec`."""
+    workers = sized_workers(workers, spec)
     if resolve_engine(spec) == "vllm":
         return _vllm_generation(ds, spec, sampling, workers)
     return ds.map_batches(
@@ -73,22 +124,33 @@ def vllm_worker_bundle(workers: EngineWorkers) -> dict[str, float]:
     return {"CPU": workers.num_cpus} | ({"GPU": 1} if workers.num_gpus else {})
 
 
+def vllm_engine_kwargs(spec: EngineSpec, workers: EngineWorkers, *, seeded: bool = False) -> dict:
+    """The engine stage's engine_kwargs: on CPUs vLLM's own batch limits for offline work first (CPU_ENGINE_BATCH),
+    then our defaults and the spec's own (engines/vllm_engine.py)."""
+    from unifer_ray.engines.vllm_engine import vllm_llm_kwargs
+
+    on_cpu = not workers.num_gpus
+    return (CPU_ENGINE_BATCH if on_cpu else {}) | vllm_llm_kwargs(spec, on_cpu=on_cpu, seeded=seeded)
+
+
 def vllm_processor_config(spec: EngineSpec, workers: EngineWorkers, *, seeded: bool = False):
     """`ray.data.llm`'s processor config for a spec: the engine stage alone, one placement bundle per engine worker."""
     from ray.data.llm import vLLMEngineProcessorConfig
 
-    from unifer_ray.engines.vllm_engine import vllm_llm_kwargs
     from unifer_ray.engines.vllm_env import vllm_env
 
+    engine_kwargs = vllm_engine_kwargs(spec, workers, seeded=seeded)
+    one_rank = engine_kwargs.get("tensor_parallel_size", 1) * engine_kwargs.get("pipeline_parallel_size", 1) == 1
+    env = vllm_env() | (CPU_ENGINE_STAGE_ENV if one_rank and not workers.num_gpus else {})
     return vLLMEngineProcessorConfig(
         model_source=spec.model,
-        engine_kwargs=vllm_llm_kwargs(spec, on_cpu=not workers.num_gpus, seeded=seeded),
+        engine_kwargs=engine_kwargs,
         batch_size=workers.batch_size,
         concurrency=workers.concurrency,
         max_concurrent_batches=workers.max_concurrent_batches,
         accelerator_type=workers.accelerator_type,
         placement_group_config={"bundle_per_worker": vllm_worker_bundle(workers)},
-        runtime_env={"env_vars": vllm_env()},
+        runtime_env={"env_vars": env},
         should_continue_on_error=True,  # a prompt vLLM refuses (e.g. longer than the context) is one error row
         chat_template_stage={"enabled": False},
         tokenize_stage={"enabled": False},
@@ -107,9 +169,12 @@ def _vllm_generation(ds: ray.data.Dataset, spec: EngineSpec, sampling: SamplingP
     processor.get_stage_by_name("vLLMEngineStage").map_batches_kwargs.update(gpu_node_options(workers))
     # The processor returns one completion per row: n samples are n rows (sample k seeded seed + k, vLLM's own
     # rule for n), gathered again by id after the engine.
-    ds = ds.map_batches(vllm_requests, fn_kwargs={"model": spec.model, "revision": spec.revision,
-                                                  "sampling": sampling.model_dump()},
-                        batch_size=workers.batch_size, num_cpus=0.25)
+    # One request actor per engine (about 1 ms a row: far ahead of an engine) loads the processor once, while the
+    # engines start, where every new task worker would load it again.
+    ds = ds.map_batches(VLLMRequests, fn_constructor_kwargs={"model": spec.model, "revision": spec.revision,
+                                                             "sampling": sampling.model_dump()},
+                        batch_size=workers.batch_size, compute=ray.data.ActorPoolStrategy(size=workers.concurrency),
+                        num_cpus=0.25)
     ds = processor(ds).map_batches(vllm_outputs, batch_size=None, num_cpus=0.1)
     if sampling.n > 1:
         ds = ds.groupby("id").map_groups(gather_samples, batch_format="numpy", num_cpus=0.1)
@@ -118,8 +183,8 @@ def _vllm_generation(ds: ray.data.Dataset, spec: EngineSpec, sampling: SamplingP
 
 @cache
 def _chat_processor(model: str, revision: str | None):
-    """The model's processor, once per worker process (Ray reuses task workers), for its chat template. An s3://
-    model's weights stay in S3: these CPU workers fetch its other files only, once per node."""
+    """The model's processor, once per worker process (Ray reuses task workers), for its chat template and image
+    grid. An s3:// model's weights stay in S3: these CPU workers fetch its other files only, once per node."""
     from transformers import AutoProcessor
 
     from unifer_ray.models.model_dir import local_model_dir
@@ -128,30 +193,60 @@ def _chat_processor(model: str, revision: str | None):
                                          local_files_only=True)
 
 
+def at_model_grid(image: np.ndarray, image_processor) -> np.ndarray:
+    """`image` (uint8 H×W×3) resized exactly as the model's image processor resizes it inside vLLM.
+
+    Qwen2-VL's processor scales each image to a multiple of its patch grid within its pixel budget (the tiny model:
+    224² → 112²). Done here, in a CPU stage beside the engines, the engine's processor finds the image at its target
+    size and leaves it untouched (torchvision returns such an image as it is), with the very pixels it would have
+    made itself. Other processors get the image as it is."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+
+    if not isinstance(image_processor, Qwen2VLImageProcessor):
+        return image
+    import torch
+
+    chw = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).contiguous()[None]
+    resized = image_processor.resize(chw, size=image_processor.size, resample=image_processor.resample,
+                                     factor=image_processor.patch_size * image_processor.merge_size)
+    return resized[0].permute(1, 2, 0).numpy()
+
+
+def image_uuid(image: np.ndarray) -> str:
+    """A content id of an image for vLLM's multi-modal caches. Given one, the engine's front end does not hash the
+    image itself; it keys the encoder and prefix caches, so it must name the pixels, not the row."""
+    digest = hashlib.blake2b(str(image.shape).encode(), digest_size=16)
+    digest.update(np.ascontiguousarray(image).data)
+    return digest.hexdigest()
+
+
 def vllm_requests(batch: dict[str, np.ndarray], *, model: str, revision: str | None = None,
                   sampling: dict) -> dict[str, np.ndarray]:
-    """Rows → vLLM requests: `prompt` (the chat text), `multimodal_data`, `sampling_params`; n rows per row for n
-    samples.
+    """Rows → vLLM requests: `tokenized_prompt` (the chat text's tokens), `multimodal_data` (the image at the model's
+    grid), `multimodal_uuids`, `sampling_params`; n rows per row for n samples. The engine's front end then neither
+    tokenizes, resizes nor hashes: what is left of its per-image work is the processor's normalize and patchify.
 
     A row that already failed stays in the stream (a Ray Data stream cannot set rows aside and add them back without
     computing its source twice): it asks for one token of its text alone, and the output stage keeps its error.
     """
-    from unifer_ray.engines.hf import chat_text
-
     params = SamplingParams.model_validate(sampling)
     processor = _chat_processor(model, revision)
     rows = {k: v for k, v in batch.items() if k not in ("image", "prompt")}
-    out: dict[str, list] = {k: [] for k in [*rows, "prompt", "multimodal_data", "sampling_params", "sample"]}
+    out: dict[str, list] = {k: [] for k in [*rows, "tokenized_prompt", "multimodal_data", "multimodal_uuids",
+                                            "sampling_params", "sample"]}
+    prompts: dict[tuple[str, bool], list[int]] = {}  # a benchmark asks one question per dataset: tokenized once
     for i, question in enumerate(batch["prompt"]):
         failed = bool(batch["error"][i])
-        text = {"type": "text", "text": str(question)}
-        content = [text] if failed else [{"type": "image"}, text]
-        prompt = chat_text(processor, ChatRequest([{"role": "user", "content": content}]))
+        if (str(question), failed) not in prompts:
+            prompts[str(question), failed] = chat_tokens(processor, str(question), with_image=not failed)
+        image = None if failed else at_model_grid(batch["image"][i], processor.image_processor)
+        uuid = None if failed else image_uuid(image)
         for k in range(params.n):
             for key, column in rows.items():
                 out[key].append(column[i])
-            out["prompt"].append(prompt)
-            out["multimodal_data"].append(None if failed else {"image": [batch["image"][i]]})
+            out["tokenized_prompt"].append(prompts[str(question), failed])
+            out["multimodal_data"].append(None if failed else {"image": [image]})
+            out["multimodal_uuids"].append(None if failed else {"image": [uuid]})
             out["sampling_params"].append({
                 "temperature": params.temperature, "top_p": params.top_p,
                 "max_tokens": 1 if failed else params.max_new_tokens,
@@ -159,6 +254,28 @@ def vllm_requests(batch: dict[str, np.ndarray], *, model: str, revision: str | N
             })
             out["sample"].append(k)
     return {k: object_array(v) for k, v in out.items()}
+
+
+class VLLMRequests:
+    """The request stage as an actor: `vllm_requests` with the model's processor loaded at start."""
+
+    def __init__(self, *, model: str, revision: str | None, sampling: dict):
+        self.kwargs = {"model": model, "revision": revision, "sampling": sampling}
+        _chat_processor(model, revision)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return vllm_requests(batch, **self.kwargs)
+
+
+def chat_tokens(processor, question: str, *, with_image: bool) -> list[int]:
+    """The token ids of one user turn's chat text (an image placeholder first when `with_image`), ending with the
+    opened assistant turn. The chat template has written the special tokens already, so none are added."""
+    from unifer_ray.engines.hf import chat_text
+
+    text = {"type": "text", "text": question}
+    content = [{"type": "image"}, text] if with_image else [text]
+    chat = chat_text(processor, ChatRequest([{"role": "user", "content": content}]))
+    return processor.tokenizer(chat, add_special_tokens=False)["input_ids"]
 
 
 def vllm_outputs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
