@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
+from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 
+from unifer_ray.curate.config import CurateSource
+from unifer_ray.curate.rlvr import make_tasks
+from unifer_ray.curate.samples import source_rows
 from unifer_ray.engines.platform import vllm_installed
 from unifer_ray.engines.processes import is_engine
 
@@ -66,8 +72,50 @@ class EngineStandIn:
     def __init__(self, behaviour: str):
         self.behaviour = behaviour
 
+    def start_weight_update(self) -> None:
+        pass
+
     def update_weights(self, update_info: dict) -> None:
         if self.behaviour == "die":
             time.sleep(1)
             os._exit(1)
         time.sleep(600)
+
+
+# ---------------------------------------------------------------- RLVR runs of the tests
+
+PROMPTS, GROUP = 2, 4
+# Prefix caching on (vLLM's default, said out loud): a push that left old KV in the cache would show in the outputs.
+VLLM = {"enable_prefix_caching": True, "max_model_len": 1024}
+
+
+def write_rlvr_set(synthetic_root: Path, path: Path) -> Path:
+    """RLVR items (the released format) for the synthetic RAF-DB train images, one multiple-choice question each."""
+    rows, errors = source_rows(CurateSource(dataset="rafdb", root=str(synthetic_root / "RAF-DB")))
+    assert not errors
+    rng = np.random.default_rng(0)
+    with open(path, "w") as f:
+        for row in rows:
+            [task] = make_tasks(row["label"], row["candidate_labels"], ["mc"], rng)
+            f.write(json.dumps({"image_path": row["image_path"], "problem": task["problem"],
+                                "solution": task["solution"], "id": row["id"], "task": "mc"}) + "\n")
+    return path
+
+
+def rl_config(tmp: Path, model_dir: Path, synthetic_root: Path, **changes) -> dict:
+    data = write_rlvr_set(synthetic_root, tmp / "rlvr.jsonl")
+    config = {
+        "model": str(model_dir),
+        "data": {"paths": [str(data)], "image_root": str(synthetic_root), "image_size": 56},
+        "output_dir": str(tmp / "model"), "checkpoint_dir": str(tmp / "checkpoints"), "log_dir": str(tmp / "logs"),
+        "steps": 2, "seed": 0,
+        # auto: vLLM wherever it is installed, else transformers
+        "rollout": {"num_workers": 1, "engine": {"engine": "auto", "vllm_kwargs": VLLM}, "num_cpus": 1},
+        "learner": {"num_workers": 1, "num_cpus": 1, "strategy": "ddp", "micro_batch_size": 8,
+                    "optimizer": {"lr": 1e-3, "warmup_ratio": 0.0}},
+        "grpo": {"group_size": GROUP, "prompts_per_step": PROMPTS, "max_new_tokens": 12, "beta": 0.04},
+        "checkpoint_every": 1, "sample_log_every": 1,
+    }
+    for key, value in changes.items():
+        config[key] = config[key] | value if isinstance(value, dict) else value
+    return config

@@ -240,7 +240,7 @@ def test_the_path_check_accepts_relative_inputs_inside_the_upload():
 
 
 def test_the_driver_adds_only_the_thread_variables_a_submitted_job_leaves_out(monkeypatch):
-    """Ray refuses a ray.init runtime env that repeats a key of the job's runtime env (the README's submission
+    """Ray refuses a ray.init runtime env that repeats a key of the job's runtime env (docs/cluster.md's submission
     failed so): the job's values win, ours fill the gaps. The submission itself runs in tests/test_cluster_sim.py."""
     from unifer_ray.ray_utils import HF_ENV, JOB_CONFIG_ENV, THREAD_ENV, driver_runtime_env
 
@@ -447,6 +447,12 @@ def test_the_fit_check_finds_what_would_wait_forever(tmp_path):
         limits["cpu"] = "4"
     [problem] = problems("kuberay/rayjob-rlvr.yaml", small_rollout)
     assert problem.startswith("rlvr: a rollout engine")
+    # FERBench on a cluster without cpu nodes: its items are read and scored in Ray Data's cpu stages.
+    ferbench = yaml.safe_load((REPO / "configs" / "ferbench.yaml").read_text())
+    without_cpu = [g for g in node_groups(CLUSTER / "aws.yaml") if g.role != "cpu"]
+    ferbench["models"] = [m for m in ferbench["models"] if m["engine"]["engine"] == "vllm"]  # GPU engines only
+    [problem] = unmet(stage_demands("bench", ferbench), without_cpu)
+    assert problem.startswith("bench: items and scores (Ray Data)") and "unifer-role=cpu" in problem
     # More strictly packed learners than a learner node has GPUs.
     config = yaml.safe_load((REPO / "configs" / "qwen2_5_vl_7b.yaml").read_text())["rlvr"]
     config["learner"]["num_workers"] = 9

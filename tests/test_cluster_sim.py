@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.helpers import wait_for_engines_to_end
-from tests.test_rl_system import GROUP, PROMPTS, rl_config
+from tests.helpers import GROUP, PROMPTS, rl_config, wait_for_engines_to_end
 from unifer_ray.cluster_sim import Head, start_head
 from unifer_ray.engines import ChatRequest, SamplingParams
 from unifer_ray.engines.hf import HFEngine
@@ -71,7 +70,7 @@ def test_submission_needs_the_clusters_token(sim):
 
 
 def test_runtime_env_submission_places_each_role_on_its_node_type(sim):
-    """The README's form, from zero workers: one probe actor per role; each starts a node of its type. The actors'
+    """docs/cluster.md's form, from zero workers: one probe actor per role; each starts a node of its type. The actors'
     own prints reach `ray job logs`, so worker logs are forwarded to the driver."""
     assert [n["labels"].get(ROLE_LABEL) for n in sim.alive_nodes()] == ["head"]
     sim.submit(["python", "jobs/placement.py"], submission_id="placement")

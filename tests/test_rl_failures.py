@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 import ray
 
-from tests.helpers import EngineStandIn
-from tests.test_rl_system import rl_config
+from tests.helpers import EngineStandIn, rl_config
 from unifer_ray.config import parse_config
 from unifer_ray.engines import SamplingParams
 from unifer_ray.rl.config import RLVRConfig

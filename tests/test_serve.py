@@ -636,27 +636,28 @@ def test_gpu_serve_configs_autoscale_gpu_replicas_from_s3(tmp_path):
 def test_gpu_app_runs_on_serve_nodes_of_a_labelled_cluster(ray_cluster, monkeypatch, mode):
     """Ray Serve LLM's placement_group_config has no label selector: the app passes the serve nodes' label through
     Serve's deployment options, for every bundle of the model replica's placement group (the replica and its vLLM
-    engine) and for the ingress, where the cluster labels its node types (cluster/, UNIFER_PLACEMENT); else none."""
+    engine) and for the ingress, where the cluster labels its node types (cluster/, UNIFER_PLACEMENT); else none.
+    The replica's options are what Ray's public LLMServer.get_deployment_options makes of our LLMConfig."""
     import yaml
+    from ray.serve.llm import LLMServer
 
-    from unifer_ray.serve.app import build_app
+    from unifer_ray.serve.app import ingress_options, llm_config
 
     monkeypatch.setenv("UNIFER_PLACEMENT", mode)
-    monkeypatch.setenv("UNIFER_API_KEY", API_KEY)
     config = ServeConfig.model_validate(gpu_serve_files()["configs/serve_gpu.yaml"]["applications"][0]["args"])
-    ingress = build_app(config)._bound_deployment
-    [llm] = [app._bound_deployment for app in ingress.init_kwargs["llm_deployments"].values()]
-    bundles = llm._replica_config.placement_group_bundles
+    llm = llm_config(config)
+    replica, ingress = LLMServer.get_deployment_options(llm), ingress_options(config, llm)
+    bundles = replica["placement_group_bundles"]
     assert any(bundle.get("GPU") for bundle in bundles)
     if mode == "labels":
-        assert llm._replica_config.placement_group_bundle_label_selector == [{"unifer-role": "serve"}] * len(bundles)
-        assert ingress.ray_actor_options["label_selector"] == {"unifer-role": "serve"}
+        assert replica["placement_group_bundle_label_selector"] == [{"unifer-role": "serve"}] * len(bundles)
+        assert ingress["ray_actor_options"]["label_selector"] == {"unifer-role": "serve"}
     else:
-        assert llm._replica_config.placement_group_bundle_label_selector is None
-        assert "label_selector" not in ingress.ray_actor_options
+        assert "placement_group_bundle_label_selector" not in replica
+        assert "label_selector" not in ingress["ray_actor_options"]
     # One serve node (cluster/aws.yaml; the KubeRay serve group alike) holds a model replica and two ingress replicas.
     serve_node = yaml.safe_load((REPO / "cluster" / "aws.yaml").read_text())["available_node_types"]["serve"]
-    cpus = sum(bundle.get("CPU", 0) for bundle in bundles) + 2 * ingress.ray_actor_options["num_cpus"]
+    cpus = sum(bundle.get("CPU", 0) for bundle in bundles) + 2 * ingress["ray_actor_options"]["num_cpus"]
     assert cpus <= serve_node["resources"]["CPU"] and config.ingress.min_replicas <= 2
 
 
@@ -745,8 +746,10 @@ def test_a_deploy_file_holds_the_keys_digest_and_builds_where_the_key_is_not(ray
     writes the key's SHA-256 into the file, and the app builds from it with no key variable anywhere."""
     import hashlib
 
+    from ray.serve import Application
+
     from unifer_ray.cli import main
-    from unifer_ray.serve.app import build_app
+    from unifer_ray.serve.app import build_app, ingress_settings
     from unifer_ray.serve.config import deploy_file
 
     monkeypatch.setenv("UNIFER_API_KEY", API_KEY)
@@ -759,8 +762,8 @@ def test_a_deploy_file_holds_the_keys_digest_and_builds_where_the_key_is_not(ray
 
     monkeypatch.delenv("UNIFER_API_KEY")
     monkeypatch.setenv("UNIFER_PLACEMENT", "off")
-    ingress = build_app(file.config)._bound_deployment
-    assert ingress.init_kwargs["settings"].api_key_sha256 == file.config.api_key_sha256
+    assert ingress_settings(file.config).api_key_sha256 == file.config.api_key_sha256
+    assert isinstance(build_app(file.config), Application)
     with pytest.raises(ConfigError, match=r"\$UNIFER_API_KEY is not set in this shell"):
         deploy_file(REPO / "configs" / "serve_gpu.yaml")
     with pytest.raises(ValueError, match="not both"):

@@ -138,3 +138,17 @@ def test_the_paper_setting_config_is_valid():
     assert ds["train_batch_size"] == 16 and ds["gradient_accumulation_steps"] == 4
     assert ds["train_micro_batch_size_per_gpu"] == 1
     assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"] is True
+
+
+def test_the_paper_setting_packs_its_workers_on_one_learner_node(monkeypatch):
+    """Ray Train places the 4 workers by the config's strategy (STRICT_PACK: one node's NVLink, never split over two
+    learner nodes that are up) and, on a role-labelled cluster, on learner nodes."""
+    from unifer_ray.train.sft import scaling_config
+
+    config = load_config(REPO / "configs" / "qwen2_5_vl_7b.yaml", SFTConfig, section="sft")
+    monkeypatch.setenv("UNIFER_PLACEMENT", "labels")
+    scaling = scaling_config(config)
+    assert (scaling.num_workers, scaling.use_gpu, scaling.placement_strategy) == (4, True, "STRICT_PACK")
+    assert scaling.label_selector == {"unifer-role": "learner"}
+    monkeypatch.setenv("UNIFER_PLACEMENT", "off")
+    assert scaling_config(config).label_selector is None

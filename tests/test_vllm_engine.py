@@ -48,7 +48,7 @@ def test_auto_is_vllm_where_it_is_installed(tiny_model_dir):
 def test_greedy_parity_with_the_reference_engine(compiled_engine, hf_engine, ferbench_requests):
     """vLLM's greedy tokens are the reference's, up to ties: where the two first differ, the reference itself rates
     both tokens within 0.01 nats (float32 kernels differ in rounding, and a random-init model's next-token
-    distribution is nearly flat, so near-ties are common; a trained model's answers agree, see the README)."""
+    distribution is nearly flat, so near-ties are common; a trained model's answers agree, see docs/benchmarks.md)."""
     params = SamplingParams(max_new_tokens=32, logprobs=True)
     ours = compiled_engine.generate(ferbench_requests, params)
     reference = hf_engine.generate(ferbench_requests, params)

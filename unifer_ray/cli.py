@@ -197,11 +197,11 @@ def _data_commands(sub) -> None:
     _add_hf_options(fb)
 
     export = _command(sub, "export", "write a curated set or FERBench results as a Hugging Face dataset",
-                      "unifer export cot --from runs/demo/cot/items --out runs/hf/unifer-cot")
+                      "unifer export cot --from runs/demo/curate/cot/items --out runs/hf/unifer-cot")
     exports = export.add_subparsers(dest="what", required=True)
     for what, text, example in (
-        ("cot", "the CoT set (items files or directories)", "runs/demo/cot/items"),
-        ("rlvr", "the RLVR set (items files or directories)", "runs/demo/rlvr_set/items"),
+        ("cot", "the CoT set (items files or directories)", "runs/demo/curate/cot/items"),
+        ("rlvr", "the RLVR set (items files or directories)", "runs/demo/curate/rlvr/items"),
         ("results", "the FERBench results of a benchmark run (its out_dir)", "runs/demo/bench"),
     ):
         p = _command(exports, what, f"{text} -> parquet shards and a dataset card, ready for push_to_hub",

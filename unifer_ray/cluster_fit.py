@@ -136,12 +136,14 @@ def stage_demands(kind: str, data: dict, *, workdir: str | Path = ".") -> list[D
         from unifer_ray.bench.config import BenchConfig
 
         config = parse_config(data, BenchConfig, source=kind)
-        return [engine_demand(f"bench: {m.name}", m.engine, m) for m in config.models]
+        return [Demand("bench: items and scores (Ray Data)", "cpu", (RAY_DATA_TASK,)),
+                *(engine_demand(f"bench: {m.name}", m.engine, m) for m in config.models)]
     if kind == "pipeline":
         from unifer_ray.pipeline import PipelineConfig
 
         config = parse_config(data, PipelineConfig, source=kind)
-        demands = [engine_demand("pipeline: FERBench", config.bench_model.engine, config.bench_model)]
+        demands = [Demand("pipeline: FERBench items and scores (Ray Data)", "cpu", (RAY_DATA_TASK,)),
+                   engine_demand("pipeline: FERBench", config.bench_model.engine, config.bench_model)]
         if config.serve.config is not None:
             demands += stage_demands("serve", read_yaml(Path(workdir) / config.serve.config))
         return demands

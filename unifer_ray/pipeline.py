@@ -45,6 +45,7 @@ class PipelineConfig(BaseModel):
     bench_model: BenchModel  # how each model is benchmarked; its name and engine.model are set per model
     base_items_per_dataset: int | None = Field(None, gt=0)  # the base model on only the first N items of each dataset
     bench_out_dir: str  # FERBench results and report, local or s3://
+    models_at_once: int = Field(1, gt=0)  # models benchmarked side by side (their engines must fit together)
     report_dir: str  # the pipeline's report: report.md, report.json and plots (local)
     serve: ServeStage = ServeStage()
 
@@ -164,7 +165,8 @@ class Pipeline:
                 "items_per_dataset": config.base_items_per_dataset if name == "base" else base.items_per_dataset})
                 for name, path in self.models().items()]
             runs, scored = bench_and_score(BenchConfig(files=config.ferbench, models=models,
-                                                       out_dir=config.bench_out_dir))
+                                                       out_dir=config.bench_out_dir,
+                                                       models_at_once=config.models_at_once))
             metrics = {m.name: scored[m.name] for m in models}  # pipeline order: base, SFT, RLVR
             last = metrics[models[-1].name]["overall"]
             note = ", ".join(f"{m.name}: {metrics[m.name]['overall']['accuracy']:.3f}" for m in models)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -188,7 +189,9 @@ def run_bench(config: BenchConfig) -> list[ModelRun]:
     items = read_all_items(config)
     for err in items.errors:
         log.warning("bad FERBench item %s row %s: %s", err["source"], err["row"], err["reason"])
-    runs = [run_model(model, first_per_dataset(items, model.items_per_dataset), config) for model in config.models]
+    with ThreadPoolExecutor(config.models_at_once) as pool:  # Ray Data runs each thread's dataset on its own
+        runs = list(pool.map(lambda m: run_model(m, first_per_dataset(items, m.items_per_dataset), config),
+                             config.models))
     storage.write_text(storage.join(config.out_dir, "summary.json"),
                        json.dumps([asdict(r) | {"items_per_s": r.items_per_s} for r in runs], indent=2))
     return runs

@@ -267,10 +267,11 @@ class LearnerWorker:
         cast = {"auto": torch.bfloat16 if self.config.bf16 else None, "bfloat16": torch.bfloat16,
                 "float32": torch.float32}[dtype]
         self.transfer_client = RolloutClient(rollouts, ranks_per_engine, timeout_s, abort=self.abort_weight_transfer)
+        self.transfer_source = TrainableSource(self.parallel, cast)
         info = NCCLTrainerInitInfo(master_address=master_addr, master_port=master_port, world_size=world_size,
                                    packed=True, packed_buffer_size_bytes=bucket_bytes, rank=self.rank)
         self.transfer = WeightTransferTrainerFactory.trainer_init(
-            info, client=self.transfer_client, source=TrainableSource(self.parallel, cast))
+            info, client=self.transfer_client, source=self.transfer_source)
 
     def send_weights(self, version: int) -> None:
         """NCCL sync: one update of every engine (packed buckets), finished as `version`.
@@ -278,10 +279,17 @@ class LearnerWorker:
         An aborted communicator is `disabled`: its broadcasts return at once and send nothing. A send on one, or one
         aborted midway (the engines then hold partial weights), raises instead of finishing the engines' update."""
         group = self.transfer.model_update_group  # None on the ranks that only join the gathers
-        if group is not None and group.disabled:
-            raise RuntimeError("the NCCL weight-transfer group was aborted: form it again (init_weight_transfer)")
-        self.transfer_client.version = str(version)
-        self.transfer.send_weights()
+        self.transfer_source.start_send()
+        try:
+            if group is not None and group.disabled:
+                raise RuntimeError("the NCCL weight-transfer group was aborted: form it again (init_weight_transfer)")
+            self.transfer_client.version = str(version)
+            self.transfer.send_weights()
+        except BaseException:
+            # A sender that fails before its broadcast (vLLM's stops at the first failed engine call, e.g.
+            # `start_weight_update` on an engine that died) or midway: the other ranks' gathers must still find its.
+            self.transfer_source.finish_gathers()
+            raise
         if group is not None and group.disabled:
             raise RuntimeError(f"the NCCL update to version {version} was aborted midway")
 

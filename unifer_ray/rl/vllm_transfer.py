@@ -101,15 +101,39 @@ class TrainableSource(WeightSource):
         self.params = list(parallel.trainable_parameters())
         # vLLM maps the names of the model's files (see `file_format`); Qwen2.5-VL's differ by renaming only.
         self.names = [next(iter(file_format(parallel.module, {name: torch.empty(0)}))) for name, _ in self.params]
+        self.gathered = 0  # parameters the current pass has gathered
+        self._pass: Iterator[tuple[str, torch.Tensor]] | None = None
 
     def metadata(self) -> list[ParamMeta]:
         return [ParamMeta(name, self.dtype or p.dtype, tuple(getattr(p, "ds_shape", p.shape)))
                 for name, (_, p) in zip(self.names, self.params)]
 
+    def start_send(self) -> None:
+        """A new send begins: none of its parameters gathered yet."""
+        self.gathered, self._pass = 0, None
+
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        self.start_send()
+        self._pass = self._gather_each()
+        return self._pass
+
+    def _gather_each(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name, (_, p) in zip(self.names, self.params):
             with self.parallel.gathered([p]):
+                self.gathered += 1
                 yield name, p.detach().to(self.dtype or p.dtype)
+
+    def finish_gathers(self) -> None:
+        """Gather the parameters a failed send did not reach. The other ranks gather every parameter in step with
+        this one (ZeRO-3): a sender that stopped early (an engine failed before or during the broadcast) would leave
+        them waiting in a collective until the group's timeout kills them."""
+        if self._pass is not None:
+            self._pass.close()  # leaves the gathered block of the parameter it stopped at
+            self._pass = None
+        for _, p in self.params[self.gathered:]:
+            with self.parallel.gathered([p]):
+                pass
+        self.gathered = len(self.params)
 
 
 class RolloutClient:

@@ -321,19 +321,31 @@ def llm_config(config: ServeConfig) -> LLMConfig:
                                               "deployment_config": deployment})
 
 
-def build_app(config: ServeConfig) -> Application:
-    """The Serve application builder (`import_path: unifer_ray.serve.app:build_app`; the args are a ServeConfig):
-    one LLMServer deployment (vLLM, autoscaled by its deployment_config) behind FerIngress, both on serve nodes
-    where the cluster labels its node types."""
+def ingress_settings(config: ServeConfig) -> IngressSettings:
+    """What every ingress replica checks requests against; the key's digest from the file or, where the app is
+    built, from $api_key_env."""
     digest = config.api_key_sha256 or api_key_digest(config.api_key_env)
-    settings = IngressSettings(limits=config.limits, fer=config.fer, api_key_sha256=digest)
-    llm = llm_config(config)
+    return IngressSettings(limits=config.limits, fer=config.fer, api_key_sha256=digest)
+
+
+def ingress_options(config: ServeConfig, llm: LLMConfig) -> dict:
+    """FerIngress's Serve deployment options: Ray's defaults for an LLM ingress, our replica counts and CPUs, on
+    serve nodes where the cluster labels its node types."""
     options = FerIngress.get_deployment_options([llm])
     options["ray_actor_options"] = {"num_cpus": config.ingress.num_cpus} | placement.actor_options("serve")
     options["autoscaling_config"] |= {"min_replicas": config.ingress.min_replicas,
                                       "max_replicas": config.ingress.max_replicas}
+    return options
+
+
+def build_app(config: ServeConfig) -> Application:
+    """The Serve application builder (`import_path: unifer_ray.serve.app:build_app`; the args are a ServeConfig):
+    one LLMServer deployment (vLLM, autoscaled by its deployment_config) behind FerIngress, both on serve nodes
+    where the cluster labels its node types."""
+    settings = ingress_settings(config)
+    llm = llm_config(config)
     ingress = make_fastapi_ingress(FerIngress, endpoint_map=ENDPOINTS, app=ingress_api())
-    return serve.deployment(ingress, **options).bind(
+    return serve.deployment(ingress, **ingress_options(config, llm)).bind(
         llm_deployments={llm.model_id: build_llm_deployment(llm)},
         model_cards={llm.model_id: to_model_metadata(llm.model_id, llm)},
         settings=settings,

@@ -47,6 +47,13 @@ def training_rows(config: SFTConfig) -> ray.data.Dataset:
     return ds.random_shuffle(seed=config.seed).materialize()
 
 
+def scaling_config(config: SFTConfig) -> ScalingConfig:
+    """The workers on learner nodes, placed by the config's strategy (STRICT_PACK: one node's NVLink)."""
+    return ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
+                         resources_per_worker={"CPU": config.num_cpus}, placement_strategy=config.placement_strategy,
+                         **placement.actor_options("learner"))
+
+
 def run_sft(config: SFTConfig) -> SFTResult:
     started = time.perf_counter()
     rows = training_rows(config)
@@ -61,10 +68,7 @@ def run_sft(config: SFTConfig) -> SFTResult:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"sft": config.model_dump(), "num_rows": num_rows},
-        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
-                                     resources_per_worker={"CPU": config.num_cpus},
-                                     placement_strategy=config.placement_strategy,
-                                     **placement.actor_options("learner")),
+        scaling_config=scaling_config(config),
         run_config=RunConfig(
             name=config.run_name,
             storage_path=storage_dir,
