@@ -6,6 +6,7 @@ tests/test_cluster_sim.py."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import threading
 import time
