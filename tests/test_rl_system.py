@@ -6,6 +6,7 @@ tests/test_cluster_sim.py."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import threading
 import time
@@ -50,6 +51,31 @@ def test_the_prompt_order_is_the_same_however_the_shards_are_named(ray_cluster, 
         return [item["id"] for step in range(len(source)) for item in source.batch(step)]
 
     assert order(tmp_path / "one.jsonl") == order(tmp_path / "shards")
+
+
+def test_data_tasks_keeps_only_those_task_types_and_names_the_ones_that_match_nothing(ray_cluster, tmp_path,
+                                                                                     synthetic_root):
+    lines = write_rlvr_set(synthetic_root, tmp_path / "mc.jsonl").read_text().splitlines()
+    items = [json.loads(line) for line in lines]
+    for item in items[::3]:
+        item["task"] = "binary"
+    (tmp_path / "mixed.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items))
+
+    def source(tasks: list[str] | None, prompts: int = PROMPTS) -> PromptSource:
+        data = PromptData(paths=[str(tmp_path / "mixed.jsonl")], image_root=str(synthetic_root), image_size=56,
+                          tasks=tasks)
+        return PromptSource(data, prompts_per_step=prompts, seed=0)
+
+    binary = {item["id"] for item in items[::3]}
+    assert {item["id"] for item in source(["binary"]).items} == binary
+    assert {item["task"] for item in source(["mc"]).items} == {"mc"} and len(source(["mc"])) == len(items) - len(binary)
+    assert len(source(None)) == len(source(["binary", "mc"])) == len(items)
+    with pytest.raises(ValueError, match=r"mixed.jsonl.*data.tasks \['unified'\] match no valid RLVR item "
+                                         r"\(their tasks: \['binary', 'mc'\]\)"):
+        source(["mc", "unified"])
+    with pytest.raises(ValueError, match=rf"{len(binary)} valid RLVR items of the tasks \['binary'\] "
+                                         rf"\(of {len(items)} valid\), fewer than prompts_per_step 99"):
+        source(["binary"], prompts=99)
 
 
 # ---------------------------------------------------------------- weight sync

@@ -23,6 +23,9 @@ class PromptData(_Strict):
     image_root: str | None = None  # items' image_path is read below this root (local or s3://)
     image_size: int = Field(224, gt=0)  # images are resized to image_size², as in FERBench and SFT
     shuffle: bool = True  # a seeded permutation per epoch; False keeps the file order
+    # Only the items of these task types (their `task` field: mc, mc_shuffled, binary, unified); None: every item. A
+    # task the starting policy never answers right gives groups of equal rewards, which teach nothing.
+    tasks: list[str] | None = Field(None, min_length=1)
 
 
 class RolloutEngine(_Strict):

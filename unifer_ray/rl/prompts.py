@@ -23,10 +23,16 @@ class PromptSource:
                        for r in rows if r["error"]]
         # Ray Data's block order is not fixed, and a curation run names its shards afresh: sort by item id first,
         # so that the same items give the same epochs.
-        self.items = sorted(({k: r[k] for k in COLUMNS} for r in rows if not r["error"]),
+        valid = [{k: r[k] for k in COLUMNS} for r in rows if not r["error"]]
+        self.items = sorted((r for r in valid if config.tasks is None or r["task"] in config.tasks),
                             key=lambda r: (r["id"], r["source"], r["row"]))
+        present = sorted({r["task"] for r in valid})
+        if config.tasks is not None and set(config.tasks) - set(present):
+            raise ValueError(f"{config.paths}: data.tasks {sorted(set(config.tasks) - set(present))} match no valid "
+                             f"RLVR item (their tasks: {present})")
         if len(self.items) < prompts_per_step:
-            raise ValueError(f"{config.paths}: {len(self.items)} valid RLVR items, fewer than prompts_per_step "
+            kept = "" if config.tasks is None else f" of the tasks {config.tasks} (of {len(valid)} valid)"
+            raise ValueError(f"{config.paths}: {len(self.items)} valid RLVR items{kept}, fewer than prompts_per_step "
                              f"{prompts_per_step} ({len(self.errors)} bad rows)")
         self.prompts_per_step = prompts_per_step
         self.shuffle = config.shuffle
