@@ -46,6 +46,7 @@ class BenchConfig(BaseModel):
     models: list[BenchModel] = Field(min_length=1)
     out_dir: str  # local or s3://
     load_num_cpus: float = Field(0.5, gt=0)  # per image-decoding task (one per engine batch)
-    # Models benchmarked at once, each its own Ray Data run: their engines start side by side (an engine start is
-    # mostly waiting, ~40 s on CPU). Their engine workers must fit in the cluster together.
+    # Models benchmarked at once, each its own Ray Data run: their engines start side by side. Every run's engines,
+    # request actors AND a decode task must fit in the cluster together, or the runs wait on each other for ever
+    # (the demo's three on 4 logical CPUs did: 3 x (1 + 0.25) left no 0.5 CPU for decoding).
     models_at_once: int = Field(1, gt=0)
