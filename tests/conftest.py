@@ -77,12 +77,11 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def vllm_engine(tiny_model_dir):
-    """One in-process vLLM engine (eager) on the tiny model for the tests that compare with it."""
-    from tests.helpers import skip_without_vllm
+    """One in-process vLLM engine (eager) on the tiny model for the tests that compare with it (each needs vLLM: they
+    are skipped without it before this fixture runs)."""
     from unifer_ray.engines.spec import EngineSpec
     from unifer_ray.engines.vllm_engine import VLLMEngine
 
-    skip_without_vllm()
     engine = VLLMEngine(EngineSpec(engine="vllm", model=str(tiny_model_dir), vllm_kwargs=VLLM_TEST_KWARGS))
     yield engine
     engine.close()

@@ -23,18 +23,6 @@ NO_VLLM = "vLLM is not installed here (no vLLM wheel for this platform, or built
 needs_vllm = pytest.mark.skipif(not vllm_installed(), reason=NO_VLLM)
 
 
-def skip_module_without_vllm() -> None:
-    """For a module whose every test needs vLLM (call it before the module's vLLM imports)."""
-    if not vllm_installed():
-        pytest.skip(NO_VLLM, allow_module_level=True)
-
-
-def skip_without_vllm() -> None:
-    """For a fixture that needs vLLM."""
-    if not vllm_installed():
-        pytest.skip(NO_VLLM)
-
-
 # CPU engines run eager by default (one test keeps the compiled path: test_vllm_engine.py's greedy parity).
 VLLM_TEST_KWARGS = {"max_model_len": 1024}
 

@@ -25,9 +25,11 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.helpers import skip_module_without_vllm
+from tests.helpers import NO_VLLM
 
-skip_module_without_vllm()  # Ray Serve LLM runs vLLM, and ray.serve.llm refuses to import without it
+# A missing vLLM skips the module; an installed one that fails to import fails it.
+# Ray Serve LLM runs vLLM, and ray.serve.llm refuses to import without it.
+pytest.importorskip("vllm", reason=NO_VLLM, exc_type=ModuleNotFoundError)
 
 from unifer_ray.config import ConfigError
 from unifer_ray.data.images import load_image
