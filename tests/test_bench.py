@@ -132,7 +132,27 @@ def test_a_pool_that_takes_every_cpu_is_warned_about(ray_cluster, tiny_model_dir
     assert not warn_if_the_pool_fills_the_cluster(_model(tiny_model_dir, concurrency=3), config)
     with caplog.at_level("WARNING", logger="unifer_ray.bench.runner"):
         assert warn_if_the_pool_fills_the_cluster(_model(tiny_model_dir, concurrency=4), config)
-    assert "4 engine actors x 1 CPUs = 4 of the cluster's 4 CPUs" in caplog.text
+    assert "the engine stage's actors hold 4 of the cluster's 4 CPUs" in caplog.text
+
+
+@needs_vllm
+def test_models_run_side_by_side_only_as_many_as_leave_a_decode_task_room(ray_cluster, tiny_model_dir, tmp_path,
+                                                                         ferbench_files, synthetic_root, caplog):
+    """The session cluster has 4 CPUs. A vLLM engine of 1 CPU holds 1.25 with its request actor: two such runs and a
+    decode task of 0.5 fit (3.0), three do not (4.25: the demo's deadlock); hf actors of 1 CPU: three fit (3.5)."""
+    from unifer_ray.bench.runner import models_side_by_side
+
+    def config(engine: str, at_once: int) -> BenchConfig:
+        models = [BenchModel(name=f"m{i}", engine=EngineSpec(engine=engine, model=str(tiny_model_dir)), concurrency=1,
+                             num_cpus=1) for i in range(3)]
+        return BenchConfig(files=[BenchFile(path=str(ferbench_files[0]), image_root=str(synthetic_root))],
+                           models=models, out_dir=str(tmp_path), models_at_once=at_once)
+
+    with caplog.at_level("INFO", logger="unifer_ray.bench.runner"):
+        assert models_side_by_side(config("vllm", 3)) == 2
+    assert "2 model(s) at once, not models_at_once=3: 3 at once would hold 3.75 of the cluster's 4 CPUs" in caplog.text
+    assert models_side_by_side(config("hf", 3)) == 3
+    assert models_side_by_side(config("vllm", 1)) == 1
 
 
 def test_engines_and_batches_in_flight_are_sized_on_the_cluster(ray_cluster, tiny_model_dir):

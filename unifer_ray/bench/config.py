@@ -48,5 +48,6 @@ class BenchConfig(BaseModel):
     load_num_cpus: float = Field(0.5, gt=0)  # per image-decoding task (one per engine batch)
     # Models benchmarked at once, each its own Ray Data run: their engines start side by side. Every run's engines,
     # request actors AND a decode task must fit in the cluster together, or the runs wait on each other for ever
-    # (the demo's three on 4 logical CPUs did: 3 x (1 + 0.25) left no 0.5 CPU for decoding).
+    # (the demo's three on 4 logical CPUs did: 3 x (1 + 0.25) left no 0.5 CPU for decoding): run_bench runs only as
+    # many at once as fit the cluster's CPUs (runner.models_side_by_side).
     models_at_once: int = Field(1, gt=0)

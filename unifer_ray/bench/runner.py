@@ -19,7 +19,7 @@ from unifer_ray.bench.config import BenchConfig, BenchModel
 from unifer_ray.bench.items import ItemRows, read_items
 from unifer_ray.data.images import load_image_batch
 from unifer_ray.engines import engine_label
-from unifer_ray.engines.batch import add_generation, sized_workers
+from unifer_ray.engines.batch import add_generation, held_cpus
 from unifer_ray.parsing import parsed_columns
 from unifer_ray.ray_utils import progress_of_tasks
 from unifer_ray.records import ErrorRecord, object_array, write_jsonl
@@ -103,20 +103,37 @@ def _latest_by_id(rows: list[dict]) -> tuple[dict[str, dict], dict[str, dict]]:
 
 
 def warn_if_the_pool_fills_the_cluster(model: BenchModel, config: BenchConfig) -> bool:
-    """Warn (and return True) when the engine actors ask for every CPU the cluster has now.
+    """Warn (and return True) when the generation stage's actors ask for every CPU the cluster has now.
 
     The image-loading tasks then get no CPU, and on a cluster that cannot add nodes Ray Data waits forever while
     reporting only backpressure; an autoscaling cluster adds a node instead, so this is a warning, not an error.
     """
     cpus = ray.cluster_resources().get("CPU", 0.0)
-    engines = sized_workers(model, model.engine).concurrency
-    pool = engines * model.num_cpus
-    if pool + config.load_num_cpus <= cpus:
+    held = held_cpus(model, model.engine)
+    if held + config.load_num_cpus <= cpus:
         return False
-    log.warning("%s: %d engine actors x %g CPUs = %g of the cluster's %g CPUs leave less than load_num_cpus=%g for "
-                "image loading; unless the cluster adds nodes the run cannot progress (lower concurrency or num_cpus)",
-                model.name, engines, model.num_cpus, pool, cpus, config.load_num_cpus)
+    log.warning("%s: the engine stage's actors hold %g of the cluster's %g CPUs and leave less than load_num_cpus=%g "
+                "for image loading; unless the cluster adds nodes the run cannot progress (lower concurrency or "
+                "num_cpus)", model.name, held, cpus, config.load_num_cpus)
     return True
+
+
+def models_side_by_side(config: BenchConfig) -> int:
+    """How many models run at once: `models_at_once`, fewer where their stages' actors would not leave a decode
+    task room on the cluster's CPUs now (each run's actors wait for the others' tasks: too many deadlock)."""
+    wanted = min(config.models_at_once, len(config.models))
+    if wanted == 1:
+        return 1
+    cpus = ray.cluster_resources().get("CPU", 0.0)
+    held = sorted((held_cpus(m, m.engine) for m in config.models), reverse=True)  # the largest runs together first
+    fit = 1
+    while fit < wanted and sum(held[: fit + 1]) + config.load_num_cpus <= cpus:
+        fit += 1
+    if fit < wanted:
+        log.info("FERBench: %d model(s) at once, not models_at_once=%d: %d at once would hold %g of the cluster's %g "
+                 "CPUs with no %g left for a decode task", fit, config.models_at_once, fit + 1,
+                 sum(held[: fit + 1]), cpus, config.load_num_cpus)
+    return fit
 
 
 def run_model(model: BenchModel, items: ItemRows, config: BenchConfig) -> ModelRun:
@@ -186,7 +203,7 @@ def run_bench(config: BenchConfig) -> list[ModelRun]:
     items = read_all_items(config)
     for err in items.errors:
         log.warning("bad FERBench item %s row %s: %s", err["source"], err["row"], err["reason"])
-    with ThreadPoolExecutor(config.models_at_once) as pool:  # Ray Data runs each thread's dataset on its own
+    with ThreadPoolExecutor(models_side_by_side(config)) as pool:  # Ray Data runs each thread's dataset on its own
         runs = list(pool.map(lambda m: run_model(m, first_per_dataset(items, m.items_per_dataset), config),
                              config.models))
     storage.write_text(storage.join(config.out_dir, "summary.json"),

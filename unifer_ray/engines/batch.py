@@ -39,6 +39,7 @@ CPU_PROCESSES_PER_VLLM_ENGINE = 2
 # stage would get its server defaults, 128 sequences and 2048 tokens a step.
 CPU_ENGINE_BATCH = {"max_num_seqs": 256, "max_num_batched_tokens": 4096}
 VLLM_ENGINE_MAX_NUM_SEQS = 128  # vLLM's default for an AsyncLLM (GPU engines without max_num_seqs of their own)
+REQUEST_ACTOR_CPUS = 0.25  # a vLLM stage's request actor (one per engine): about 1 ms a row
 # vLLM's CPU build swaps the engine stage's one-process executor ("uni") for a worker process beside the engine core
 # whenever vLLM runs multiprocess, and each of the two spins (sched_yield) while it waits for the other: a third busy
 # process per engine. An AsyncLLM always runs its engine core in a process of its own, whatever this variable says;
@@ -114,6 +115,14 @@ def add_generation(ds: ray.data.Dataset, spec: EngineSpec, sampling: SamplingPar
     )
 
 
+def held_cpus(workers: EngineWorkers, spec: EngineSpec) -> float:
+    """The CPUs a generation stage's actors hold for its whole run (engines, and vLLM's request actors), as sized
+    on the cluster now: what the stages around them (decoding, scoring) and other runs cannot have."""
+    workers = sized_workers(workers, spec)
+    per_engine = workers.num_cpus + (REQUEST_ACTOR_CPUS if resolve_engine(spec) == "vllm" else 0.0)
+    return workers.concurrency * per_engine
+
+
 def gpu_node_options(workers: EngineWorkers) -> dict:
     """GPU engines go to the GPU (rollout) node type; on a labelled cluster Ray Data's default is the cpu nodes."""
     return placement.actor_options("rollout") if workers.num_gpus else {}
@@ -174,7 +183,7 @@ def _vllm_generation(ds: ray.data.Dataset, spec: EngineSpec, sampling: SamplingP
     ds = ds.map_batches(VLLMRequests, fn_constructor_kwargs={"model": spec.model, "revision": spec.revision,
                                                              "sampling": sampling.model_dump()},
                         batch_size=workers.batch_size, compute=ray.data.ActorPoolStrategy(size=workers.concurrency),
-                        num_cpus=0.25)
+                        num_cpus=REQUEST_ACTOR_CPUS)
     ds = processor(ds).map_batches(vllm_outputs, batch_size=None, num_cpus=0.1)
     if sampling.n > 1:
         ds = ds.groupby("id").map_groups(gather_samples, batch_format="numpy", num_cpus=0.1)
