@@ -123,7 +123,7 @@ class Pipeline:
 
     def run(self, stages: StageTable, *, model_prefix: str = "") -> dict:
         """Run the configured stages; returns what the report needs."""
-        from unifer_ray.bench.pipeline import bench_and_score
+        from unifer_ray.bench.job import bench_and_score
         from unifer_ray.curate.cot import curate_cot_set
         from unifer_ray.curate.rlvr import curate_rlvr_set
         from unifer_ray.engines import engine_description
@@ -254,7 +254,7 @@ def write_report(pipeline: Pipeline, stages: StageTable, outcome: dict) -> Path:
 def run_pipeline_file(config_path: str, stages: list[str] | None = None) -> Path:
     """`unifer pipeline` / `jobs/pipeline.py`: the stages of one config file (all of its `pipeline.stages`, or
     those named), on the Ray cluster at RAY_ADDRESS or a local one; returns the report's path."""
-    from unifer_ray.ray_utils import init_ray
+    from unifer_ray.ray_runtime import init_ray
 
     sections = read_yaml(config_path) or {}
     if not isinstance(sections, dict):

@@ -29,7 +29,7 @@ from unifer_ray.engines.hf import HFEngine, chat_text
 from unifer_ray.models.loading import load_model_and_processor
 from unifer_ray.models.model_dir import local_model_dir
 from unifer_ray.parallel import DataParallel, load_reference, load_trainable, prepare_model, seed_everything
-from unifer_ray.ray_utils import THREAD_ENV, free_port
+from unifer_ray.ray_runtime import THREAD_ENV, free_port
 from unifer_ray.rl.checkpoint import readable_dir, writable_dir
 from unifer_ray.rl.config import GRPOConfig, LearnerConfig, RLVRConfig
 from unifer_ray.rl.grpo import aggregate, rollout_mismatch, token_loss, truncated_is_weights
