@@ -13,8 +13,9 @@ import torch
 from unifer_ray.config import ConfigError, load_config, parse_config
 from unifer_ray.engines import Completion
 from unifer_ray.parallel import micro_batches, rank_shares
+from unifer_ray.rl.checkpoint import RunState
 from unifer_ray.rl.config import RewardSpec, RLVRConfig
-from unifer_ray.rl.controller import score
+from unifer_ray.rl.controller import ScoredBatch, score, step_record
 from unifer_ray.rl.grpo import (
     aggregate,
     group_advantages,
@@ -248,6 +249,21 @@ def test_a_steps_record_has_the_accuracy_of_each_task_type():
     assert record["accuracy"] == pytest.approx(3 / 6)
     assert {k: v for k, v in record.items() if k.startswith("accuracy/")} == {
         "accuracy/mc": 0.5, "accuracy/binary": 1.0, "accuracy/untyped": 0.0}
+
+
+def test_a_steps_record_times_and_counts_the_step():
+    rows = [TrainRow(image_uri="/i.png", problem="?", completion_ids=[1] * n, advantage=0.0, weight=1.0)
+            for n in (3, 5)]
+    rollout = Rollout([{}], [[]], [0], [{"error": "bad image"}], generate_s=2.0, wait_s=0.5)
+    stats = {"kl": 0.1, "train_tokens": 8.0, "time_logprob_s": 1.0, "time_train_s": 4.0}
+    record = step_record(RunState(step=3, version=3, epoch=1), rollout, ScoredBatch(rows, {"accuracy": 0.5}, []),
+                         stats, {"sync_s": 0.25}, step_s=7.0, replacements=1, rollout_dtype="float32")
+    assert record == {"step": 3, "epoch": 1, "policy_version": 3, "accuracy": 0.5, "kl": 0.1, "train_tokens": 8.0,
+                      "time/generate_s": 2.0, "time/generate_wait_s": 0.5, "time/logprob_s": 1.0,
+                      "time/train_s": 4.0, "time/sync_s": 0.25, "time/step_s": 7.0, "tokens_per_s/generate": 4.0,
+                      "tokens_per_s/train": 2.0, "rollout_replacements": 1, "prompt_errors": 1,
+                      "rollout_dtype": "float32"}
+    assert "time_train_s" in stats  # the learners' statistics are left as they came
 
 
 # ---------------------------------------------------------------- fillers: every rank runs every collective
