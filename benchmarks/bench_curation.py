@@ -28,7 +28,7 @@ import ray
 from unifer_ray.curate.config import CotSetConfig, OracleTeacherConfig, sources_under
 from unifer_ray.curate.cot import curate_cot_set
 from unifer_ray.data.synthetic import write_synthetic_datasets
-from unifer_ray.ray_utils import init_ray
+from unifer_ray.ray_runtime import init_ray
 
 IMAGES_PER_CLASS_STEP = 30  # the four synthetic datasets have 7 + 8 + 8 + 7 = 30 classes
 

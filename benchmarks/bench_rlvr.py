@@ -34,7 +34,7 @@ from unifer_ray.data.synthetic import write_synthetic_datasets
 from unifer_ray.labels import DATASETS
 from unifer_ray.models.tiny import build_tiny_model
 from unifer_ray.prompts import ferbench_prompt
-from unifer_ray.ray_utils import init_ray
+from unifer_ray.ray_runtime import init_ray
 from unifer_ray.rl.config import RLVRConfig
 from unifer_ray.rl.controller import run_rlvr
 from unifer_ray.runlog import read_run_log

@@ -32,7 +32,7 @@ from unifer_ray.data.synthetic import render_face, sample_params
 from unifer_ray.labels import CANONICAL, DATASETS
 from unifer_ray.models.tiny import build_tiny_model
 from unifer_ray.prompts import ferbench_prompt
-from unifer_ray.ray_utils import free_port
+from unifer_ray.ray_runtime import free_port
 from unifer_ray.serve.config import ServeConfig, load_serve_file
 from unifer_ray.serve.run import DEFAULT_SERVE_CONFIG, with_model
 

@@ -56,7 +56,7 @@ from unifer_ray.engines.vllm_env import vllm_env_applied
 from unifer_ray.labels import DATASETS
 from unifer_ray.models.loading import load_model_and_processor
 from unifer_ray.models.tiny import build_tiny_model
-from unifer_ray.ray_utils import init_ray
+from unifer_ray.ray_runtime import init_ray
 
 CLASSES = 30  # the four synthetic datasets have 7 + 8 + 8 + 7 classes
 IMAGE_TAG = "<|vision_start|><|image_pad|><|vision_end|>"  # the tiny model's image placeholder in the chat text

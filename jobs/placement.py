@@ -16,7 +16,7 @@ import sys
 import ray
 
 from unifer_ray import placement
-from unifer_ray.ray_utils import init_ray
+from unifer_ray.ray_runtime import init_ray
 
 GPUS = {"learner": 1, "rollout": 1, "serve": 1, "cpu": 0}  # what one actor of each role asks for
 

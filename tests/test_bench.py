@@ -104,7 +104,7 @@ def test_bench_on_vllm_keeps_every_item(ray_cluster, tiny_model_dir, synthetic_r
 
 
 def test_bench_all_four_datasets_two_models(ray_cluster, tiny_model_dir, synthetic_root, ferbench_files, tmp_path):
-    from unifer_ray.bench.pipeline import bench_and_score
+    from unifer_ray.bench.job import bench_and_score
 
     files = [BenchFile(path=str(f), image_root=str(synthetic_root), limit=5) for f in ferbench_files]
     glance = _model(tiny_model_dir, "tiny-b").model_copy(update={"items_per_dataset": 2})

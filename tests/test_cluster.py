@@ -242,7 +242,7 @@ def test_the_path_check_accepts_relative_inputs_inside_the_upload():
 def test_the_driver_adds_only_the_thread_variables_a_submitted_job_leaves_out(monkeypatch):
     """Ray refuses a ray.init runtime env that repeats a key of the job's runtime env (docs/cluster.md's submission
     failed so): the job's values win, ours fill the gaps. The submission itself runs in tests/test_cluster_sim.py."""
-    from unifer_ray.ray_utils import HF_ENV, JOB_CONFIG_ENV, THREAD_ENV, driver_runtime_env
+    from unifer_ray.ray_runtime import HF_ENV, JOB_CONFIG_ENV, THREAD_ENV, driver_runtime_env
 
     monkeypatch.delenv(JOB_CONFIG_ENV, raising=False)
     for key in HF_ENV:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ import ray
 from tests.helpers import EngineStandIn, rl_config
 from unifer_ray.config import parse_config
 from unifer_ray.engines import SamplingParams
+from unifer_ray.ray_runtime import free_port
 from unifer_ray.rl.config import RLVRConfig
 from unifer_ray.rl.learner import group_timeout_s
 from unifer_ray.rl.prompts import PromptSource
@@ -64,12 +64,6 @@ def test_the_learners_collectives_outwait_the_controllers_wait_for_an_update(tmp
 
 
 # ---------------------------------------------------------------- a spot rollout node lost, its replacement slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 NODE_PORTS = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",

@@ -1,4 +1,5 @@
-"""GRPO math against hand-computed values, the rewards, and the RLVR configs (no cluster, no model)."""
+"""GRPO math against hand-computed values, the rewards, the learners' filler rows, and the RLVR configs (no cluster,
+no model)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import torch
 
 from unifer_ray.config import ConfigError, load_config, parse_config
 from unifer_ray.engines import Completion
+from unifer_ray.parallel import micro_batches, rank_shares
+from unifer_ray.rl.checkpoint import RunState
 from unifer_ray.rl.config import RewardSpec, RLVRConfig
-from unifer_ray.rl.controller import score
+from unifer_ray.rl.controller import ScoredBatch, score, step_record
 from unifer_ray.rl.grpo import (
     aggregate,
     group_advantages,
@@ -21,6 +24,7 @@ from unifer_ray.rl.grpo import (
     token_loss,
     truncated_is_weights,
 )
+from unifer_ray.rl.learner import TrainRow
 from unifer_ray.rl.rewards import RewardSet, accuracy_reward, format_reward, load_reward
 from unifer_ray.rl.rollout import Rollout
 
@@ -245,6 +249,48 @@ def test_a_steps_record_has_the_accuracy_of_each_task_type():
     assert record["accuracy"] == pytest.approx(3 / 6)
     assert {k: v for k, v in record.items() if k.startswith("accuracy/")} == {
         "accuracy/mc": 0.5, "accuracy/binary": 1.0, "accuracy/untyped": 0.0}
+
+
+def test_a_steps_record_times_and_counts_the_step():
+    rows = [TrainRow(image_uri="/i.png", problem="?", completion_ids=[1] * n, advantage=0.0, weight=1.0)
+            for n in (3, 5)]
+    rollout = Rollout([{}], [[]], [0], [{"error": "bad image"}], generate_s=2.0, wait_s=0.5)
+    stats = {"kl": 0.1, "train_tokens": 8.0, "time_logprob_s": 1.0, "time_train_s": 4.0}
+    record = step_record(RunState(step=3, version=3, epoch=1), rollout, ScoredBatch(rows, {"accuracy": 0.5}, []),
+                         stats, {"sync_s": 0.25}, step_s=7.0, replacements=1, rollout_dtype="float32")
+    assert record == {"step": 3, "epoch": 1, "policy_version": 3, "accuracy": 0.5, "kl": 0.1, "train_tokens": 8.0,
+                      "time/generate_s": 2.0, "time/generate_wait_s": 0.5, "time/logprob_s": 1.0,
+                      "time/train_s": 4.0, "time/sync_s": 0.25, "time/step_s": 7.0, "tokens_per_s/generate": 4.0,
+                      "tokens_per_s/train": 2.0, "rollout_replacements": 1, "prompt_errors": 1,
+                      "rollout_dtype": "float32"}
+    assert "time_train_s" in stats  # the learners' statistics are left as they came
+
+
+# ---------------------------------------------------------------- fillers: every rank runs every collective
+
+
+def train_rows(n: int) -> list[TrainRow]:
+    return [TrainRow(image_uri=f"/{i}.png", problem="?", completion_ids=[i], advantage=1.0, weight=1.0)
+            for i in range(n)]
+
+
+def test_a_rank_short_of_rows_replays_its_first_micro_batch_at_weight_zero():
+    rows = train_rows(3)
+    chunks = micro_batches(rows, 2, 4, TrainRow.filler)
+    assert chunks[:2] == [rows[:2], rows[2:]]
+    assert chunks[2] == chunks[3] == [TrainRow.filler(r) for r in rows[:2]]
+    assert {r.weight for chunk in chunks[2:] for r in chunk} == {0.0}
+    with pytest.raises(ValueError, match="5 rows do not make 1 to 2 micro-batches of 2"):
+        micro_batches(train_rows(5), 2, 2, TrainRow.filler)
+
+
+@pytest.mark.parametrize("n, world", [(7, 3), (6, 3), (2, 4), (1, 1)])
+def test_rank_shares_are_contiguous_and_a_rank_without_rows_gets_a_filler(n, world):
+    rows = train_rows(n)
+    shares = rank_shares(rows, world, TrainRow.filler)
+    expected = [list(share) for share in np.array_split(np.arange(n), world)]  # the first shares a row longer
+    assert [[r.completion_ids[0] for r in share if r.weight] for share in shares] == expected
+    assert all(share == [TrainRow.filler(rows[0])] for share, ids in zip(shares, expected) if not ids)
 
 
 # ---------------------------------------------------------------- configs

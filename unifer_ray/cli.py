@@ -70,9 +70,9 @@ def _build_tiny(args: argparse.Namespace) -> None:
 
 def _bench_run(args: argparse.Namespace) -> None:
     from unifer_ray.bench.config import BenchConfig
-    from unifer_ray.bench.pipeline import bench_and_score
+    from unifer_ray.bench.job import bench_and_score
     from unifer_ray.config import load_config
-    from unifer_ray.ray_utils import init_ray
+    from unifer_ray.ray_runtime import init_ray
 
     config = load_config(args.config, BenchConfig, section=args.section)
     init_ray()
@@ -96,7 +96,7 @@ def _curate(args: argparse.Namespace) -> None:
 
 def _rlvr(args: argparse.Namespace) -> None:
     from unifer_ray.config import load_config
-    from unifer_ray.ray_utils import init_ray
+    from unifer_ray.ray_runtime import init_ray
     from unifer_ray.rl.config import RLVRConfig
     from unifer_ray.rl.controller import run_rlvr
 
@@ -109,7 +109,7 @@ def _rlvr(args: argparse.Namespace) -> None:
 
 def _sft(args: argparse.Namespace) -> None:
     from unifer_ray.config import load_config
-    from unifer_ray.ray_utils import init_ray
+    from unifer_ray.ray_runtime import init_ray
     from unifer_ray.train.config import SFTConfig
     from unifer_ray.train.sft import run_sft
 

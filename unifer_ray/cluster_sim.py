@@ -37,7 +37,7 @@ import yaml
 
 from unifer_ray.engines.processes import RAY_CLUSTER_ENV
 from unifer_ray.placement import ROLE_LABEL
-from unifer_ray.ray_utils import free_port
+from unifer_ray.ray_runtime import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 FAKE_HEAD_NODE_ID = "fffffffffffffffffffffffffffffffffffffffffffffffffff00000"  # the fake provider's head id

@@ -48,7 +48,7 @@ def run_demo(config_path: str | None, out: str) -> Path:
     from unifer_ray.labels import DATASETS
     from unifer_ray.models.tiny import build_tiny_model
     from unifer_ray.pipeline import Pipeline, StageTable, write_report
-    from unifer_ray.ray_utils import init_ray
+    from unifer_ray.ray_runtime import init_ray
 
     print(platform_line(), flush=True)
     path = Path(config_path) if config_path else DEFAULT_CONFIG

@@ -14,7 +14,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -27,6 +27,8 @@ from unifer_ray.optim import OptimizerConfig, build_optimizer
 DEEPSPEED_TAG = "deepspeed"  # DeepSpeed's sub-directory inside a checkpoint
 TORCH_STATE = "torch_state.pt"  # DDP's trainable weights, optimizer and scheduler inside a checkpoint
 RNG_FILE = "rng_rank{rank}.pt"  # each rank's random state inside a checkpoint
+
+Row = TypeVar("Row")
 
 
 class ParallelConfig(BaseModel):
@@ -194,11 +196,31 @@ def load_reference(model_dir: str, settings: ParallelSettings, device: torch.dev
     return engine
 
 
+def rank_shares(rows: list[Row], world_size: int, filler: Callable[[Row], Row]) -> list[list[Row]]:
+    """`rows` in `world_size` contiguous shares, the first ones a row longer where they do not divide evenly; a rank
+    left without rows gets one `filler` row (weight 0), so that it still takes part in every collective."""
+    each, extra = divmod(len(rows), world_size)
+    bounds = [rank * each + min(rank, extra) for rank in range(world_size + 1)]
+    return [rows[start:end] or [filler(rows[0])] for start, end in zip(bounds, bounds[1:])]
+
+
+def micro_batches(rows: list[Row], micro_batch_size: int, grad_accum_steps: int,
+                  filler: Callable[[Row], Row]) -> list[list[Row]]:
+    """A rank's `rows` as the `grad_accum_steps` micro-batches of one step: a rank short of rows replays its first
+    micro-batch as `filler` rows (weight 0), so that every rank runs as many micro-steps and every collective meets."""
+    chunks = [rows[i : i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
+    if not chunks or len(chunks) > grad_accum_steps:
+        raise ValueError(f"{len(rows)} rows do not make 1 to {grad_accum_steps} micro-batches of {micro_batch_size}")
+    return chunks + [[filler(row) for row in chunks[0]]] * (grad_accum_steps - len(chunks))
+
+
 class DataParallel:
     """`micro_step` runs one micro-batch's forward and backward; `step` ends the optimizer step.
 
-    Every rank runs `settings.grad_accum_steps` micro-steps per step (a rank short of rows replays one at weight
-    zero, so that every collective meets). DDP autocasts to bf16 when asked; DeepSpeed holds the model in bf16 itself.
+    Every rank runs `settings.grad_accum_steps` micro-steps per step: a rank short of rows replays some at weight
+    zero (`micro_batches`, `rank_shares`; SFT's loop replays an earlier micro-batch where the collator dropped every
+    row of one), so that every collective meets. DDP autocasts to bf16 when asked; DeepSpeed holds the model in bf16
+    itself.
     """
 
     def __init__(self, model: torch.nn.Module, settings: ParallelSettings):

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -24,6 +25,9 @@ from unifer_ray.curate.config import CotSetConfig, RlvrSetConfig
 from unifer_ray.rl.config import RLVRConfig
 from unifer_ray.stages import STAGES
 from unifer_ray.train.config import SFTConfig
+
+STAGE_TITLES = {"curate_cot": "curate CoT", "curate_rlvr": "curate RLVR", "sft": "SFT (Ray Train)",
+                "rlvr": "RLVR (GRPO)", "bench": "FERBench base vs SFT vs RLVR", "serve": "Serve + one request"}
 
 
 class ServeStage(BaseModel):
@@ -122,71 +126,76 @@ class Pipeline:
         return self.sft.revision if self.sft else self.rlvr.revision if self.rlvr else None
 
     def run(self, stages: StageTable, *, model_prefix: str = "") -> dict:
-        """Run the configured stages; returns what the report needs."""
-        from unifer_ray.bench.pipeline import bench_and_score
+        """Run the configured stages, in pipeline order; returns what the report needs. `model_prefix` goes before
+        each benchmarked model's name."""
+        run = {"curate_cot": self._curate_cot, "curate_rlvr": self._curate_rlvr, "sft": self._sft,
+               "rlvr": self._rlvr, "bench": partial(self._bench, model_prefix), "serve": self._serve}
+        return {stage: stages.run(STAGE_TITLES[stage], run[stage]) for stage in STAGES if stage in self.config.stages}
+
+    # Each stage returns its result and its line of the stage table.
+
+    def _curate_cot(self) -> tuple[dict, dict]:
         from unifer_ray.curate.cot import curate_cot_set
+
+        stats = curate_cot_set(self.cot)
+        return stats, {"note": f"{stats['kept']} CoT traces kept of {stats['generated']} generated",
+                       "engine": teacher_description(self.cot.teacher)}
+
+    def _curate_rlvr(self) -> tuple[dict, dict]:
         from unifer_ray.curate.rlvr import curate_rlvr_set
-        from unifer_ray.engines import engine_description
-        from unifer_ray.engines.platform import NO_WHEEL_HINT, vllm_installed
-        from unifer_ray.rl.controller import run_rlvr
+
+        stats = curate_rlvr_set(self.rlvr_set)
+        excluded = stats["excluded_ferbench"]
+        return stats, {"note": f"{stats['items']} RLVR items, {excluded} FERBench images excluded",
+                       "engine": "none (labels)"}
+
+    def _sft(self) -> tuple[Any, dict]:
         from unifer_ray.train.sft import run_sft
 
+        result = run_sft(self.sft)
+        return result, {"note": f"{result.steps} steps, final loss {result.loss:.4f} -> {result.model_dir}",
+                        "engine": f"torch, {self.sft.strategy}"}
+
+    def _rlvr(self) -> tuple[Any, dict]:
+        from unifer_ray.engines import engine_description
+        from unifer_ray.rl.controller import run_rlvr
+
+        result = run_rlvr(self.rlvr)
+        note = f"{result.steps} steps, policy version {result.policy_version} -> {result.model_dir}"
+        rollouts = self.rlvr.rollout
+        engine = engine_description(rollouts.engine.spec(self.rlvr.model), on_cpu=not rollouts.num_gpus)
+        return result, {"note": note, "engine": f"{engine} rollouts"}
+
+    def _bench(self, model_prefix: str) -> tuple[dict, dict]:
+        from unifer_ray.bench.job import bench_and_score
+        from unifer_ray.engines import engine_description
+
         config = self.config
-        outcome: dict = {}
+        models = self._bench_models(model_prefix)
+        runs, scored = bench_and_score(BenchConfig(files=config.ferbench, models=models, out_dir=config.bench_out_dir,
+                                                   models_at_once=config.models_at_once))
+        metrics = {m.name: scored[m.name] for m in models}  # pipeline order: base, SFT, RLVR
+        last = metrics[models[-1].name]["overall"]
+        note = ", ".join(f"{m.name}: {metrics[m.name]['overall']['accuracy']:.3f}" for m in models)
+        engine = engine_description(config.bench_model.engine, on_cpu=not config.bench_model.num_gpus)
+        summary = {"accuracy": last["accuracy"], "format_rate": last["format_rate"], "note": note, "engine": engine}
+        return {"metrics": metrics, "paired": paired_last_two(runs)}, summary
 
-        def curate_cot():
-            stats = curate_cot_set(self.cot)
-            return stats, {"note": f"{stats['kept']} CoT traces kept of {stats['generated']} generated",
-                           "engine": teacher_description(self.cot.teacher)}
+    def _bench_models(self, model_prefix: str) -> list[BenchModel]:
+        """The pipeline's `bench_model` once per model compared; the base model at its revision and item limit."""
+        base = self.config.bench_model
+        return [base.model_copy(update={
+            "name": f"{model_prefix}{name}", "engine": base.engine.model_copy(
+                update={"model": path, "revision": self.base_revision() if name == "base" else None}),
+            "items_per_dataset": self.config.base_items_per_dataset if name == "base" else base.items_per_dataset})
+            for name, path in self.models().items()]
 
-        def curate_rlvr():
-            stats = curate_rlvr_set(self.rlvr_set)
-            excluded = stats["excluded_ferbench"]
-            return stats, {"note": f"{stats['items']} RLVR items, {excluded} FERBench images excluded",
-                           "engine": "none (labels)"}
+    def _serve(self) -> tuple[dict | None, dict]:
+        from unifer_ray.engines.platform import NO_WHEEL_HINT, vllm_installed
 
-        def sft():
-            result = run_sft(self.sft)
-            return result, {"note": f"{result.steps} steps, final loss {result.loss:.4f} -> {result.model_dir}",
-                            "engine": f"torch, {self.sft.strategy}"}
-
-        def rlvr():
-            result = run_rlvr(self.rlvr)
-            note = f"{result.steps} steps, policy version {result.policy_version} -> {result.model_dir}"
-            rollouts = self.rlvr.rollout
-            engine = engine_description(rollouts.engine.spec(self.rlvr.model), on_cpu=not rollouts.num_gpus)
-            return result, {"note": note, "engine": f"{engine} rollouts"}
-
-        def bench():
-            base = config.bench_model
-            models = [base.model_copy(update={
-                "name": f"{model_prefix}{name}", "engine": base.engine.model_copy(
-                    update={"model": path, "revision": self.base_revision() if name == "base" else None}),
-                "items_per_dataset": config.base_items_per_dataset if name == "base" else base.items_per_dataset})
-                for name, path in self.models().items()]
-            runs, scored = bench_and_score(BenchConfig(files=config.ferbench, models=models,
-                                                       out_dir=config.bench_out_dir,
-                                                       models_at_once=config.models_at_once))
-            metrics = {m.name: scored[m.name] for m in models}  # pipeline order: base, SFT, RLVR
-            last = metrics[models[-1].name]["overall"]
-            note = ", ".join(f"{m.name}: {metrics[m.name]['overall']['accuracy']:.3f}" for m in models)
-            engine = engine_description(base.engine, on_cpu=not base.num_gpus)
-            summary = {"accuracy": last["accuracy"], "format_rate": last["format_rate"], "note": note, "engine": engine}
-            return {"metrics": metrics, "paired": paired_last_two(runs)}, summary
-
-        def serve():
-            if not vllm_installed():
-                return None, {"note": f"skipped: Ray Serve LLM runs vLLM. {NO_WHEEL_HINT}", "engine": "-"}
-            return serve_final_model(self.models()[list(self.models())[-1]], config.ferbench[0], config.serve)
-
-        steps = {"curate_cot": ("curate CoT", curate_cot), "curate_rlvr": ("curate RLVR", curate_rlvr),
-                 "sft": ("SFT (Ray Train)", sft), "rlvr": ("RLVR (GRPO)", rlvr),
-                 "bench": ("FERBench base vs SFT vs RLVR", bench), "serve": ("Serve + one request", serve)}
-        for stage in STAGES:
-            if stage in config.stages:
-                title, fn = steps[stage]
-                outcome[stage] = stages.run(title, fn)
-        return outcome
+        if not vllm_installed():
+            return None, {"note": f"skipped: Ray Serve LLM runs vLLM. {NO_WHEEL_HINT}", "engine": "-"}
+        return serve_final_model(self.models()[list(self.models())[-1]], self.config.ferbench[0], self.config.serve)
 
 
 def paired_last_two(runs: list) -> dict | None:
@@ -254,7 +263,7 @@ def write_report(pipeline: Pipeline, stages: StageTable, outcome: dict) -> Path:
 def run_pipeline_file(config_path: str, stages: list[str] | None = None) -> Path:
     """`unifer pipeline` / `jobs/pipeline.py`: the stages of one config file (all of its `pipeline.stages`, or
     those named), on the Ray cluster at RAY_ADDRESS or a local one; returns the report's path."""
-    from unifer_ray.ray_utils import init_ray
+    from unifer_ray.ray_runtime import init_ray
 
     sections = read_yaml(config_path) or {}
     if not isinstance(sections, dict):

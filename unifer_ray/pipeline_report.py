@@ -11,18 +11,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from unifer_ray.bench.report import accuracy_table
-from unifer_ray.runlog import read_run_log
+from unifer_ray.runlog import last_per_step, read_run_log
 
 SFT_PLOT = "sft_loss.png"
 RLVR_PLOT = "rlvr_rewards.png"
 BENCH_PLOT = "ferbench_accuracy.png"
 MOVING_WINDOW = 10  # steps in the RLVR curves' moving averages
-
-
-def last_per_step(records: list[dict]) -> list[dict]:
-    """A resumed run logs the steps after its last checkpoint again; the last record of each step counts."""
-    by_step = {r["step"]: r for r in records}
-    return [by_step[s] for s in sorted(by_step)]
 
 
 def _save(fig: Figure, path: Path) -> None:

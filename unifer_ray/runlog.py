@@ -48,3 +48,9 @@ class RunLog:
 
 def read_run_log(log_dir: str | Path, name: str = METRICS_FILE) -> list[dict]:
     return read_log(Path(log_dir) / name)
+
+
+def last_per_step(records: list[dict]) -> list[dict]:
+    """The step records of a run log in step order, one per step: the last, which counts after a resume."""
+    by_step = {r["step"]: r for r in records}
+    return [by_step[s] for s in sorted(by_step)]

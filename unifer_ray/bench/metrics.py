@@ -57,6 +57,22 @@ def model_name_from_path(path: str) -> str:
 
 def _normalise_row(raw: object, *, source: str, row: int, model_name: str | None) -> dict:
     """One result row (ours or the reference format) in our columns; raises ValueError saying what is wrong."""
+    reference, candidates, response = _checked_fields(raw)
+    dataset, model = _dataset_and_model(raw, candidates, reference, source=source, model_name=model_name)
+    error = raw.get("error") or ""
+    if error is True:  # the reference scripts flag a failure with True and write the message as the response
+        error = response or "error"
+    row_id = raw.get("id") or (f"{dataset}:{raw['image_path']}" if raw.get("image_path") else f"{source}#{row}")
+    parsed = parsed_columns(response, candidates, dataset) if reference else {k: raw[k] for k in PARSED_COLUMNS}
+    return {
+        "id": str(row_id), "model": model, "dataset": dataset, "true_label": raw["true_label"],
+        "candidate_labels": list(candidates), "response": response or "", "error": str(error),
+        "source": source, "row": row,
+    } | parsed
+
+
+def _checked_fields(raw: object) -> tuple[bool, list[str], str | None]:
+    """Whether `raw` is a reference row, its candidate labels and its response, once its fields are checked."""
     if isinstance(raw, json.JSONDecodeError):
         raise ValueError(f"malformed JSON: {raw}")
     if not isinstance(raw, dict):
@@ -74,28 +90,24 @@ def _normalise_row(raw: object, *, source: str, row: int, model_name: str | None
     response = raw["model_response" if reference else "response"]
     if response is not None and not isinstance(response, str):
         raise ValueError(f"the response must be a string, got {type(response).__name__}")
+    return reference, candidates, response
 
+
+def _dataset_and_model(raw: dict, candidates: list[str], reference: bool, *, source: str,
+                       model_name: str | None) -> tuple[str, str]:
+    """A reference row's dataset comes from its candidates, its model from `model_name` or the file name; ours
+    carry both (`model_name` wins)."""
     if reference:
         dataset = dataset_of(candidates)
         if dataset is None:
             raise ValueError(f"candidate_labels {candidates} match no FERBench dataset")
-        model = model_name or model_name_from_path(source)
-    else:
-        dataset, model = raw["dataset"], model_name or raw.get("model")
-        if not isinstance(dataset, str) or not dataset or dataset == OVERALL:
-            raise ValueError(f"field 'dataset' must be a non-empty string other than {OVERALL!r}, got {dataset!r}")
-        if not isinstance(model, str) or not model:
-            raise ValueError("field 'model' is missing or empty, and no model name was given for this file")
-    error = raw.get("error") or ""
-    if error is True:  # the reference scripts flag a failure with True and write the message as the response
-        error = response or "error"
-    row_id = raw.get("id") or (f"{dataset}:{raw['image_path']}" if raw.get("image_path") else f"{source}#{row}")
-    parsed = parsed_columns(response, candidates, dataset) if reference else {k: raw[k] for k in PARSED_COLUMNS}
-    return {
-        "id": str(row_id), "model": model, "dataset": dataset, "true_label": raw["true_label"],
-        "candidate_labels": list(candidates), "response": response or "", "error": str(error),
-        "source": source, "row": row,
-    } | parsed
+        return dataset, model_name or model_name_from_path(source)
+    dataset, model = raw["dataset"], model_name or raw.get("model")
+    if not isinstance(dataset, str) or not dataset or dataset == OVERALL:
+        raise ValueError(f"field 'dataset' must be a non-empty string other than {OVERALL!r}, got {dataset!r}")
+    if not isinstance(model, str) or not model:
+        raise ValueError("field 'model' is missing or empty, and no model name was given for this file")
+    return dataset, model
 
 
 def _result_files(path: str) -> list[str]:

@@ -21,7 +21,7 @@ from unifer_ray.data.images import load_image_batch
 from unifer_ray.engines import engine_label
 from unifer_ray.engines.batch import add_generation, held_cpus
 from unifer_ray.parsing import parsed_columns
-from unifer_ray.ray_utils import progress_of_tasks
+from unifer_ray.ray_runtime import progress_of_tasks
 from unifer_ray.records import ErrorRecord, object_array, write_jsonl
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from ray.data.expressions import col
 from ray.util.queue import Queue
 
 from unifer_ray import storage
-from unifer_ray.ray_utils import progress_of_tasks
+from unifer_ray.ray_runtime import progress_of_tasks
 from unifer_ray.records import ErrorRecord, jsonl_text, object_array, write_jsonl
 
 log = logging.getLogger(__name__)

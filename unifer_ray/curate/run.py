@@ -15,7 +15,7 @@ SECTIONS = {"cot": "curate_cot", "rlvr": "curate_rlvr"}  # a config file's secti
 def curate_from_file(what: str, config_path: str, section: str | None = None) -> dict:
     """Load the `curate_cot:` / `curate_rlvr:` section (or `section`) of `config_path`, join or start Ray, run
     the pipeline and return its stats."""
-    from unifer_ray.ray_utils import init_ray
+    from unifer_ray.ray_runtime import init_ray
 
     config_cls, run = lookup(PIPELINES, what, "curation pipeline")
     config = load_config(config_path, config_cls, section=section or SECTIONS[what])

@@ -26,7 +26,7 @@ from unifer_ray.rl.grpo import group_advantages, sequence_weights
 from unifer_ray.rl.learner import LearnerGroup, TrainRow
 from unifer_ray.rl.prompts import PromptSource
 from unifer_ray.rl.rewards import RewardSet, accuracy_reward, format_reward
-from unifer_ray.rl.rollout import Rollout, RolloutGroup
+from unifer_ray.rl.rollout import PendingRollout, Rollout, RolloutGroup
 from unifer_ray.rl.weight_sync import WeightSync
 from unifer_ray.runlog import METRICS_FILE, RunLog
 
@@ -147,6 +147,30 @@ def run_rlvr(config: RLVRConfig, *, resume: bool = False) -> RLVRResult:
                       metrics_path=storage.join(config.metrics_dir, METRICS_FILE))
 
 
+def submit_batch(config: RLVRConfig, prompts: PromptSource, rollouts: RolloutGroup, sampling: SamplingParams,
+                 step: int) -> PendingRollout:
+    """Ask the rollouts for step `step`'s batch (0-based), seeded by the step; `rollouts.collect` returns it."""
+    return rollouts.submit(prompts.batch(step), sampling, rollout_seed(config.seed, step, config.batch_size))
+
+
+def step_record(state: RunState, rollout: Rollout, batch: ScoredBatch, stats: dict, timings: dict, *, step_s: float,
+                replacements: int, rollout_dtype: str) -> dict:
+    """A step's line in metrics.jsonl: where the run is, the samples' metrics, the learners' statistics (`stats`,
+    LearnerGroup.train), timings and throughput."""
+    stats = dict(stats)
+    logprob_s, train_s = stats.pop("time_logprob_s"), stats.pop("time_train_s")
+    generated = sum(len(r.completion_ids) for r in batch.rows)
+    return {
+        "step": state.step, "epoch": state.epoch, "policy_version": state.version, **batch.record, **stats,
+        "time/generate_s": rollout.generate_s, "time/generate_wait_s": rollout.wait_s,
+        "time/logprob_s": logprob_s, "time/train_s": train_s, **{f"time/{k}": v for k, v in timings.items()},
+        "time/step_s": step_s,
+        "tokens_per_s/generate": generated / rollout.generate_s if rollout.generate_s else 0.0,
+        "tokens_per_s/train": stats["train_tokens"] / train_s if train_s else 0.0,
+        "rollout_replacements": replacements, "prompt_errors": len(rollout.errors), "rollout_dtype": rollout_dtype,
+    }
+
+
 def run_steps(config: RLVRConfig, state: RunState, prompts: PromptSource, rewards: RewardSet, learners: LearnerGroup,
           rollouts: RolloutGroup, sync: WeightSync, run_log: RunLog) -> None:
     """The loop: generate → score → train → sync → log → checkpoint, from `state.step` to config.steps."""
@@ -159,13 +183,12 @@ def run_steps(config: RLVRConfig, state: RunState, prompts: PromptSource, reward
         step_started = time.perf_counter()
         replacements = rollouts.replacements
         if pending is None:
-            pending = rollouts.submit(prompts.batch(step), sampling, rollout_seed(config.seed, step, config.batch_size))
+            pending = submit_batch(config, prompts, rollouts, sampling, step)
         rollout = rollouts.collect(pending)
         pending = None
         if config.mode == "one_step_off" and step + 1 < config.steps:
             # Generation of the next batch overlaps this step's training, with the weights the workers hold.
-            pending = rollouts.submit(prompts.batch(step + 1), sampling,
-                                      rollout_seed(config.seed, step + 1, config.batch_size))
+            pending = submit_batch(config, prompts, rollouts, sampling, step + 1)
         run_log.errors(rollout.errors)
         if not rollout.items:
             raise RuntimeError(f"step {step + 1}: no prompt of the batch could be used; see errors.jsonl")
@@ -177,19 +200,8 @@ def run_steps(config: RLVRConfig, state: RunState, prompts: PromptSource, reward
         state.step = step + 1
         state.epoch, state.index = prompts.position(state.step)
 
-        step_s = time.perf_counter() - step_started
-        logprob_s, train_s = stats.pop("time_logprob_s"), stats.pop("time_train_s")
-        generated = sum(len(r.completion_ids) for r in batch.rows)
-        record = {
-            "step": state.step, "epoch": state.epoch, "policy_version": state.version, **batch.record, **stats,
-            "time/generate_s": rollout.generate_s, "time/generate_wait_s": rollout.wait_s,
-            "time/logprob_s": logprob_s, "time/train_s": train_s, **{f"time/{k}": v for k, v in timings.items()},
-            "time/step_s": step_s,
-            "tokens_per_s/generate": generated / rollout.generate_s if rollout.generate_s else 0.0,
-            "tokens_per_s/train": stats["train_tokens"] / train_s if train_s else 0.0,
-            "rollout_replacements": rollouts.replacements - replacements, "prompt_errors": len(rollout.errors),
-            "rollout_dtype": rollouts.dtype,
-        }
+        record = step_record(state, rollout, batch, stats, timings, step_s=time.perf_counter() - step_started,
+                             replacements=rollouts.replacements - replacements, rollout_dtype=rollouts.dtype)
         run_log.step(record)
         if config.sample_log_every and state.step % config.sample_log_every == 0:
             run_log.samples(batch.samples)

@@ -13,6 +13,7 @@ import time
 import uuid
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -28,11 +29,19 @@ from unifer_ray.engines.base import ChatRequest, SamplingParams
 from unifer_ray.engines.hf import HFEngine, chat_text
 from unifer_ray.models.loading import load_model_and_processor
 from unifer_ray.models.model_dir import local_model_dir
-from unifer_ray.parallel import DataParallel, load_reference, load_trainable, prepare_model, seed_everything
-from unifer_ray.ray_utils import THREAD_ENV, free_port
+from unifer_ray.parallel import (
+    DataParallel,
+    load_reference,
+    load_trainable,
+    micro_batches,
+    prepare_model,
+    rank_shares,
+    seed_everything,
+)
+from unifer_ray.ray_runtime import THREAD_ENV, free_port
 from unifer_ray.rl.checkpoint import readable_dir, writable_dir
 from unifer_ray.rl.config import GRPOConfig, LearnerConfig, RLVRConfig
-from unifer_ray.rl.grpo import aggregate, rollout_mismatch, token_loss, truncated_is_weights
+from unifer_ray.rl.grpo import TokenLoss, aggregate, rollout_mismatch, token_loss, truncated_is_weights
 from unifer_ray.rl.logprobs import token_logprobs
 from unifer_ray.rl.transfer_names import file_format
 
@@ -120,6 +129,37 @@ def completion_logprobs(model: Any, batch: PolicyBatch, temperature: float, *,
     return token_logprobs(outputs.logits[:, :-1], batch.completion_ids, temperature, with_entropy=with_entropy)
 
 
+def micro_batch_loss(model: Any, *, batch: PolicyBatch, grpo: GRPOConfig, old_logprobs: torch.Tensor | None,
+                     ref_logprobs: torch.Tensor | None) -> tuple[torch.Tensor, tuple]:
+    """One micro-batch's share of the GRPO batch loss under `model` (DataParallel.micro_step's `loss_fn`); and what
+    its statistics need: π_old's log-probabilities (π's own, detached, when `old_logprobs` is None), the entropy and
+    the loss terms."""
+    logprobs, entropy = completion_logprobs(model, batch, grpo.temperature, with_entropy=True)
+    old = old_logprobs if old_logprobs is not None else logprobs.detach()
+    is_weights = None
+    if grpo.rollout_is_cap is not None and batch.rollout_logprobs is not None:
+        is_weights = truncated_is_weights(old, batch.rollout_logprobs, grpo.rollout_is_cap)
+    terms = token_loss(logprobs, old, ref_logprobs, batch.advantages, clip_low=grpo.clip_eps,
+                       clip_high=grpo.clip_high, beta=grpo.beta, is_weights=is_weights)
+    return aggregate(terms.loss, batch.mask, batch.weights), (old, entropy, terms)
+
+
+def add_sums(sums: dict[str, float], batch: PolicyBatch, old: torch.Tensor, entropy: torch.Tensor, terms: TokenLoss, *,
+             is_cap: float | None, mismatch: bool) -> None:
+    """Add a micro-batch's statistics to `sums` (SUMS), over its real tokens only; with `mismatch` (a step's first
+    update), also the rollout-vs-learner gap."""
+    real = batch.mask * (batch.weights > 0).float().unsqueeze(1)  # fillers count in no statistic
+    sums["tokens"] += float(real.sum())
+    sums["kl"] += float((terms.kl.detach() * real).sum())
+    sums["entropy"] += float((entropy * real).sum())
+    sums["clipped"] += float((terms.clipped.float() * real).sum())
+    sums["loss"] += float(aggregate(terms.loss.detach(), batch.mask, batch.weights))
+    if mismatch and batch.rollout_logprobs is not None:
+        for key, value in rollout_mismatch(old, batch.rollout_logprobs, real, is_cap).items():
+            sums[key] += value
+        sums["gap_tokens"] += float(real.sum())
+
+
 def group_timeout_s(config: RLVRConfig) -> float:
     """How long a learner may wait in a collective of its group (torch's default: 10 minutes for NCCL).
 
@@ -185,22 +225,13 @@ class LearnerWorker:
 
         Returns this rank's sums (SUMS) and timings; rows of weight 0 are fillers and count in no statistic.
         """
-        grpo, mb = self.grpo, self.config.micro_batch_size
-        chunks = [rows[i : i + mb] for i in range(0, len(rows), mb)]
-        if len(chunks) > self.grad_accum_steps:
-            raise ValueError(f"rank {self.rank}: {len(rows)} rows exceed {self.grad_accum_steps} micro-batches of {mb}")
-        chunks += [[r.filler() for r in chunks[0]]] * (self.grad_accum_steps - len(chunks))
+        grpo = self.grpo
+        chunks = micro_batches(rows, self.config.micro_batch_size, self.grad_accum_steps, TrainRow.filler)
         batches = [policy_batch(self.processor, chunk, image_size=self.image_size, device=self.device)
                    for chunk in chunks]
 
         started = time.perf_counter()
-        ref_logprobs = [None] * len(batches)
-        old_logprobs = [None] * len(batches)
-        with torch.no_grad():
-            if self.reference is not None:
-                ref_logprobs = [completion_logprobs(self.reference, b, grpo.temperature)[0] for b in batches]
-            if grpo.updates_per_batch > 1:  # with one update π_old is π itself (ratio 1, gradient unchanged)
-                old_logprobs = [completion_logprobs(self.parallel.model, b, grpo.temperature)[0] for b in batches]
+        ref_logprobs, old_logprobs = self._fixed_logprobs(batches)
         logprob_s = time.perf_counter() - started
 
         sums = dict.fromkeys(SUMS, 0.0)
@@ -208,30 +239,26 @@ class LearnerWorker:
         started = time.perf_counter()
         for update in range(grpo.updates_per_batch):
             for j, batch in enumerate(batches):
-                def loss_fn(model, batch=batch, j=j):
-                    logprobs, entropy = completion_logprobs(model, batch, grpo.temperature, with_entropy=True)
-                    old = old_logprobs[j] if old_logprobs[j] is not None else logprobs.detach()
-                    is_weights = None
-                    if grpo.rollout_is_cap is not None and batch.rollout_logprobs is not None:
-                        is_weights = truncated_is_weights(old, batch.rollout_logprobs, grpo.rollout_is_cap)
-                    terms = token_loss(logprobs, old, ref_logprobs[j], batch.advantages, clip_low=grpo.clip_eps,
-                                       clip_high=grpo.clip_high, beta=grpo.beta, is_weights=is_weights)
-                    return aggregate(terms.loss, batch.mask, batch.weights), (old, entropy, terms)
-
+                loss_fn = partial(micro_batch_loss, batch=batch, grpo=grpo, old_logprobs=old_logprobs[j],
+                                  ref_logprobs=ref_logprobs[j])
                 old, entropy, terms = self.parallel.micro_step(loss_fn, last=j == len(batches) - 1)
-                real = batch.mask * (batch.weights > 0).float().unsqueeze(1)  # fillers count in no statistic
-                sums["tokens"] += float(real.sum())
-                sums["kl"] += float((terms.kl.detach() * real).sum())
-                sums["entropy"] += float((entropy * real).sum())
-                sums["clipped"] += float((terms.clipped.float() * real).sum())
-                sums["loss"] += float(aggregate(terms.loss.detach(), batch.mask, batch.weights))
-                if update == 0 and batch.rollout_logprobs is not None:
-                    for key, value in rollout_mismatch(old, batch.rollout_logprobs, real, grpo.rollout_is_cap).items():
-                        sums[key] += value
-                    sums["gap_tokens"] += float(real.sum())
+                add_sums(sums, batch, old, entropy, terms, is_cap=grpo.rollout_is_cap, mismatch=update == 0)
             grad_norms.append(self.parallel.step())
         return {"sums": sums, "grad_norm": float(np.mean(grad_norms)), "lr": self.parallel.lr(),
                 "logprob_s": logprob_s, "train_s": time.perf_counter() - started}
+
+    def _fixed_logprobs(self, batches: list[PolicyBatch]) -> tuple[list, list]:
+        """Per micro-batch, the reference's and π_old's log-probabilities, which the updates keep fixed (None where
+        not needed)."""
+        grpo = self.grpo
+        ref_logprobs = [None] * len(batches)
+        old_logprobs = [None] * len(batches)
+        with torch.no_grad():
+            if self.reference is not None:
+                ref_logprobs = [completion_logprobs(self.reference, b, grpo.temperature)[0] for b in batches]
+            if grpo.updates_per_batch > 1:  # with one update π_old is π itself (ratio 1, gradient unchanged)
+                old_logprobs = [completion_logprobs(self.parallel.model, b, grpo.temperature)[0] for b in batches]
+        return ref_logprobs, old_logprobs
 
     def trainable_state(self, file_names: bool = False) -> dict[str, torch.Tensor] | None:
         """The trainable weights (rank 0; None elsewhere). Every rank is called: ZeRO-3 gathers collectively.
@@ -386,8 +413,7 @@ class LearnerGroup:
 
     def train(self, rows: list[TrainRow]) -> dict:
         """One GRPO step on the batch `rows` (each rank takes a contiguous share); the group's statistics."""
-        shares = [list(share) for share in np.array_split(np.asarray(rows, dtype=object), self.world_size)]
-        shares = [share or [rows[0].filler()] for share in shares]  # fewer rows than ranks
+        shares = rank_shares(rows, self.world_size, TrainRow.filler)
         results = ray.get([w.train.remote(share) for w, share in zip(self.workers, shares)])
         sums = {k: sum(r["sums"][k] for r in results) for k in SUMS}
         tokens = max(sums["tokens"], 1.0)  # summed over the updates, like the other token sums

@@ -28,7 +28,7 @@ from unifer_ray.engines import ChatRequest, Completion, EngineSpec, SamplingPara
 from unifer_ray.engines.hf import HFEngine, chat_text
 from unifer_ray.engines.processes import end_on_node, engine_pids
 from unifer_ray.engines.vllm_env import vllm_env
-from unifer_ray.ray_utils import THREAD_ENV
+from unifer_ray.ray_runtime import THREAD_ENV
 from unifer_ray.records import ErrorRecord
 from unifer_ray.rl.config import RolloutConfig
 from unifer_ray.rl.transfer_names import SHM_BACKEND, TRANSFER_REGISTRAR

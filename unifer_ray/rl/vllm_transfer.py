@@ -32,7 +32,7 @@ from vllm.distributed.weight_transfer.base import (
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
 
-from unifer_ray.ray_utils import get_all
+from unifer_ray.ray_runtime import get_all
 from unifer_ray.rl.transfer_names import SHM_BACKEND, file_format
 
 

@@ -20,7 +20,7 @@ from abc import ABC, abstractmethod
 
 import ray
 
-from unifer_ray.ray_utils import get_all
+from unifer_ray.ray_runtime import get_all
 from unifer_ray.rl.config import SyncConfig
 from unifer_ray.rl.learner import LearnerGroup
 from unifer_ray.rl.rollout import RolloutGroup

@@ -13,7 +13,7 @@ from PIL import Image
 from unifer_ray.config import packaged_config
 from unifer_ray.data.images import model_input
 from unifer_ray.labels import CANONICAL
-from unifer_ray.ray_utils import free_port, init_ray
+from unifer_ray.ray_runtime import free_port, init_ray
 from unifer_ray.serve.config import ServeConfig, load_serve_file
 
 DEFAULT_SERVE_CONFIG = packaged_config("serve.yaml")

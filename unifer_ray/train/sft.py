@@ -24,7 +24,7 @@ from ray.train.torch import TorchTrainer
 from unifer_ray import placement, storage
 from unifer_ray.data.training_sets import read_cot
 from unifer_ray.progress import Progress, polling
-from unifer_ray.ray_utils import THREAD_ENV
+from unifer_ray.ray_runtime import THREAD_ENV
 from unifer_ray.runlog import ERRORS_FILE, METRICS_FILE, RunLog, read_run_log
 from unifer_ray.train.config import SFTConfig
 from unifer_ray.train.loop import COLUMNS, MODEL_DIR, StepPlan, train_loop_per_worker

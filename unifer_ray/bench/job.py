@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import logging
-
 from unifer_ray import storage
 from unifer_ray.bench.config import BenchConfig
 from unifer_ray.bench.report import leaderboard_text, score_files
 from unifer_ray.bench.runner import ModelRun, run_bench
-
-log = logging.getLogger(__name__)
 
 
 def bench_and_score(config: BenchConfig, mode: str = "strict") -> tuple[list[ModelRun], dict]:

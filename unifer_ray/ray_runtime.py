@@ -1,4 +1,5 @@
-"""Joining or starting a Ray cluster the same way from the CLI, jobs and the demo."""
+"""Ray at run time: joining or starting a cluster the same way from the CLI, jobs and the demo (its runtime env and
+thread settings), free ports, waiting on calls, and the progress of Ray tasks."""
 
 from __future__ import annotations
 
