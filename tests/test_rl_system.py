@@ -113,8 +113,10 @@ class RLActors:
 def vllm_actors(ray_cluster, tmp_path_factory, tiny_model_dir, synthetic_root):
     """One set of vLLM actors for the module's tests, in order: pushes, then a worker killed and hung (an engine
     start costs tens of seconds here)."""
+    # Engines in processes of their own, as on GPUs (CPU engines run inside their actor): the kill and hang tests
+    # check that those processes end with their actor.
     config = push_test_config(tmp_path_factory.mktemp("vllm_actors"), tiny_model_dir, synthetic_root,
-                              {"engine": "vllm", "vllm_kwargs": VLLM})
+                              {"engine": "vllm", "vllm_kwargs": VLLM, "one_process": False})
     actors = RLActors(config, tiny_model_dir)
     yield actors
     actors.shutdown()
@@ -288,7 +290,9 @@ def stopped_run(ray_cluster, tmp_path_factory, tiny_model_dir, synthetic_root):
     """A 4-step run whose rollout actor is killed during step 1 and which stops during step 4."""
     tmp = tmp_path_factory.mktemp("rlvr_stop")
     config = rl_config(tmp, tiny_model_dir, synthetic_root, steps=4, checkpoint_every=2,
-                       rollout={"sync_timeout_s": SYNC_TIMEOUT_S},
+                       # the kill freezes the engine's own processes first (as on GPUs; see vllm_actors)
+                       rollout={"sync_timeout_s": SYNC_TIMEOUT_S,
+                                "engine": {"engine": "auto", "vllm_kwargs": VLLM, "one_process": False}},
                        rewards=[{"name": "accuracy"}, {"name": "format"},
                                 {"name": "length", "function": f"{__name__}:length_reward"},
                                 {"name": "chaos", "function": f"{__name__}:chaos", "weight": 0.0}])

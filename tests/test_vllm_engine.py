@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -44,6 +45,17 @@ def test_auto_is_vllm_where_it_is_installed(tiny_model_dir):
     assert resolve_engine(spec) == "vllm"
     assert engine_label(spec) == "vllm 0.29.0"
     assert engine_label(spec.model_copy(update={"engine": "hf"})) == "hf"
+
+
+def test_a_cpu_engine_runs_in_its_owners_process_and_leaves_its_environment_as_it_was(vllm_engine):
+    """One rank on CPUs: no engine core or worker process beside this one (nothing to start, nothing to outlive its
+    owner), and the switch that made it so is gone again (the compiled engine of this module starts after it)."""
+    from unifer_ray.engines.processes import engine_pids
+    from unifer_ray.engines.vllm_env import ONE_PROCESS_ENV
+
+    assert vllm_engine.generate([ChatRequest([{"role": "user", "content": "hi"}])], SamplingParams(max_new_tokens=2))
+    assert engine_pids() == []
+    assert all(key not in os.environ for key in ONE_PROCESS_ENV)
 
 
 def test_greedy_parity_with_the_reference_engine(compiled_engine, hf_engine, ferbench_requests):

@@ -40,11 +40,6 @@ CPU_PROCESSES_PER_VLLM_ENGINE = 2
 CPU_ENGINE_BATCH = {"max_num_seqs": 256, "max_num_batched_tokens": 4096}
 VLLM_ENGINE_MAX_NUM_SEQS = 128  # vLLM's default for an AsyncLLM (GPU engines without max_num_seqs of their own)
 REQUEST_ACTOR_CPUS = 0.25  # a vLLM stage's request actor (one per engine): about 1 ms a row
-# vLLM's CPU build swaps the engine stage's one-process executor ("uni") for a worker process beside the engine core
-# whenever vLLM runs multiprocess, and each of the two spins (sched_yield) while it waits for the other: a third busy
-# process per engine. An AsyncLLM always runs its engine core in a process of its own, whatever this variable says;
-# off, it only keeps the model in that engine core process.
-CPU_ENGINE_STAGE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
 # Columns that the vLLM engine stage adds to each row; none of them leaves our output stage.
 VLLM_OUTPUT_COLUMNS = ("prompt_token_ids", "num_input_tokens", "generated_tokens", "generated_text",
@@ -146,11 +141,11 @@ def vllm_processor_config(spec: EngineSpec, workers: EngineWorkers, *, seeded: b
     """`ray.data.llm`'s processor config for a spec: the engine stage alone, one placement bundle per engine worker."""
     from ray.data.llm import vLLMEngineProcessorConfig
 
-    from unifer_ray.engines.vllm_env import vllm_env
+    from unifer_ray.engines.vllm_env import ONE_PROCESS_ENV, vllm_env
 
     engine_kwargs = vllm_engine_kwargs(spec, workers, seeded=seeded)
     one_rank = engine_kwargs.get("tensor_parallel_size", 1) * engine_kwargs.get("pipeline_parallel_size", 1) == 1
-    env = vllm_env() | (CPU_ENGINE_STAGE_ENV if one_rank and not workers.num_gpus else {})
+    env = vllm_env() | (ONE_PROCESS_ENV if one_rank and not workers.num_gpus else {})
     return vLLMEngineProcessorConfig(
         model_source=spec.model,
         engine_kwargs=engine_kwargs,

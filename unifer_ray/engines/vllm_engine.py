@@ -1,7 +1,10 @@
 """Generation with vLLM 0.29 in this process: the CPU build here, the GPU build that Ray's LLM stack pins on clusters.
 
 FERBench and curation batches do not come through here: they run vLLM inside `ray.data.llm`'s engine stage
-(`engines/batch.py`). This class serves the callers that hold an engine themselves (RL rollout actors, tests).
+(`engines/batch.py`). This class serves the callers that hold an engine themselves (RL rollout actors, tests). On CPUs
+an engine of one rank runs inside the caller's process (5.6 s from `vllm.LLM(...)` to ready here, against 19.0 s with
+vLLM's engine core and worker processes beside it: engines/vllm_env.py ONE_PROCESS_ENV); `EngineSpec.one_process`
+says otherwise.
 """
 
 from __future__ import annotations
@@ -76,8 +79,11 @@ class VLLMEngine(GenerationEngine):
 
         # Requests here may be seeded (rollouts, tests): on CPUs whole-prompt prefill (see vllm_llm_kwargs).
         on_cpu = not torch.cuda.is_available()
-        with vllm_env_applied():
-            self.llm = vllm.LLM(model=spec.model, **vllm_llm_kwargs(spec, on_cpu=on_cpu, seeded=True))
+        kwargs = vllm_llm_kwargs(spec, on_cpu=on_cpu, seeded=True)
+        one_rank = kwargs.get("tensor_parallel_size", 1) * kwargs.get("pipeline_parallel_size", 1) == 1
+        one_process = spec.one_process if spec.one_process is not None else on_cpu and one_rank
+        with vllm_env_applied(one_process=one_process):
+            self.llm = vllm.LLM(model=spec.model, **kwargs)
 
     def generate(self, requests: list[ChatRequest], params: SamplingParams) -> list[list[Completion]]:
         prompts = []

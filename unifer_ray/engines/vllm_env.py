@@ -18,6 +18,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 CPU_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+# A CPU engine of one rank runs in its owner's process. Multiprocess, vLLM's CPU build starts an engine core process
+# and a worker process beside it (about 15 s of process starts and imports here, against 0.3 s of engine set-up) and
+# each spins (sched_yield) while it waits for the other; a process that is not there cannot outlive its owner either.
+# An AsyncLLM (ray.data.llm's engine stage) always keeps its engine core in a process of its own; this only keeps the
+# model in that process.
+ONE_PROCESS_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 PRELOADS = (f"/usr/lib/{platform.machine()}-linux-gnu/libtcmalloc_minimal.so.4",
             os.path.join(sys.prefix, "lib", "libiomp5.so"))
 
@@ -36,17 +42,21 @@ def vllm_env() -> dict[str, str]:
 
 
 @contextmanager
-def vllm_env_applied() -> Iterator[None]:
-    """The defaults in this process while an engine starts in it: vLLM starts its engine processes with this
-    process's environment. LD_PRELOAD is this process's own again afterwards (vLLM sets it too), so that other
-    programs it starts later do not preload the engine's libraries."""
-    preload = os.environ.get("LD_PRELOAD")
+def vllm_env_applied(*, one_process: bool | None = None) -> Iterator[None]:
+    """The defaults in this process while an engine starts in it (variables already set win), and the engine in
+    this process or beside it if `one_process` says (ONE_PROCESS_ENV). vLLM starts its engine processes with this
+    process's environment. LD_PRELOAD and ONE_PROCESS_ENV are this process's own again afterwards: other programs it
+    starts later do not preload the engine's libraries, and a later engine chooses its processes afresh."""
+    restored = {key: os.environ.get(key) for key in ("LD_PRELOAD", *ONE_PROCESS_ENV)}
     for key, value in vllm_env().items():
         os.environ.setdefault(key, value)
+    if one_process is not None:
+        os.environ.update(ONE_PROCESS_ENV if one_process else {key: "1" for key in ONE_PROCESS_ENV})
     try:
         yield
     finally:
-        if preload is None:
-            os.environ.pop("LD_PRELOAD", None)
-        else:
-            os.environ["LD_PRELOAD"] = preload
+        for key, value in restored.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

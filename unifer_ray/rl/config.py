@@ -37,6 +37,7 @@ class RolloutEngine(_Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_batch_size: int = Field(16, gt=0)  # hf: requests per forward pass
     vllm_kwargs: dict[str, Any] = Field(default_factory=dict)  # extra keyword arguments for vllm.LLM
+    one_process: bool | None = None  # vllm: the engine inside the worker's process; None: on CPUs (EngineSpec)
 
     def spec(self, model: str, revision: str | None = None) -> EngineSpec:
         return EngineSpec(model=model, revision=revision, **self.model_dump())
