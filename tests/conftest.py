@@ -77,12 +77,15 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def vllm_engine(tiny_model_dir):
-    """One in-process vLLM engine (eager) on the tiny model for the tests that compare with it (each needs vLLM: they
-    are skipped without it before this fixture runs)."""
+    """One vLLM engine (eager) on the tiny model for the tests that compare with it (each needs vLLM: they are skipped
+    without it before this fixture runs). In processes of its own: an engine inside this process would make vLLM's
+    torch.distributed group this process's default one for the session, where test_rl_equivalence runs a learner,
+    which forms its own."""
     from unifer_ray.engines.spec import EngineSpec
     from unifer_ray.engines.vllm_engine import VLLMEngine
 
-    engine = VLLMEngine(EngineSpec(engine="vllm", model=str(tiny_model_dir), vllm_kwargs=VLLM_TEST_KWARGS))
+    engine = VLLMEngine(EngineSpec(engine="vllm", model=str(tiny_model_dir), vllm_kwargs=VLLM_TEST_KWARGS,
+                                   one_process=False))
     yield engine
     engine.close()
 

@@ -11,10 +11,13 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+import torch
 
 from unifer_ray.curate.config import CurateSource
 from unifer_ray.curate.rlvr import make_tasks
 from unifer_ray.curate.samples import source_rows
+from unifer_ray.engines.base import ChatRequest
+from unifer_ray.engines.hf import HFEngine, chat_text
 from unifer_ray.engines.platform import vllm_installed
 from unifer_ray.engines.processes import is_engine
 
@@ -107,3 +110,21 @@ def rl_config(tmp: Path, model_dir: Path, synthetic_root: Path, **changes) -> di
     for key, value in changes.items():
         config[key] = config[key] | value if isinstance(value, dict) else value
     return config
+
+
+# ---------------------------------------------------------------- engines
+
+def recomputed_logprobs(engine: HFEngine, request: ChatRequest, token_ids: list[int], temperature: float
+                        ) -> list[float]:
+    """Log-probabilities of `token_ids` after the prompt, from one plain forward pass."""
+    inputs = engine.processor(text=[chat_text(engine.processor, request)], images=request.images() or None,
+                              return_tensors="pt")
+    prompt_len = inputs["input_ids"].shape[1]
+    inputs["input_ids"] = torch.cat([inputs["input_ids"], torch.tensor([token_ids])], dim=1)
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    generated_types = torch.zeros(1, len(token_ids), dtype=torch.long)
+    inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], generated_types], dim=1)
+    with torch.inference_mode():
+        logits = engine.model(**inputs).logits[0, prompt_len - 1 : -1].float()
+    logprobs = torch.log_softmax(logits / temperature, dim=-1)
+    return logprobs.gather(-1, torch.tensor(token_ids).unsqueeze(-1)).squeeze(-1).tolist()

@@ -18,8 +18,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from PIL import Image
 
+from tests.helpers import recomputed_logprobs
 from unifer_ray.engines import ChatRequest, EngineSpec, SamplingParams, create_engine, resolve_engine
-from unifer_ray.engines.hf import HFEngine, chat_text
+from unifer_ray.engines.hf import HFEngine
 from unifer_ray.engines.openai_api import OpenAIEngine, RequestFailed
 
 
@@ -40,22 +41,6 @@ def requests_():
     requests = [ChatRequest.single_image(random_image(size, i), "Which expression? " * (i + 1))
                 for i, size in enumerate(sizes)]
     return requests + [ChatRequest([{"role": "user", "content": "Describe the brows."}])]
-
-
-def recomputed_logprobs(engine: HFEngine, request: ChatRequest, token_ids: list[int], temperature: float
-                        ) -> list[float]:
-    """Log-probabilities of `token_ids` after the prompt, from one plain forward pass."""
-    inputs = engine.processor(text=[chat_text(engine.processor, request)], images=request.images() or None,
-                              return_tensors="pt")
-    prompt_len = inputs["input_ids"].shape[1]
-    inputs["input_ids"] = torch.cat([inputs["input_ids"], torch.tensor([token_ids])], dim=1)
-    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-    generated_types = torch.zeros(1, len(token_ids), dtype=torch.long)
-    inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], generated_types], dim=1)
-    with torch.inference_mode():
-        logits = engine.model(**inputs).logits[0, prompt_len - 1 : -1].float()
-    logprobs = torch.log_softmax(logits / temperature, dim=-1)
-    return logprobs.gather(-1, torch.tensor(token_ids).unsqueeze(-1)).squeeze(-1).tolist()
 
 
 def test_batched_greedy_equals_one_by_one(engine, requests_):

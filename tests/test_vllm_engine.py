@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from tests.helpers import NO_VLLM
+from tests.helpers import NO_VLLM, recomputed_logprobs
 
 # A missing vLLM skips the module; an installed one that fails to import fails it.
 pytest.importorskip("vllm", reason=NO_VLLM, exc_type=ModuleNotFoundError)
@@ -47,15 +47,21 @@ def test_auto_is_vllm_where_it_is_installed(tiny_model_dir):
     assert engine_label(spec.model_copy(update={"engine": "hf"})) == "hf"
 
 
-def test_a_cpu_engine_runs_in_its_owners_process_and_leaves_its_environment_as_it_was(vllm_engine):
+def test_a_cpu_engine_runs_in_its_owners_process_and_leaves_its_environment_as_it_was(tiny_model_dir):
     """One rank on CPUs: no engine core or worker process beside this one (nothing to start, nothing to outlive its
-    owner), and the switch that made it so is gone again (the compiled engine of this module starts after it)."""
+    owner), and the switch that made it so is gone again. (This module is the suite's last: its engines leave vLLM's
+    torch.distributed group in this process.)"""
     from unifer_ray.engines.processes import engine_pids
     from unifer_ray.engines.vllm_env import ONE_PROCESS_ENV
 
-    assert vllm_engine.generate([ChatRequest([{"role": "user", "content": "hi"}])], SamplingParams(max_new_tokens=2))
-    assert engine_pids() == []
-    assert all(key not in os.environ for key in ONE_PROCESS_ENV)
+    before = set(engine_pids())  # the session engine's own processes, if it has started
+    engine = VLLMEngine(EngineSpec(engine="vllm", model=str(tiny_model_dir), vllm_kwargs={"max_model_len": 1024}))
+    try:
+        assert set(engine_pids()) == before
+        assert all(key not in os.environ for key in ONE_PROCESS_ENV)
+        assert engine.generate([ChatRequest([{"role": "user", "content": "hi"}])], SamplingParams(max_new_tokens=2))
+    finally:
+        engine.close()
 
 
 def test_greedy_parity_with_the_reference_engine(compiled_engine, hf_engine, ferbench_requests):
@@ -71,7 +77,7 @@ def test_greedy_parity_with_the_reference_engine(compiled_engine, hf_engine, fer
         if first is None:
             identical += a.token_ids == b.token_ids
             continue
-        rated = recomputed(hf_engine, request, a.token_ids[: first + 1], 1.0)[first]
+        rated = recomputed_logprobs(hf_engine, request, a.token_ids[: first + 1], 1.0)[first]
         assert abs(rated - b.logprobs[first]) < 0.01, (first, rated, b.logprobs[first])
     print(f"greedy parity vllm vs hf: {identical}/{len(ferbench_requests)} identical responses, the rest near-ties")
     assert len(ferbench_requests) >= 80 and identical >= len(ferbench_requests) // 3
@@ -83,14 +89,10 @@ def test_logprobs_match_the_reference_after_temperature(vllm_engine, hf_engine, 
     for request in ferbench_requests[:6]:
         [[sample]] = vllm_engine.generate([request], params)
         assert len(sample.logprobs) == len(sample.token_ids) > 0
-        expected = recomputed(hf_engine, request, sample.token_ids, 0.7)
+        expected = recomputed_logprobs(hf_engine, request, sample.token_ids, 0.7)
         assert sample.logprobs == pytest.approx(expected, abs=5e-3)  # float32 kernels round differently
 
 
-def recomputed(engine: HFEngine, request: ChatRequest, token_ids: list[int], temperature: float) -> list[float]:
-    from tests.test_engines import recomputed_logprobs
-
-    return recomputed_logprobs(engine, request, token_ids, temperature)
 
 
 def test_n_samples_have_distinct_seeds_and_reproduce(vllm_engine, ferbench_requests):
