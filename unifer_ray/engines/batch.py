@@ -141,11 +141,11 @@ def vllm_processor_config(spec: EngineSpec, workers: EngineWorkers, *, seeded: b
     """`ray.data.llm`'s processor config for a spec: the engine stage alone, one placement bundle per engine worker."""
     from ray.data.llm import vLLMEngineProcessorConfig
 
-    from unifer_ray.engines.vllm_env import ONE_PROCESS_ENV, vllm_env
+    from unifer_ray.engines.vllm_env import ONE_PROCESS_ENV, runs_in_one_process, vllm_env
 
     engine_kwargs = vllm_engine_kwargs(spec, workers, seeded=seeded)
-    one_rank = engine_kwargs.get("tensor_parallel_size", 1) * engine_kwargs.get("pipeline_parallel_size", 1) == 1
-    env = vllm_env() | (ONE_PROCESS_ENV if one_rank and not workers.num_gpus else {})
+    one_process = runs_in_one_process(engine_kwargs, on_cpu=not workers.num_gpus)
+    env = vllm_env() | (ONE_PROCESS_ENV if one_process else {})
     return vLLMEngineProcessorConfig(
         model_source=spec.model,
         engine_kwargs=engine_kwargs,

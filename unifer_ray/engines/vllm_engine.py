@@ -18,7 +18,7 @@ from unifer_ray.engines.base import ChatRequest, Completion, GenerationEngine, S
 from unifer_ray.engines.hf import chat_text
 from unifer_ray.engines.platform import CPU_ENGINE_DEFAULTS, NO_WHEEL_HINT, resolved_dtype
 from unifer_ray.engines.spec import EngineSpec
-from unifer_ray.engines.vllm_env import vllm_env_applied
+from unifer_ray.engines.vllm_env import runs_in_one_process, vllm_env_applied
 
 # Log-probabilities after temperature and top-p, i.e. of the distribution the tokens were sampled from: what
 # importance sampling against the learner needs (vLLM's default is the raw logits' log-softmax).
@@ -80,8 +80,7 @@ class VLLMEngine(GenerationEngine):
         # Requests here may be seeded (rollouts, tests): on CPUs whole-prompt prefill (see vllm_llm_kwargs).
         on_cpu = not torch.cuda.is_available()
         kwargs = vllm_llm_kwargs(spec, on_cpu=on_cpu, seeded=True)
-        one_rank = kwargs.get("tensor_parallel_size", 1) * kwargs.get("pipeline_parallel_size", 1) == 1
-        one_process = spec.one_process if spec.one_process is not None else on_cpu and one_rank
+        one_process = spec.one_process if spec.one_process is not None else runs_in_one_process(kwargs, on_cpu=on_cpu)
         with vllm_env_applied(one_process=one_process):
             self.llm = vllm.LLM(model=spec.model, **kwargs)
 

@@ -28,6 +28,12 @@ PRELOADS = (f"/usr/lib/{platform.machine()}-linux-gnu/libtcmalloc_minimal.so.4",
             os.path.join(sys.prefix, "lib", "libiomp5.so"))
 
 
+def runs_in_one_process(engine_kwargs: dict, *, on_cpu: bool) -> bool:
+    """Whether an engine with these vLLM keyword arguments runs in one process by default: on CPUs, with one rank."""
+    ranks = engine_kwargs.get("tensor_parallel_size", 1) * engine_kwargs.get("pipeline_parallel_size", 1)
+    return on_cpu and ranks == 1
+
+
 def preloads() -> str:
     """LD_PRELOAD for engine processes: the libraries of PRELOADS that this machine has."""
     return ":".join(path for path in PRELOADS if os.path.isfile(path))
