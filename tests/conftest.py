@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 
 # Two cores: every process (this one, Ray workers) keeps torch to one thread.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -23,19 +22,36 @@ os.environ[RUN_MARK] = str(os.getpid())
 ENGINE_STARTED_BY: dict[int, str] = {}  # engine pid -> the test during which it appeared
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_protocol(item, nextitem):
-    """Record the engine processes that appear during a test's setup, call or teardown."""
+@contextlib.contextmanager
+def engines_started_during(item):
+    """Record the engine processes that appear during this phase of a test."""
     before = this_runs_engines()
     try:
-        return (yield)
+        yield
     finally:
         for pid in this_runs_engines() - before:
             ENGINE_STARTED_BY.setdefault(pid, item.nodeid)
 
 
-def pytest_sessionfinish(session, exitstatus):
-    """Fail the run if an engine process it started outlived it (after a grace period for exits under way)."""
+# Phase by phase: the check below runs inside the last test's teardown, and kills what it finds.
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    with engines_started_during(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    with engines_started_during(item):
+        return (yield)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_engine_outlives_the_run():
+    """Fail the run if an engine process it started outlived it (after a grace period for exits under way): an error
+    at the last test's teardown, which a pytest-xdist worker reports to the run like any other. Set up before every
+    other session fixture, so torn down after them (the Ray cluster included)."""
+    yield
     survivors = wait_for_engines_to_end()
     if not survivors:
         return
@@ -45,8 +61,7 @@ def pytest_sessionfinish(session, exitstatus):
             lines.append(f"  pid {process.pid} {process.name()}, started during "
                          f"{ENGINE_STARTED_BY.get(process.pid, 'a session fixture')}")
             process.kill()
-    print("\nvLLM engine processes outlived this test run (killed now):\n" + "\n".join(lines), file=sys.stderr)
-    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    pytest.fail("vLLM engine processes outlived this test run (killed now):\n" + "\n".join(lines), pytrace=False)
 
 
 @pytest.fixture(scope="session")

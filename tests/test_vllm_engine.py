@@ -49,19 +49,23 @@ def test_auto_is_vllm_where_it_is_installed(tiny_model_dir):
 
 def test_a_cpu_engine_runs_in_its_owners_process_and_leaves_its_environment_as_it_was(tiny_model_dir):
     """One rank on CPUs: no engine core or worker process beside this one (nothing to start, nothing to outlive its
-    owner), and the switch that made it so is gone again. (This module is the suite's last: its engines leave vLLM's
-    torch.distributed group in this process.)"""
+    owner), and the switch that made it so is gone again. Closed, it has taken down the torch.distributed group it
+    made this process's default, so that the process can form its own (test_rl_equivalence's learner does)."""
+    import torch.distributed as dist
+
     from unifer_ray.engines.processes import engine_pids
     from unifer_ray.engines.vllm_env import ONE_PROCESS_ENV
 
+    assert not dist.is_initialized()
     before = set(engine_pids())  # the session engine's own processes, if it has started
     engine = VLLMEngine(EngineSpec(engine="vllm", model=str(tiny_model_dir), vllm_kwargs={"max_model_len": 1024}))
     try:
-        assert set(engine_pids()) == before
+        assert set(engine_pids()) == before and dist.is_initialized()
         assert all(key not in os.environ for key in ONE_PROCESS_ENV)
         assert engine.generate([ChatRequest([{"role": "user", "content": "hi"}])], SamplingParams(max_new_tokens=2))
     finally:
         engine.close()
+    assert not dist.is_initialized()
 
 
 def test_greedy_parity_with_the_reference_engine(compiled_engine, hf_engine, ferbench_requests):

@@ -118,12 +118,21 @@ class Head:
             time.sleep(2)
 
     def wait_ready(self, timeout: float = 180) -> None:
-        """Until the job API answers (the dashboard's job agent comes up a little after the head)."""
+        """Until the job API answers and the state API lists the head alive: both come up a little after the head, and
+        on a busy machine the second can come well after the first."""
         deadline = time.monotonic() + timeout
-        while self.ray("job", "list", "--address", self.address, timeout=60).returncode != 0:
+        while not self._answers():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the head did not come up; see {self.log_path}")
             time.sleep(2)
+
+    def _answers(self) -> bool:
+        if self.ray("job", "list", "--address", self.address, timeout=60).returncode != 0:
+            return False
+        try:
+            return bool(self.alive_nodes())
+        except RuntimeError:
+            return False
 
     def status(self, submission_id: str) -> str:
         out = self.ray("job", "status", "--address", self.address, "--log-color", "false", submission_id).stdout
@@ -152,6 +161,8 @@ class Head:
         done = self.ray("list", kind, "--address", self.address, "--detail", "--format", "json", "--limit", "10000")
         if done.returncode != 0:
             raise RuntimeError(f"ray list {kind}: {done.stderr[-2000:]}")
+        if done.stdout.strip() == "No resource in the cluster":  # what the CLI prints for no rows, JSON asked or not
+            return []
         return json.loads(done.stdout)
 
     def alive_nodes(self) -> list[dict]:
