@@ -59,7 +59,7 @@ def no_engine_outlives_the_run():
     for process in survivors:
         with contextlib.suppress(psutil.NoSuchProcess):
             lines.append(f"  pid {process.pid} {process.name()}, started during "
-                         f"{ENGINE_STARTED_BY.get(process.pid, 'a session fixture')}")
+                         f"{ENGINE_STARTED_BY.get(process.pid, 'a teardown or a session fixture')}")
             process.kill()
     pytest.fail("vLLM engine processes outlived this test run (killed now):\n" + "\n".join(lines), pytrace=False)
 

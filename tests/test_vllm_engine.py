@@ -97,8 +97,6 @@ def test_logprobs_match_the_reference_after_temperature(vllm_engine, hf_engine, 
         assert sample.logprobs == pytest.approx(expected, abs=5e-3)  # float32 kernels round differently
 
 
-
-
 def test_n_samples_have_distinct_seeds_and_reproduce(vllm_engine, ferbench_requests):
     params = SamplingParams(max_new_tokens=12, temperature=1.0, n=4, seed=5)
     first = vllm_engine.generate(ferbench_requests[:3], params)
