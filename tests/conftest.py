@@ -70,8 +70,10 @@ def ray_cluster(s3_server):
     import ray
 
     from unifer_ray.engines.processes import RAY_CLUSTER_ENV
+    from unifer_ray.ray_runtime import forget_a_dead_clusters_address
 
     os.environ.update(RAY_CLUSTER_ENV)  # engines end with the actors that own them
+    forget_a_dead_clusters_address()  # an earlier run's `ray start` nodes leave one (tests/test_rl_failures.py)
     ray.init(
         address="local",  # this run's own cluster, whatever else runs Ray on the machine
         num_cpus=4,  # logical CPUs on 2 cores, so that fractional actors and tasks can overlap

@@ -262,6 +262,25 @@ def test_the_driver_adds_only_the_thread_variables_a_submitted_job_leaves_out(mo
     assert driver_runtime_env() is None
 
 
+def test_a_dead_clusters_address_record_is_forgotten_and_a_live_ones_kept(tmp_path):
+    """Ray's "current cluster" record (what `ray start` writes) pointing at a cluster that is gone made every Ray Train
+    run wait 12 s at its end for the State API; a record of a cluster that answers is another program's: kept."""
+    import socket
+
+    from unifer_ray.ray_runtime import forget_a_dead_clusters_address
+
+    record = tmp_path / "ray_current_cluster"
+    assert forget_a_dead_clusters_address(str(tmp_path)) is False  # no record: nothing to do
+    with socket.socket() as live:
+        live.bind(("127.0.0.1", 0))
+        live.listen()
+        address = f"127.0.0.1:{live.getsockname()[1]}"
+        record.write_text(address)
+        assert forget_a_dead_clusters_address(str(tmp_path)) is False and record.exists()
+    assert record.read_text() == address  # closed now: nothing answers there
+    assert forget_a_dead_clusters_address(str(tmp_path)) is True and not record.exists()
+
+
 def test_placement_selectors_follow_the_mode(monkeypatch):
     from unifer_ray import placement
 

@@ -1,4 +1,5 @@
-"""SFT on a real local Ray cluster with the real tiny model: data parallelism, a killed worker, S3 storage."""
+"""SFT on a real local Ray cluster with the real tiny model: data parallelism (one worker's run on S3 storage), a
+killed worker."""
 
 from __future__ import annotations
 
@@ -43,13 +44,21 @@ def records(config: SFTConfig) -> list[dict]:
     return [json.loads(line) for line in (Path(config.metrics_dir) / METRICS_FILE).read_text().splitlines()]
 
 
-def test_two_workers_follow_the_one_worker_loss_curve(ray_cluster, tiny_model_dir, cot_file, synthetic_root,
-                                                      tmp_path):
-    # Same global batch of 4 rows: 1 worker × 2 rows × 2 accumulation steps (DDP), 2 workers × 2 rows (ZeRO-3).
-    one = sft_config(tiny_model_dir, cot_file, synthetic_root, tmp_path / "one", strategy="ddp")
+def test_two_workers_follow_the_one_worker_loss_curve(s3_server, ray_cluster, tiny_model_dir, cot_file,
+                                                      synthetic_root, tmp_path, capfd):
+    # Same global batch of 4 rows: 1 worker × 2 rows × 2 accumulation steps (DDP), 2 workers × 2 rows (ZeRO-3). The
+    # one-worker run reads its data from S3 and keeps its checkpoints and model there (one run fewer for the suite).
+    base = f"{s3_server}/sft-{tmp_path.name}"
+    storage.write_bytes(f"{base}/cot/cot.jsonl", cot_file.read_bytes())
+    one = sft_config(tiny_model_dir, cot_file, synthetic_root, tmp_path / "one", strategy="ddp", data=[f"{base}/cot"],
+                     checkpoint_dir=f"{base}/runs/sft", output_dir=f"{base}/model", log_dir=str(tmp_path / "logs"))
     two = sft_config(tiny_model_dir, cot_file, synthetic_root, tmp_path / "two", strategy="deepspeed", zero_stage=3,
                      num_workers=2, num_cpus=0.5, grad_accum_steps=1)
-    result_one, result_two = run_sft(one), run_sft(two)
+    result_one = run_sft(one)
+    # Not a terminal: the progress is plain lines (no carriage returns), the last one written as the run ends.
+    progress = [line for line in capfd.readouterr().err.split("\n") if line.startswith("sft: ")]
+    assert progress and progress[-1].startswith("sft: 4/4 steps (100%)") and "| loss " in progress[-1]
+    result_two = run_sft(two)
     assert result_one.steps == result_two.steps == 4
 
     curve_one, curve_two = records(one), records(two)
@@ -64,18 +73,36 @@ def test_two_workers_follow_the_one_worker_loss_curve(ray_cluster, tiny_model_di
     assert curve_one[-1]["loss"] < curve_one[0]["loss"]
     assert any((Path(one.metrics_dir) / "tensorboard").iterdir())
 
+    # The model and checkpoints in S3: the exported files are those of a model directory, and load.
+    files = storage.list_files(f"{base}/model")
+    assert {f.rsplit("/", 1)[1] for f in files} >= {"config.json", "model.safetensors", "tokenizer.json",
+                                                   "chat_template.jinja", "generation_config.json"}
+    local = tmp_path / "downloaded"
+    local.mkdir()
+    for uri in files:
+        (local / uri.rsplit("/", 1)[1]).write_bytes(storage.read_bytes(uri))
+    model_one, processor = load_model_and_processor(local)
+    assert processor.tokenizer.convert_tokens_to_ids("<|im_end|>") in model_one.generation_config.eos_token_id
+    checkpoint = f"{base}/runs/sft/{checkpoint_dir_name(4)}"
+    assert result_one.checkpoint == checkpoint
+    assert f"{checkpoint}/train_state.json" in storage.list_files(f"{base}/runs")
+
     # The exported directories load like any checkpoint, and hold the same weights, element by element up to 1e-4
     # (3% of one step at lr 3e-3). The strategies round differently (the gradient norm that clipping divides by is
     # summed in another order), and Adam, dividing each gradient by its own RMS, amplifies that where a gradient is
     # all but zero: the key biases along RoPE's slowest frequencies shift every key's score alike, which the softmax
     # cancels, so their gradients are 1e-8 to 1e-11 (1e-4 elsewhere). They end up to 1e-5 apart (1e-2 relative).
-    model_one, _ = load_model_and_processor(one.output_dir)
     model_two, _ = load_model_and_processor(two.output_dir)
     start, _ = load_model_and_processor(tiny_model_dir)
     weights_two = model_two.state_dict()
     for name, value in model_one.state_dict().items():
         torch.testing.assert_close(weights_two[name], value, rtol=1e-3, atol=1e-4)
     assert any(not torch.equal(p, start.state_dict()[n]) for n, p in model_one.state_dict().items())
+
+    # The S3 run again: it finds its finished checkpoint there and trains nothing more.
+    again = run_sft(one)
+    assert (again.steps, again.checkpoint) == (result_one.steps, result_one.checkpoint)
+    assert len(records(one)) == 4
 
 
 def _train_worker_pids() -> list[int]:
@@ -146,36 +173,3 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint_and_the_best_k_are_kep
     assert {p.name for p in run_dir.glob("checkpoint_*") if p.is_dir()} == {checkpoint_dir_name(s) for s in kept}
     for step in kept:
         assert json.loads((run_dir / checkpoint_dir_name(step) / "train_state.json").read_text()) == {"step": step}
-
-
-def test_checkpoints_and_model_on_s3_and_a_rerun_resumes(s3_server, ray_cluster, tiny_model_dir, synthetic_root,
-                                                         cot_file, tmp_path, capfd):
-    base = f"{s3_server}/sft-{tmp_path.name}"
-    storage.write_bytes(f"{base}/cot/cot.jsonl", cot_file.read_bytes())
-    config = sft_config(tiny_model_dir, cot_file, synthetic_root, tmp_path, data=[f"{base}/cot"],
-                        checkpoint_dir=f"{base}/runs/sft", output_dir=f"{base}/model", log_dir=str(tmp_path / "logs"),
-                        max_steps=2, checkpoint_every=1)
-    first = run_sft(config)
-    assert first.steps == 2
-    # Not a terminal: the progress is plain lines (no carriage returns), the last one written as the run ends.
-    progress = [line for line in capfd.readouterr().err.split("\n") if line.startswith("sft: ")]
-    assert progress and progress[-1].startswith("sft: 2/2 steps (100%)") and "| loss " in progress[-1]
-    assert len(records(config)) == 2
-
-    files = storage.list_files(f"{base}/model")
-    assert {f.rsplit("/", 1)[1] for f in files} >= {"config.json", "model.safetensors", "tokenizer.json",
-                                                   "chat_template.jinja", "generation_config.json"}
-    local = tmp_path / "downloaded"
-    local.mkdir()
-    for uri in files:
-        (local / uri.rsplit("/", 1)[1]).write_bytes(storage.read_bytes(uri))
-    model, processor = load_model_and_processor(local)
-    assert processor.tokenizer.convert_tokens_to_ids("<|im_end|>") in model.generation_config.eos_token_id
-    checkpoint = f"{base}/runs/sft/{checkpoint_dir_name(2)}"
-    assert first.checkpoint == checkpoint
-    assert f"{checkpoint}/train_state.json" in storage.list_files(f"{base}/runs")
-
-    # The same run again: it finds its finished checkpoint in S3 and trains nothing more.
-    again = run_sft(config)
-    assert (again.steps, again.checkpoint) == (first.steps, first.checkpoint)
-    assert len(records(config)) == 2

@@ -4,6 +4,7 @@ thread settings), free ports, waiting on calls, and the progress of Ray tasks.""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
@@ -16,6 +17,8 @@ from unifer_ray.progress import Progress, polling
 
 # Workers on small machines share few cores: torch must not start one thread per core in every actor.
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+log = logging.getLogger(__name__)
 
 # Set by `ray job submit` in the driver's environment: the job's runtime env (JSON), which ray.init merges with ours.
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
@@ -57,6 +60,7 @@ def init_ray(num_cpus: float | None = None) -> None:
     if local:  # the raylet about to start reads these from its environment
         for key, value in RAY_CLUSTER_ENV.items():
             os.environ.setdefault(key, value)
+        forget_a_dead_clusters_address()
     ray.init(
         # "local": a new cluster of our own, never one that another program started with `ray start` on this machine
         # (ray.init's default joins the last of those).
@@ -70,6 +74,29 @@ def init_ray(num_cpus: float | None = None) -> None:
     )
     scope_ray_data_to_cpu_nodes()
     quiet_ray_data_progress()
+
+
+def forget_a_dead_clusters_address(temp_dir: str | None = None) -> bool:
+    """Remove Ray's record of "the current cluster" (`/tmp/ray/ray_current_cluster`, written by every `ray start`)
+    when nothing listens at its address any more, as `ray stop` would have; True if removed.
+
+    Ray's State API finds its cluster through that record, and a dead address costs every caller its timeout: Ray
+    Train's placement-group cleaner waits 12 s at the end of every run, and Ray Data's hanging-task detector blocks
+    its executor for as long. With no record (or a live one) a cluster without a dashboard answers at once."""
+    from ray._common.utils import get_ray_address_file, reset_ray_address
+
+    try:
+        address = open(get_ray_address_file(temp_dir)).read().strip()
+    except FileNotFoundError:
+        return False
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=1).close()
+        return False
+    except (OSError, ValueError):
+        log.info("Ray's current-cluster record points at %r, where nothing answers: removed", address)
+        reset_ray_address(temp_dir)
+        return True
 
 
 def quiet_ray_data_progress() -> None:
