@@ -672,7 +672,9 @@ def test_a_replica_whose_nodes_carry_no_serve_label_stays_pending(server):
     import ray
     from ray import serve
 
-    @serve.deployment(placement_group_bundles=[{"CPU": 0.01}], ray_actor_options={"num_cpus": 0})
+    # Deleting a replica that never started otherwise waits out Serve's 20 s graceful shutdown.
+    @serve.deployment(placement_group_bundles=[{"CPU": 0.01}], ray_actor_options={"num_cpus": 0},
+                      graceful_shutdown_timeout_s=1, graceful_shutdown_wait_loop_s=0.5)
     class Where:
         def __call__(self) -> str:
             return ray.get_runtime_context().get_node_id()
