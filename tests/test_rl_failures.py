@@ -142,21 +142,3 @@ def test_a_lost_rollout_node_is_replaced_however_long_the_next_node_takes(rollou
         late.join()
     finally:
         rollouts.shutdown()
-
-
-def test_rollouts_that_fail_to_start_take_the_learners_started_beside_them_down(ray_cluster, tmp_path, tiny_model_dir,
-                                                                               synthetic_root):
-    """The learners and the rollout engines start side by side (controller.start_actors); when the engines do not
-    start in time, both groups are shut down, their placement groups with them, before the error goes on."""
-    from unifer_ray.rl.controller import run_rlvr
-
-    def live_groups() -> set[str]:
-        return {group for group, row in ray.util.placement_group_table().items() if row["state"] != "REMOVED"}
-
-    before = live_groups()
-    config = rl_config(tmp_path, tiny_model_dir, synthetic_root,
-                       rollout={"engine": {"engine": "hf", "max_batch_size": 8}, "num_cpus": 1,
-                                "start_timeout_s": 0.01})
-    with pytest.raises(ray.exceptions.GetTimeoutError):
-        run_rlvr(parse_config(config, RLVRConfig))
-    assert live_groups() == before

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
@@ -121,7 +120,10 @@ def run_rlvr(config: RLVRConfig, *, resume: bool = False) -> RLVRResult:
 
     prompts = PromptSource(config.data, prompts_per_step=config.grpo.prompts_per_step, seed=config.seed)
     rewards = RewardSet(config.rewards)
-    learners, rollouts = start_actors(config)
+    learners = LearnerGroup(config, config.model)
+    rollouts = RolloutGroup(config.rollout, model=config.model, revision=config.revision,
+                            image_size=config.data.image_size,
+                            max_prompt_tokens=config.grpo.max_prompt_tokens, nccl=config.sync.kind == "nccl")
     run_log = RunLog(config.metrics_dir, start_step=state.step)
     try:
         if state.step == 0:
@@ -143,24 +145,6 @@ def run_rlvr(config: RLVRConfig, *, resume: bool = False) -> RLVRResult:
     return RLVRResult(model_dir=config.output_dir, steps=state.step, policy_version=state.version,
                       seconds=time.perf_counter() - started,
                       metrics_path=storage.join(config.metrics_dir, METRICS_FILE))
-
-
-def start_actors(config: RLVRConfig) -> tuple[LearnerGroup, RolloutGroup]:
-    """The learners and the rollout workers, started side by side: the learners load the policy while the engines
-    start (each takes seconds here, minutes for a 7B model; on a cluster each waits for its own nodes). If either
-    fails, the other is shut down before the error goes on."""
-    with ThreadPoolExecutor(2) as pool:
-        learning = pool.submit(LearnerGroup, config, config.model)
-        rolling = pool.submit(RolloutGroup, config.rollout, model=config.model, revision=config.revision,
-                              image_size=config.data.image_size, max_prompt_tokens=config.grpo.max_prompt_tokens,
-                              nccl=config.sync.kind == "nccl")
-        wait([learning, rolling])
-    failed = [f.exception() for f in (learning, rolling) if f.exception() is not None]
-    if failed:
-        for started in (f.result() for f in (learning, rolling) if f.exception() is None):
-            started.shutdown()
-        raise failed[0]
-    return learning.result(), rolling.result()
 
 
 def submit_batch(config: RLVRConfig, prompts: PromptSource, rollouts: RolloutGroup, sampling: SamplingParams,

@@ -213,12 +213,7 @@ class RolloutGroup:
         for index in range(config.num_workers):
             self._wait_for_placement(index)
         self.workers = [self._start(i) for i in range(config.num_workers)]
-        self.engine_processes = [None] * config.num_workers  # unknown until an engine reports ready
-        try:
-            started = ray.get([w.ready.remote() for w in self.workers], timeout=config.start_timeout_s)
-        except BaseException:
-            self.shutdown()  # workers that did not start in time hold their placement groups and CPUs (or GPUs)
-            raise
+        started = ray.get([w.ready.remote() for w in self.workers], timeout=config.start_timeout_s)
         self.vllm = started[0]["vllm"]
         self.dtype = started[0]["dtype"]  # what the rollout/learner mismatch in the metrics is measured with
         self.engine_processes = [s["engine_processes"] for s in started]  # worker i's, ended with it
