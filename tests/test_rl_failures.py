@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import ray
+from ray._common.utils import reset_ray_address
+from ray._private.utils import read_ray_address
 
 from tests.helpers import EngineStandIn, rl_config
 from unifer_ray.config import parse_config
@@ -98,6 +100,9 @@ def rollout_nodes(ray_cluster, tmp_path):
     for node in nodes:
         if node.poll() is None:
             stop(node)
+    # `ray start` recorded the session's cluster as the machine's current one: it must not outlive the session.
+    if read_ray_address() == address:
+        reset_ray_address()
 
 
 def rollout_nodes_alive() -> int:

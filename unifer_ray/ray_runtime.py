@@ -83,11 +83,11 @@ def forget_a_dead_clusters_address(temp_dir: str | None = None) -> bool:
     Ray's State API finds its cluster through that record, and a dead address costs every caller its timeout: Ray
     Train's placement-group cleaner waits 12 s at the end of every run, and Ray Data's hanging-task detector blocks
     its executor for as long. With no record (or a live one) a cluster without a dashboard answers at once."""
-    from ray._common.utils import get_ray_address_file, reset_ray_address
+    from ray._common.utils import reset_ray_address
+    from ray._private.utils import read_ray_address
 
-    try:
-        address = open(get_ray_address_file(temp_dir)).read().strip()
-    except FileNotFoundError:
+    address = read_ray_address(temp_dir)
+    if not address:
         return False
     host, _, port = address.rpartition(":")
     try:
