@@ -147,3 +147,33 @@ def test_a_lost_rollout_node_is_replaced_however_long_the_next_node_takes(rollou
         late.join()
     finally:
         rollouts.shutdown()
+
+
+# ---------------------------------------------------------------- a run whose rollouts do not start holds nothing
+
+
+HF_ROLLOUT = {"engine": {"engine": "hf", "max_batch_size": 8}, "num_cpus": 1}
+
+
+@pytest.mark.parametrize(("override", "error"), [
+    # placed, but its engine misses start_timeout_s
+    ({"rollout": HF_ROLLOUT | {"start_timeout_s": 0.01}}, ray.exceptions.GetTimeoutError),
+    # no node can hold the rollouts' placement group
+    ({"rollout": HF_ROLLOUT | {"num_cpus": 64, "placement_timeout_s": 0.5}}, RuntimeError),
+    # the learners fail to set up (their model is not there)
+    ({"rollout": HF_ROLLOUT, "model": "/nonexistent/unifer-model"}, FileNotFoundError),
+], ids=["engine-start-timeout", "rollouts-never-placed", "learners-fail-to-set-up"])
+def test_a_run_whose_actors_fail_to_start_leaves_no_placement_group(ray_cluster, tmp_path, tiny_model_dir,
+                                                                    synthetic_root, override, error):
+    """When the learners or the rollout workers cannot start, the run ends with the error, and no placement group
+    of either outlives it (in a notebook or a test session it would hold its CPUs or GPUs until the driver exits)."""
+    from unifer_ray.rl.controller import run_rlvr
+
+    def live_groups() -> set[str]:
+        return {group for group, row in ray.util.placement_group_table().items() if row["state"] != "REMOVED"}
+
+    before = live_groups()
+    config = rl_config(tmp_path, tiny_model_dir, synthetic_root) | override
+    with pytest.raises(error):
+        run_rlvr(parse_config(config, RLVRConfig))
+    assert live_groups() == before

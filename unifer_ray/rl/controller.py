@@ -121,9 +121,13 @@ def run_rlvr(config: RLVRConfig, *, resume: bool = False) -> RLVRResult:
     prompts = PromptSource(config.data, prompts_per_step=config.grpo.prompts_per_step, seed=config.seed)
     rewards = RewardSet(config.rewards)
     learners = LearnerGroup(config, config.model)
-    rollouts = RolloutGroup(config.rollout, model=config.model, revision=config.revision,
-                            image_size=config.data.image_size,
-                            max_prompt_tokens=config.grpo.max_prompt_tokens, nccl=config.sync.kind == "nccl")
+    try:
+        rollouts = RolloutGroup(config.rollout, model=config.model, revision=config.revision,
+                                image_size=config.data.image_size,
+                                max_prompt_tokens=config.grpo.max_prompt_tokens, nccl=config.sync.kind == "nccl")
+    except BaseException:
+        learners.shutdown()  # the run ends here: its learners must not hold their nodes in a long-lived session
+        raise
     run_log = RunLog(config.metrics_dir, start_step=state.step)
     try:
         if state.step == 0:

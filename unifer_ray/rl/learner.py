@@ -393,8 +393,12 @@ class LearnerGroup:
                 seed=config.seed, group_timeout_s=group_timeout_s(config))
             for rank in range(self.world_size)
         ]
-        master_addr, master_port = ray.get(self.workers[0].address.remote())
-        ray.get([w.setup.remote(master_addr, master_port) for w in self.workers])
+        try:
+            master_addr, master_port = ray.get(self.workers[0].address.remote())
+            ray.get([w.setup.remote(master_addr, master_port) for w in self.workers])
+        except BaseException:
+            self.shutdown()  # ranks that failed to set up still hold the group's bundles
+            raise
 
     def _placed(self, learner: LearnerConfig) -> ray.util.placement_group.PlacementGroup:
         """One bundle per rank on learner nodes, placed by `learner.placement_strategy`: without a group, ranks go

@@ -210,10 +210,16 @@ class RolloutGroup:
         bundles = config.bundles
         self.placement_groups = [placement_group(bundles, **placement.group_options("rollout", len(bundles)))
                                  for _ in range(config.num_workers)]
-        for index in range(config.num_workers):
-            self._wait_for_placement(index)
-        self.workers = [self._start(i) for i in range(config.num_workers)]
-        started = ray.get([w.ready.remote() for w in self.workers], timeout=config.start_timeout_s)
+        self.workers: list[ray.actor.ActorHandle] = []
+        self.engine_processes: list[dict | None] = [None] * config.num_workers  # known once an engine is ready
+        try:
+            for index in range(config.num_workers):
+                self._wait_for_placement(index)
+            self.workers = [self._start(i) for i in range(config.num_workers)]
+            started = ray.get([w.ready.remote() for w in self.workers], timeout=config.start_timeout_s)
+        except BaseException:
+            self.shutdown()  # groups never placed, and workers that did not start in time, still hold their bundles
+            raise
         self.vllm = started[0]["vllm"]
         self.dtype = started[0]["dtype"]  # what the rollout/learner mismatch in the metrics is measured with
         self.engine_processes = [s["engine_processes"] for s in started]  # worker i's, ended with it
