@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import numpy as np
@@ -120,16 +121,15 @@ def run_rlvr(config: RLVRConfig, *, resume: bool = False) -> RLVRResult:
 
     prompts = PromptSource(config.data, prompts_per_step=config.grpo.prompts_per_step, seed=config.seed)
     rewards = RewardSet(config.rewards)
-    learners = LearnerGroup(config, config.model)
-    try:
+    with ExitStack() as ends:  # what has started ends, last first, however the run ends (a failed start too)
+        learners = LearnerGroup(config, config.model)
+        ends.callback(learners.shutdown)
         rollouts = RolloutGroup(config.rollout, model=config.model, revision=config.revision,
                                 image_size=config.data.image_size,
                                 max_prompt_tokens=config.grpo.max_prompt_tokens, nccl=config.sync.kind == "nccl")
-    except BaseException:
-        learners.shutdown()  # the run ends here: its learners must not hold their nodes in a long-lived session
-        raise
-    run_log = RunLog(config.metrics_dir, start_step=state.step)
-    try:
+        ends.callback(rollouts.shutdown)
+        run_log = RunLog(config.metrics_dir, start_step=state.step)
+        ends.callback(run_log.close)
         if state.step == 0:
             run_log.errors(prompts.errors)
         sync = WeightSync.create(config.sync, learners, rollouts)
@@ -141,10 +141,6 @@ def run_rlvr(config: RLVRConfig, *, resume: bool = False) -> RLVRResult:
                  config.mode, config.rollout.num_workers, config.learner.num_workers)
         run_steps(config, state, prompts, rewards, learners, rollouts, sync, run_log)
         learners.export(config.output_dir)
-    finally:
-        run_log.close()
-        rollouts.shutdown()
-        learners.shutdown()
     log.info("RLVR done: policy version %d exported to %s", state.version, config.output_dir)
     return RLVRResult(model_dir=config.output_dir, steps=state.step, policy_version=state.version,
                       seconds=time.perf_counter() - started,
