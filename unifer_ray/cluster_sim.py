@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
+import dataclasses
 import os
 import secrets
 import shutil
@@ -127,28 +127,36 @@ class Head:
             time.sleep(2)
 
     def _answers(self) -> bool:
-        if self.ray("job", "list", "--address", self.address, timeout=60).returncode != 0:
-            return False
         try:
+            self.jobs_client.list_jobs()
             return bool(self.alive_nodes())
-        except RuntimeError:
+        except Exception:  # noqa: BLE001 - whatever a dashboard still starting answers: not up yet
             return False
+
+    # Polls go through Ray's job and state SDKs in this process, not the `ray` CLI: each CLI call is a new Python
+    # process (about 1.5 s of CPU), and a test polling it every few seconds took a core from the job it watched.
+    @property
+    def _auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"}
+
+    @property
+    def jobs_client(self):
+        from ray.job_submission import JobSubmissionClient
+
+        return JobSubmissionClient(self.address, headers=self._auth)
 
     def status(self, submission_id: str) -> str:
-        out = self.ray("job", "status", "--address", self.address, "--log-color", "false", submission_id).stdout
-        for word in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING"):
-            if word in out.upper():
-                return word
-        return "UNKNOWN"
+        return self.jobs_client.get_job_status(submission_id).value
 
     def logs(self, submission_id: str) -> str:
-        return self.ray("job", "logs", "--address", self.address, submission_id).stdout
+        return self.jobs_client.get_job_logs(submission_id)
 
     def wait(self, submission_id: str, timeout: float, poll=None) -> str:
         """Wait for a job to end; `poll()` runs between checks (e.g. to interfere with the run)."""
+        client = self.jobs_client
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            state = self.status(submission_id)
+            state = client.get_job_status(submission_id).value
             if state in ("SUCCEEDED", "FAILED", "STOPPED"):
                 return state
             if poll is not None:
@@ -157,13 +165,14 @@ class Head:
         return "TIMEOUT"
 
     def state(self, kind: str) -> list[dict]:
-        """`ray list <kind> --detail` as rows (nodes, actors, ...): what the cluster itself reports."""
-        done = self.ray("list", kind, "--address", self.address, "--detail", "--format", "json", "--limit", "10000")
-        if done.returncode != 0:
-            raise RuntimeError(f"ray list {kind}: {done.stderr[-2000:]}")
-        if done.stdout.strip() == "No resource in the cluster":  # what the CLI prints for no rows, JSON asked or not
-            return []
-        return json.loads(done.stdout)
+        """What the cluster itself reports of its `kind` (nodes, actors, ...), dead ones included, as `ray list <kind>
+        --detail` shows them."""
+        from ray.util.state.api import StateApiClient
+        from ray.util.state.common import ListApiOptions, StateResource
+
+        client = StateApiClient(self.address, headers=self._auth)
+        rows = client.list(StateResource(kind), ListApiOptions(detail=True, limit=10000), raise_on_missing_output=False)
+        return [dataclasses.asdict(row) for row in rows]
 
     def alive_nodes(self) -> list[dict]:
         return [n for n in self.state("nodes") if n["state"] == "ALIVE"]
@@ -194,20 +203,26 @@ class Head:
                 return raylet.pid
         raise LookupError(f"no raylet of node {node_id} on this machine")
 
-    def stop(self) -> None:
-        """End the head's process group: the head, its autoscaler, the fake nodes and their workers."""
+    def stop(self, grace_s: float = 5) -> None:
+        """End the head's process group (the head, its autoscaler, the fake nodes and their workers): SIGTERM, then
+        SIGKILL to whatever is left after `grace_s`. The head's GCS and `ray start --block` outlast any grace
+        (still there 20 s after SIGTERM, measured), so a longer wait only delays the end."""
         pgid = self.process.pid  # the head leads its own session (start_new_session)
-        try:
+        group = [p for p in psutil.process_iter() if _in_group(p, pgid)]
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGTERM)
-            self.process.wait(timeout=15)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-        time.sleep(2)
-        try:
-            os.killpg(pgid, signal.SIGKILL)  # whatever ignored SIGTERM
-        except ProcessLookupError:
-            pass
+        psutil.wait_procs(group, timeout=grace_s)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+        self.process.wait()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _in_group(process: psutil.Process, pgid: int) -> bool:
+    try:
+        return os.getpgid(process.pid) == pgid
+    except (ProcessLookupError, PermissionError):
+        return False
 
 
 def start_head(*, cluster_file: Path | None = None, num_cpus: float = 0, labels: dict[str, str] | None = None,
