@@ -20,7 +20,7 @@ from unifer_ray.models.loading import load_model_and_processor
 from unifer_ray.runlog import METRICS_FILE
 from unifer_ray.train.config import SFTConfig
 from unifer_ray.train.loop import checkpoint_dir_name
-from unifer_ray.train.sft import run_sft
+from unifer_ray.train.sft import run_sft, training_rows
 
 COT_FIELDS = ("id", "image_path", "question", "response")
 
@@ -42,6 +42,24 @@ def sft_config(tiny_model_dir, cot_file, synthetic_root, out: Path, **overrides)
 
 def records(config: SFTConfig) -> list[dict]:
     return [json.loads(line) for line in (Path(config.metrics_dir) / METRICS_FILE).read_text().splitlines()]
+
+
+def test_the_training_order_is_the_rows_not_the_order_they_were_written_in(ray_cluster, tiny_model_dir, cot_file,
+                                                                          synthetic_root, tmp_path):
+    # The same rows as two shards, written backwards: what a curation run whose tasks end in another order leaves.
+    lines = cot_file.read_text().splitlines(keepends=True)[::-1]
+    rewritten = tmp_path / "rewritten"
+    rewritten.mkdir()
+    (rewritten / "b.jsonl").write_text("".join(lines[: len(lines) // 2]))
+    (rewritten / "a.jsonl").write_text("".join(lines[len(lines) // 2 :]))
+
+    def order(data: Path, seed: int = 0) -> list[str]:
+        config = sft_config(tiny_model_dir, cot_file, synthetic_root, tmp_path, data=[str(data)], seed=seed)
+        return [row["id"] for row in training_rows(config).take_all()]
+
+    written = order(cot_file)
+    assert order(rewritten) == written
+    assert written != sorted(written) and order(cot_file, seed=1) != written  # still the seed's shuffle
 
 
 def test_two_workers_follow_the_one_worker_loss_curve(s3_server, ray_cluster, tiny_model_dir, cot_file,

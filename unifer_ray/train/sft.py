@@ -78,9 +78,11 @@ def follow_run_log(log_dir: str, progress: Progress) -> Callable[[], None]:
 
 
 def training_rows(config: SFTConfig) -> ray.data.Dataset:
-    """The CoT rows workers read, shuffled once with the run's seed and held in the object store."""
+    """The CoT rows workers read, shuffled once with the run's seed and held in the object store. A curation run writes
+    its rows in the order its tasks end, in as many shards as it likes, and a seeded shuffle's order depends on the
+    order and blocks it starts from: so the same rows start as one block in id order, whatever the files."""
     ds = read_cot(config.data, config.image_root).select_columns(list(COLUMNS))
-    return ds.random_shuffle(seed=config.seed).materialize()
+    return ds.sort("id").repartition(1).random_shuffle(seed=config.seed).materialize()
 
 
 def scaling_config(config: SFTConfig) -> ScalingConfig:
