@@ -184,9 +184,10 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint_and_the_best_k_are_kep
 
     # keep_checkpoints=1: the lowest-loss checkpoint stays, and so does the latest (Ray Train never deletes it);
     # a checkpoint the killed worker left half-written was written again by the second attempt, and pruned with it.
+    # The final step's checkpoint is scored too: when its loss is the lowest, it is the only one left.
     loss_at = {r["step"]: r["loss"] for r in history}  # the last record of a step is the one that counts
-    checkpointed = range(config.checkpoint_every, 11, config.checkpoint_every)
-    kept = set(sorted(checkpointed, key=loss_at.get)[:1]) | {10}
+    checkpointed = {*range(config.checkpoint_every, 11, config.checkpoint_every), 10}
+    kept = {min(checkpointed, key=loss_at.get), 10}
     run_dir = Path(config.checkpoint_dir)
     assert {p.name for p in run_dir.glob("checkpoint_*") if p.is_dir()} == {checkpoint_dir_name(s) for s in kept}
     for step in kept:
