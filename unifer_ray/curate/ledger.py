@@ -59,11 +59,19 @@ def write_ledger(ds: ray.data.Dataset, ledger_dir: str, rows_per_shard: int, num
 
 
 def read_ledger(ledger_dir: str) -> ray.data.Dataset | None:
+    """The ledger's shards, read with Ray Data's first Parquet datasource. Its second (Ray 2.60's default) starts a
+    pool of up to 32 footer-reading actors, each a new worker process, for every read: 6.5 s against 0.4 s for a
+    9-shard ledger on 2 cores, twice a curation run. The shards are ours, listed already, with one small footer each."""
     shards = storage.list_files(ledger_dir, ".parquet")
     if not shards:
         return None
     fs, _ = storage.filesystem(ledger_dir)
-    return ray.data.read_parquet([storage.filesystem(s)[1] for s in shards], filesystem=fs)
+    context = ray.data.DataContext.get_current()
+    v2, context.use_datasource_v2 = context.use_datasource_v2, False
+    try:
+        return ray.data.read_parquet([storage.filesystem(s)[1] for s in shards], filesystem=fs)
+    finally:
+        context.use_datasource_v2 = v2
 
 
 class JsonlDatasink(BlockBasedFileDatasink):
