@@ -18,6 +18,7 @@ from test_sft import cot_rows
 from unifer_ray import storage
 from unifer_ray.models.loading import load_model_and_processor
 from unifer_ray.runlog import METRICS_FILE
+from unifer_ray.train import sft
 from unifer_ray.train.config import SFTConfig
 from unifer_ray.train.loop import checkpoint_dir_name
 from unifer_ray.train.sft import run_sft, training_rows
@@ -63,7 +64,7 @@ def test_the_training_order_is_the_rows_not_the_order_they_were_written_in(ray_c
 
 
 def test_two_workers_follow_the_one_worker_loss_curve(s3_server, ray_cluster, tiny_model_dir, cot_file,
-                                                      synthetic_root, tmp_path, capfd):
+                                                      synthetic_root, tmp_path, capfd, monkeypatch):
     # Same global batch of 4 rows: 1 worker × 2 rows × 2 accumulation steps (DDP), 2 workers × 2 rows (ZeRO-3). The
     # one-worker run reads its data from S3 and keeps its checkpoints and model there (one run fewer for the suite).
     base = f"{s3_server}/sft-{tmp_path.name}"
@@ -117,10 +118,17 @@ def test_two_workers_follow_the_one_worker_loss_curve(s3_server, ray_cluster, ti
         torch.testing.assert_close(weights_two[name], value, rtol=1e-3, atol=1e-4)
     assert any(not torch.equal(p, start.state_dict()[n]) for n, p in model_one.state_dict().items())
 
-    # The S3 run again: it finds its finished checkpoint there and trains nothing more.
-    again = run_sft(one)
-    assert (again.steps, again.checkpoint) == (result_one.steps, result_one.checkpoint)
+    # The S3 run again: it finds its finished checkpoint there and trains nothing more, without starting Ray Train
+    # (whose trainer is refused here). Its model is exported again, here to a new output_dir.
+    def no_trainer(*args, **kwargs):
+        raise AssertionError("a finished run started Ray Train")
+
+    monkeypatch.setattr(sft, "TorchTrainer", no_trainer)
+    again = run_sft(one.model_copy(update={"output_dir": f"{base}/model-again"}))
+    assert (again.steps, again.checkpoint, again.loss) == (result_one.steps, result_one.checkpoint, result_one.loss)
     assert len(records(one)) == 4
+    assert [f.rsplit("/", 1)[1] for f in storage.list_files(f"{base}/model-again")] == [
+        f.rsplit("/", 1)[1] for f in files]
 
 
 def _train_worker_pids() -> list[int]:

@@ -101,6 +101,11 @@ def run_sft(config: SFTConfig) -> SFTResult:
              config.global_batch_size, plan.steps_per_epoch, config.strategy, config.num_workers)
 
     fs, storage_dir = storage.filesystem(config.storage_path)
+    finished = finished_run(config, plan, fs, storage_dir)
+    if finished is not None:
+        log.info("SFT: %s already ran its %d steps: no training, its final model is exported again",
+                 config.checkpoint_dir, plan.total_steps)
+        return exported_result(config, finished, started, plan)
     execution = DataConfig.default_ingest_options()
     execution.preserve_order = True  # every worker, every attempt: the same order of rows
     trainer = TorchTrainer(
@@ -125,7 +130,26 @@ def run_sft(config: SFTConfig) -> SFTResult:
         result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"SFT run {config.run_name} ended without a checkpoint")
+    return exported_result(config, result, started, plan)
 
+
+def finished_run(config: SFTConfig, plan: StepPlan, fs, storage_dir: str) -> ray.train.Result | None:
+    """The result of an earlier run in checkpoint_dir whose latest checkpoint is its last step, as Ray Train
+    recorded it; None when there is none. Such a run has nothing left to train: starting Ray Train's controller and
+    workers only to have them find that out costs a few seconds of processes a worker."""
+    if not storage.exists(config.checkpoint_dir):
+        return None
+    try:
+        result = ray.train.Result.from_path(posixpath.join(storage_dir, config.run_name), storage_filesystem=fs)
+    except RuntimeError:  # the directory holds no run Ray Train recorded a checkpoint of
+        return None
+    if result.checkpoint is None or (result.metrics or {}).get("step") != plan.total_steps:
+        return None
+    return result
+
+
+def exported_result(config: SFTConfig, result: ray.train.Result, started: float, plan: StepPlan) -> SFTResult:
+    """Copy the model exported in `result`'s final checkpoint to output_dir."""
     with result.checkpoint.as_directory() as directory:
         exported = Path(directory) / MODEL_DIR
         if not exported.is_dir():
