@@ -117,9 +117,11 @@ def preempt_the_rollout_node_after(sim: Head, log_dir: Path, steps: int, preempt
 
 def test_rlvr_job_scales_up_survives_a_preempted_rollout_node_and_scales_to_zero(sim, tmp_path, tiny_model_dir,
                                                                                 synthetic_root):
-    steps = 40  # under a second each here: the run is still going when the rollout node is preempted after step 2
+    # The rollout node is preempted once step 2 is logged. One step off, at most step 3's samples exist by then:
+    # the steps after it wait for the replacement (a new node, a vLLM engine start), however fast a step is.
+    steps = 10
     config = rl_config(tmp_path, tiny_model_dir, synthetic_root, steps=steps, mode="one_step_off",
-                       rollout={"max_replacements": 2}, checkpoint_every=20, sample_log_every=0)
+                       rollout={"max_replacements": 2}, checkpoint_every=5, sample_log_every=0)
     (tmp_path / "rlvr.yaml").write_text(yaml.safe_dump({"rlvr": config}))
     sim.submit(["python", "jobs/rlvr.py", "--config", str(tmp_path / "rlvr.yaml")], submission_id="rlvr")
 

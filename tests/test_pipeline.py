@@ -11,6 +11,7 @@ import yaml
 
 from unifer_ray.config import ConfigError, read_yaml
 from unifer_ray.demo import moved_below, run_demo
+from unifer_ray.engines import engine_description
 from unifer_ray.engines.platform import cpu_engine_dtype, vllm_installed, vllm_version
 from unifer_ray.pipeline import STAGES, Pipeline
 from unifer_ray.pipeline_report import first_vs_last_fifth, moving_average, task_accuracy, write_pipeline_report
@@ -63,11 +64,24 @@ def test_only_the_sections_of_the_chosen_stages_are_needed(tmp_path):
         Pipeline(sections, source="tiny.yaml")
 
 
+def test_the_demo_generates_with_vllm_wherever_it_is_installed(tmp_path):
+    """The demo's FERBench and rollouts: vLLM in the CPU's dtype where it is installed, transformers elsewhere."""
+    pipeline = Pipeline(tiny_sections(tmp_path), source="tiny.yaml")
+    vllm = f"vllm {vllm_version()} {cpu_engine_dtype()}" if vllm_installed() else None
+    assert engine_description(pipeline.config.bench_model.engine, on_cpu=True) == (vllm or "hf")
+    rollouts = pipeline.rlvr.rollout.engine.spec(pipeline.rlvr.model)
+    assert engine_description(rollouts, on_cpu=True) == (vllm or "hf")
+
+
 def test_the_demo_runs_every_stage_and_reports_base_sft_and_rlvr(ray_cluster, tmp_path):
-    """configs/tiny.yaml at toy size: every stage runs for real, a few steps each. The serve stage's request runs
-    against test_serve's app (test_the_pipelines_streamed_question_reads_the_answer_back)."""
+    """configs/tiny.yaml at toy size: every stage runs for real, a few steps each. Its generation runs on
+    transformers here: vLLM's FERBench and rollouts have their own tests (test_bench, test_rl_system), which
+    start the engines this test would start four more times; the demo's own choice of vLLM is the test above. The
+    serve stage's request runs against test_serve's app (test_the_pipelines_streamed_question_reads_the_answer_back)."""
     config = read_yaml(REPO / "configs" / "tiny.yaml")
     config["pipeline"]["stages"] = ["curate_cot", "curate_rlvr", "sft", "rlvr", "bench"]
+    config["pipeline"]["bench_model"]["engine"]["engine"] = "hf"
+    config["rlvr"]["rollout"]["engine"]["engine"] = "hf"
     config["demo"] |= {"train_per_class": 3, "test_per_class": 1}
     config["pipeline"]["bench_model"]["sampling"]["max_new_tokens"] = 12
     config["sft"] |= {"max_steps": 3, "micro_batch_size": 2, "num_workers": 1, "strategy": "ddp",
@@ -86,17 +100,15 @@ def test_the_demo_runs_every_stage_and_reports_base_sft_and_rlvr(ray_cluster, tm
     assert [row["stage"] for row in summary["stages"]] == [
         "synthetic data", "tiny model", "FERBench files", "curate CoT", "curate RLVR", "SFT (Ray Train)",
         "RLVR (GRPO)", "FERBench base vs SFT vs RLVR"]
-    vllm = f"vllm {vllm_version()}" if vllm_installed() else None
     engines = {row["stage"]: row.get("engine") for row in summary["stages"]}
     assert engines["curate CoT"] == "oracle teacher" and engines["SFT (Ray Train)"] == "torch, ddp"
-    assert engines["RLVR (GRPO)"] == (f"{vllm} {cpu_engine_dtype()} rollouts" if vllm else "hf rollouts")
-    assert engines["FERBench base vs SFT vs RLVR"] == (f"{vllm} {cpu_engine_dtype()}" if vllm else "hf")
+    assert engines["RLVR (GRPO)"] == "hf rollouts" and engines["FERBench base vs SFT vs RLVR"] == "hf"
     assert list(summary["ferbench"]) == ["tiny-base", "tiny-sft", "tiny-rlvr"]
     for per_dataset in summary["ferbench"].values():
         assert set(per_dataset) == {"rafdb", "ferplus", "affectnet", "sfew", "overall"}
-    for model in summary["ferbench"]:  # the leaderboard comes from vLLM wherever it is installed
+    for model in summary["ferbench"]:  # the leaderboard comes from the configured engine
         rows = [json.loads(line) for line in open(out / "bench" / "results" / model / "results.jsonl")]
-        assert rows and {row["engine"] for row in rows} == {vllm or "hf"}
+        assert rows and {row["engine"] for row in rows} == {"hf"}
     assert summary["sft"]["steps"] == 3 and summary["rlvr"]["steps"] == 2
     for model in ("tiny-sft", "tiny-rlvr"):
         assert (out / "models" / model / "config.json").is_file()
