@@ -101,7 +101,7 @@ def run_sft(config: SFTConfig) -> SFTResult:
              config.global_batch_size, plan.steps_per_epoch, config.strategy, config.num_workers)
 
     fs, storage_dir = storage.filesystem(config.storage_path)
-    finished = finished_run(config, plan, fs, storage_dir)
+    finished = finished_run(config, plan)
     if finished is not None:
         log.info("SFT: %s already ran its %d steps: no training, its final model is exported again",
                  config.checkpoint_dir, plan.total_steps)
@@ -133,15 +133,14 @@ def run_sft(config: SFTConfig) -> SFTResult:
     return exported_result(config, result, started, plan)
 
 
-def finished_run(config: SFTConfig, plan: StepPlan, fs, storage_dir: str) -> ray.train.Result | None:
+def finished_run(config: SFTConfig, plan: StepPlan) -> ray.train.Result | None:
     """The result of an earlier run in checkpoint_dir whose latest checkpoint is its last step, as Ray Train
     recorded it; None when there is none. Such a run has nothing left to train: starting Ray Train's controller and
     workers only to have them find that out costs a few seconds of processes a worker."""
-    if not storage.exists(config.checkpoint_dir):
-        return None
+    fs, path = storage.filesystem(config.checkpoint_dir)
     try:
-        result = ray.train.Result.from_path(posixpath.join(storage_dir, config.run_name), storage_filesystem=fs)
-    except RuntimeError:  # the directory holds no run Ray Train recorded a checkpoint of
+        result = ray.train.Result.from_path(path, storage_filesystem=fs)
+    except RuntimeError:  # no such directory, or none Ray Train recorded a checkpoint in
         return None
     if result.checkpoint is None or (result.metrics or {}).get("step") != plan.total_steps:
         return None
