@@ -87,8 +87,15 @@ def train_rows(rollout, signs) -> list[TrainRow]:
             for item, group in zip(rollout.items, rollout.completions) for c, sign in zip(group, signs)]
 
 
+# What the hang test waits before it replaces a frozen engine. A healthy new engine's first call with log-probabilities
+# also compiles vLLM's token-rank kernel (torch.compile, about 2 s alone): beside a second test worker, 12 s were
+# not enough (2026-12-03).
+GENERATE_TIMEOUT_S = 30
+
+
 def push_test_config(tmp: Path, model_dir: Path, synthetic_root: Path, engine: dict) -> RLVRConfig:
-    return parse_config(rl_config(tmp, model_dir, synthetic_root, rollout={"engine": engine, "generate_timeout_s": 12},
+    return parse_config(rl_config(tmp, model_dir, synthetic_root,
+                                  rollout={"engine": engine, "generate_timeout_s": GENERATE_TIMEOUT_S},
                                   learner={"freeze_vision_tower": True, "optimizer": {"lr": 1e-2}},
                                   grpo={"beta": 0.0}), RLVRConfig)
 
