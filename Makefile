@@ -46,7 +46,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/unifer demo --out runs/demo
 
 # Two pytest-xdist workers, a test module each at a time (module fixtures stay whole), each with its own Ray cluster:
-# alone, the suite left a third of 2 cores idle (an engine start is a chain of one-process imports), 31 -> 22 min.
+# alone, the suite left 30% of 2 cores idle (an engine start is a chain of one-process imports): 31 -> 19 min here.
 test: platform lint
 	$(PY) -m pytest tests -v --durations=25 -n 2 --dist loadfile
 
