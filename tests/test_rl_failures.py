@@ -18,7 +18,7 @@ import ray
 from ray._common.utils import reset_ray_address
 from ray._private.utils import read_ray_address
 
-from tests.helpers import EngineStandIn, rl_config
+from tests.helpers import EngineStandIn, needs_vllm, rl_config
 from unifer_ray.config import parse_config
 from unifer_ray.engines import SamplingParams
 from unifer_ray.ray_runtime import free_port
@@ -30,6 +30,7 @@ from unifer_ray.rl.rollout import RolloutGroup
 # ---------------------------------------------------------------- NCCL: the first failed engine aborts the update
 
 
+@needs_vllm
 def test_an_engine_that_dies_mid_update_aborts_the_transfer_at_once(ray_cluster):
     """vLLM's sender runs the engines' `update_weights` on a thread beside its NCCL broadcast. The rollout client
     waits on every engine's call and aborts the group on the first failure (which ends the broadcast), whatever the
@@ -125,7 +126,9 @@ def test_a_lost_rollout_node_is_replaced_however_long_the_next_node_takes(rollou
     monkeypatch.setenv("UNIFER_PLACEMENT", "labels")  # the session's own node carries no label: rollouts go here
     first = start_node()
     wait_for(lambda: rollout_nodes_alive() == 1, 180)  # a raylet registering on a busy 2-core machine
-    rollout = {"engine": {"engine": "hf", "max_batch_size": 8}, "num_cpus": 1, "start_timeout_s": 20,
+    # start_timeout_s: a fresh node's first worker imports torch and transformers; beside a second test worker that
+    # took more than 20 s (2026-12-03).
+    rollout = {"engine": {"engine": "hf", "max_batch_size": 8}, "num_cpus": 1, "start_timeout_s": 45,
                "placement_timeout_s": 180, "max_replacements": 1}
     config = parse_config(rl_config(tmp_path, tiny_model_dir, synthetic_root, rollout=rollout), RLVRConfig)
     items = PromptSource(config.data, prompts_per_step=2, seed=0).batch(0)

@@ -25,6 +25,7 @@ from unifer_ray.rl.grpo import (
     truncated_is_weights,
 )
 from unifer_ray.rl.learner import TrainRow
+from unifer_ray.rl.prompts import ORDERS
 from unifer_ray.rl.rewards import RewardSet, accuracy_reward, format_reward, load_reward
 from unifer_ray.rl.rollout import Rollout
 
@@ -291,6 +292,28 @@ def test_rank_shares_are_contiguous_and_a_rank_without_rows_gets_a_filler(n, wor
     expected = [list(share) for share in np.array_split(np.arange(n), world)]  # the first shares a row longer
     assert [[r.completion_ids[0] for r in share if r.weight] for share in shares] == expected
     assert all(share == [TrainRow.filler(rows[0])] for share, ids in zip(shares, expected) if not ids)
+
+
+# ---------------------------------------------------------------- prompt orders
+
+
+def answer_counts_per_step(order: np.ndarray, answers: list[str], step: int) -> list[dict[str, int]]:
+    return [{a: sum(answers[i] == a for i in order[k:k + step]) for a in set(answers)}
+            for k in range(0, len(order) - step + 1, step)]
+
+
+def test_by_answer_gives_every_step_the_labels_in_their_share_and_a_shuffle_does_not():
+    answers = ["fear"] * 60 + ["happy"] * 30 + ["sad"] * 10
+    items = [{"id": str(i), "answer": a} for i, a in enumerate(answers)]
+    share = {"fear": 6, "happy": 3, "sad": 1}  # of every 10 prompts
+    order = ORDERS["by_answer"](items, np.random.default_rng([0, 0]))
+    assert sorted(order.tolist()) == list(range(100))
+    assert all(abs(counts[a] - share[a]) <= 1 for counts in answer_counts_per_step(order, answers, 10) for a in share)
+    shuffled = ORDERS["shuffled"](items, np.random.default_rng([0, 0]))
+    assert any(abs(counts[a] - share[a]) > 1 for counts in answer_counts_per_step(shuffled, answers, 10) for a in share)
+    assert order.tolist() == ORDERS["by_answer"](items, np.random.default_rng([0, 0])).tolist()
+    assert order.tolist() != ORDERS["by_answer"](items, np.random.default_rng([0, 1])).tolist()  # a new epoch's order
+    assert ORDERS["id"](items, np.random.default_rng(0)).tolist() == list(range(100))
 
 
 # ---------------------------------------------------------------- configs

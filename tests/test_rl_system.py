@@ -256,6 +256,12 @@ def kill_mid_update(name: str) -> None:
     """Freeze the rollout actor's vLLM engine, and once the actor is inside the next weight load (it holds the
     update's file in shared memory open, waiting on its engine), kill the actor and its engine."""
     actor = ray.get_actor(name)
+    if not vllm_installed():
+        # Transformers keeps the model inside the actor, which cannot be frozen halfway through a load: the actor
+        # dies before the update instead, and the sync finds it dead all the same.
+        ray.kill(actor)
+        CHAOS["killed"].append(name)
+        return
     pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
     engines = engine_processes(actor)
     for process in engines:

@@ -10,7 +10,7 @@ import pytest
 import ray
 import torch
 
-from tests.helpers import rl_config
+from tests.helpers import needs_vllm, rl_config
 from unifer_ray.config import parse_config
 from unifer_ray.models.loading import load_model_and_processor
 from unifer_ray.rl.config import RLVRConfig
@@ -164,6 +164,7 @@ def test_the_learners_share_one_placement_group_and_their_gathers_outwait_a_weig
     assert group_timeout_s(config) > config.rollout.update_timeout_s
 
 
+@needs_vllm
 def test_a_sender_that_fails_before_its_broadcast_still_joins_the_other_ranks_gathers(zero3):
     """NCCL sync under ZeRO-3 (vLLM's trainer engine on every rank, the sender without its NCCL endpoint, which needs
     CUDA). The other rank gathers every parameter of a send in step with the sender; a sender that raises before its

@@ -1,4 +1,4 @@
-"""The prompts of each step: RLVR items read once through `read_rlvr`, then a seeded order per epoch.
+"""The prompts of each step: RLVR items read once through `read_rlvr`, then a seeded order per epoch (ORDERS).
 
 The items' text columns are small (the images stay in storage until a rollout worker loads them), so the driver
 holds them all; a step's batch is a pure function of (seed, step): the data position of a checkpoint is its step.
@@ -6,13 +6,41 @@ holds them all; a step's batch is a pure function of (seed, step): the data posi
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import numpy as np
 
 from unifer_ray.data.training_sets import read_rlvr
 from unifer_ray.records import ErrorRecord
+from unifer_ray.registry import lookup
 from unifer_ray.rl.config import PromptData
 
 COLUMNS = ("id", "dataset", "task", "image_uri", "problem", "solution", "answer", "source", "row")
+
+
+def _shuffled(items: list[dict], rng: np.random.Generator) -> np.ndarray:
+    return rng.permutation(len(items))
+
+
+def _by_answer(items: list[dict], rng: np.random.Generator) -> np.ndarray:
+    """A seeded order in which each answer's items are spread evenly over the epoch: any run of prompts holds the
+    answers about in their share of the whole set. A step of prompts drawn at random holds some labels twice and
+    others not at all, and on a small policy the update then shifts every image's answers toward the labels that
+    happened to be rewarded (docs/benchmarks.md, "RLVR's label drift")."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for index in rng.permutation(len(items)):
+        groups[items[index]["answer"]].append(int(index))
+    keys = np.empty(len(items))
+    for members in groups.values():
+        keys[members] = (np.arange(len(members)) + rng.random(len(members))) / len(members)
+    return np.argsort(keys, kind="stable")
+
+
+def _by_id(items: list[dict], rng: np.random.Generator) -> np.ndarray:
+    return np.arange(len(items))
+
+
+ORDERS = {"shuffled": _shuffled, "by_answer": _by_answer, "id": _by_id}
 
 
 class PromptSource:
@@ -35,7 +63,7 @@ class PromptSource:
             raise ValueError(f"{config.paths}: {len(self.items)} valid RLVR items{kept}, fewer than prompts_per_step "
                              f"{prompts_per_step} ({len(self.errors)} bad rows)")
         self.prompts_per_step = prompts_per_step
-        self.shuffle = config.shuffle
+        self.order = lookup(ORDERS, config.order, "prompt order")
         self.seed = seed
         self._epoch_order: tuple[int, np.ndarray] | None = None
 
@@ -54,9 +82,6 @@ class PromptSource:
 
     def _index(self, position: int) -> int:
         epoch, offset = divmod(position, len(self.items))
-        if not self.shuffle:
-            return offset
         if self._epoch_order is None or self._epoch_order[0] != epoch:
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.items))
-            self._epoch_order = (epoch, order)
+            self._epoch_order = (epoch, self.order(self.items, np.random.default_rng([self.seed, epoch])))
         return int(self._epoch_order[1][offset])
