@@ -25,7 +25,7 @@ from unifer_ray.rl.grpo import (
     truncated_is_weights,
 )
 from unifer_ray.rl.learner import TrainRow
-from unifer_ray.rl.prompts import ORDERS
+from unifer_ray.rl.orders import ORDERS
 from unifer_ray.rl.rewards import RewardSet, accuracy_reward, format_reward, load_reward
 from unifer_ray.rl.rollout import Rollout
 
@@ -348,6 +348,8 @@ def test_config_errors_name_the_field():
         (minimal(grpo={"group_size": 1}), "grpo.group_size"),
         (minimal(grpo={"aggregation": "mean"}), "grpo.aggregation"),
         (minimal(grpo={"advantage": "ppo"}), "grpo.advantage"),
+        (minimal(data={"paths": ["/d.jsonl"], "order": "random"}), "data.order.*unknown prompt order 'random'; "
+                                                                     "expected one of shuffled, by_answer, id"),
         (minimal(checkpoint_dir="s3://bucket/c"), "log_dir"),
         (minimal(rewards=[{"name": "a"}, {"name": "a"}]), "unique"),
         (minimal(sync={"kind": "nccl"}), "nccl"),

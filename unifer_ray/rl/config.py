@@ -12,6 +12,7 @@ from unifer_ray.optim import OptimizerConfig
 from unifer_ray.parallel import ParallelConfig
 from unifer_ray.registry import lookup
 from unifer_ray.rl.grpo import ADVANTAGES, AGGREGATIONS
+from unifer_ray.rl.orders import ORDERS
 
 
 class _Strict(BaseModel):
@@ -22,13 +23,19 @@ class PromptData(_Strict):
     paths: list[str] = Field(min_length=1)  # RLVR files or directories of them (.json/.jsonl/.parquet, local or s3://)
     image_root: str | None = None  # items' image_path is read below this root (local or s3://)
     image_size: int = Field(224, gt=0)  # images are resized to image_size², as in FERBench and SFT
-    # Each epoch's seeded order (rl/prompts.py ORDERS): `by_answer` spreads each answer's items evenly over the epoch,
+    # Each epoch's seeded order (rl/orders.py ORDERS): `by_answer` spreads each answer's items evenly over the epoch,
     # so that every step's prompts hold the labels in their share (docs/post-training.md); `shuffled`, a plain
     # permutation; `id`, the items sorted by id.
-    order: Literal["by_answer", "shuffled", "id"] = "by_answer"
+    order: str = "by_answer"
     # Only the items of these task types (their `task` field: mc, mc_shuffled, binary, unified); None: every item. A
     # task the starting policy never answers right gives groups of equal rewards, which teach nothing.
     tasks: list[str] | None = Field(None, min_length=1)
+
+    @field_validator("order")
+    @classmethod
+    def _order(cls, name: str) -> str:
+        lookup(ORDERS, name, "prompt order")
+        return name
 
 
 class RolloutEngine(_Strict):

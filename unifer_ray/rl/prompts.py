@@ -6,41 +6,14 @@ holds them all; a step's batch is a pure function of (seed, step): the data posi
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import numpy as np
 
 from unifer_ray.data.training_sets import read_rlvr
 from unifer_ray.records import ErrorRecord
-from unifer_ray.registry import lookup
 from unifer_ray.rl.config import PromptData
+from unifer_ray.rl.orders import ORDERS
 
 COLUMNS = ("id", "dataset", "task", "image_uri", "problem", "solution", "answer", "source", "row")
-
-
-def _shuffled(items: list[dict], rng: np.random.Generator) -> np.ndarray:
-    return rng.permutation(len(items))
-
-
-def _by_answer(items: list[dict], rng: np.random.Generator) -> np.ndarray:
-    """A seeded order in which each answer's items are spread evenly over the epoch: any run of prompts holds the
-    answers about in their share of the whole set. A step of prompts drawn at random holds some labels twice and
-    others not at all, and on a small policy the update then shifts every image's answers toward the labels that
-    happened to be rewarded (docs/benchmarks.md, "RLVR's label drift")."""
-    groups: dict[str, list[int]] = defaultdict(list)
-    for index in rng.permutation(len(items)):
-        groups[items[index]["answer"]].append(int(index))
-    keys = np.empty(len(items))
-    for members in groups.values():
-        keys[members] = (np.arange(len(members)) + rng.random(len(members))) / len(members)
-    return np.argsort(keys, kind="stable")
-
-
-def _by_id(items: list[dict], rng: np.random.Generator) -> np.ndarray:
-    return np.arange(len(items))
-
-
-ORDERS = {"shuffled": _shuffled, "by_answer": _by_answer, "id": _by_id}
 
 
 class PromptSource:
@@ -63,7 +36,7 @@ class PromptSource:
             raise ValueError(f"{config.paths}: {len(self.items)} valid RLVR items{kept}, fewer than prompts_per_step "
                              f"{prompts_per_step} ({len(self.errors)} bad rows)")
         self.prompts_per_step = prompts_per_step
-        self.order = lookup(ORDERS, config.order, "prompt order")
+        self.order = ORDERS[config.order]  # a name the config checked
         self.seed = seed
         self._epoch_order: tuple[int, np.ndarray] | None = None
 
