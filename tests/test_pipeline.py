@@ -40,6 +40,17 @@ def test_shipped_configs_hand_over_from_stage_to_stage(config, tmp_path):
     assert models["sft"] == pipeline.rlvr.model  # RLVR starts from what SFT exports
 
 
+def test_the_bench_compares_the_configured_models_and_says_which(tmp_path):
+    sections = tiny_sections(tmp_path)
+    pipeline = Pipeline(sections, source="tiny.yaml")  # the demo leaves out its random-init base model
+    assert pipeline.compared() == ["sft", "rlvr"] and pipeline.title("bench") == "FERBench SFT vs RLVR"
+    assert [m.name for m in pipeline.bench_models("tiny-")] == ["tiny-sft", "tiny-rlvr"]
+    del sections["pipeline"]["compare"]
+    pipeline = Pipeline(sections, source="tiny.yaml")
+    assert pipeline.title("bench") == "FERBench base vs SFT vs RLVR"
+    assert [m.engine.model for m in pipeline.bench_models("")] == list(pipeline.models().values())
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("sft", {"data": ["elsewhere/cot"]}, "sft.data is"),
     ("rlvr", {"model": "runs/demo/models/other"}, "rlvr.model is"),
@@ -73,7 +84,7 @@ def test_the_demo_generates_with_vllm_wherever_it_is_installed(tmp_path):
     assert engine_description(rollouts, on_cpu=True) == (vllm or "hf")
 
 
-def test_the_demo_runs_every_stage_and_reports_base_sft_and_rlvr(ray_cluster, tmp_path):
+def test_the_demo_runs_every_stage_and_reports_sft_against_rlvr(ray_cluster, tmp_path):
     """configs/tiny.yaml at toy size: every stage runs for real, a few steps each. Its generation runs on
     transformers here: vLLM's FERBench and rollouts have their own tests (test_bench, test_rl_system), which
     start the engines this test would start four more times; the demo's own choice of vLLM is the test above. The
@@ -99,11 +110,11 @@ def test_the_demo_runs_every_stage_and_reports_base_sft_and_rlvr(ray_cluster, tm
     summary = json.loads((out / "report" / "report.json").read_text())
     assert [row["stage"] for row in summary["stages"]] == [
         "synthetic data", "tiny model", "FERBench files", "curate CoT", "curate RLVR", "SFT (Ray Train)",
-        "RLVR (GRPO)", "FERBench base vs SFT vs RLVR"]
+        "RLVR (GRPO)", "FERBench SFT vs RLVR"]
     engines = {row["stage"]: row.get("engine") for row in summary["stages"]}
     assert engines["curate CoT"] == "oracle teacher" and engines["SFT (Ray Train)"] == "torch, ddp"
-    assert engines["RLVR (GRPO)"] == "hf rollouts" and engines["FERBench base vs SFT vs RLVR"] == "hf"
-    assert list(summary["ferbench"]) == ["tiny-base", "tiny-sft", "tiny-rlvr"]
+    assert engines["RLVR (GRPO)"] == "hf rollouts" and engines["FERBench SFT vs RLVR"] == "hf"
+    assert list(summary["ferbench"]) == ["tiny-sft", "tiny-rlvr"]
     for per_dataset in summary["ferbench"].values():
         assert set(per_dataset) == {"rafdb", "ferplus", "affectnet", "sfew", "overall"}
     for model in summary["ferbench"]:  # the leaderboard comes from the configured engine

@@ -337,7 +337,8 @@ def test_a_killed_rollout_actor_is_replaced_and_no_step_trains_on_fabricated_rew
     # not; and each logged reward is what this test's own rules say of the logged text.
     samples = read_run_log(tmp / "logs", "samples.jsonl")
     assert len(samples) == 3 * PROMPTS * GROUP
-    assert all(s["tokens"] > 0 and s["completion"] for s in samples)
+    # A completion may be empty text (the engine's first token ended it: one token), never tokenless.
+    assert all(s["tokens"] > 0 for s in samples)
     for record in records:
         logged = [s for s in samples if s["step"] == record["step"]]
         assert record["train_tokens"] == sum(s["tokens"] for s in logged)

@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from unifer_ray.curate.oracle import oracle_response
+from unifer_ray.data.synthetic import sample_params
+from unifer_ray.labels import RAFDB
 from unifer_ray.models.loading import load_model_and_processor
 from unifer_ray.models.tiny import SPECIAL_TOKENS, TinyModelConfig, build_tiny_model
 
@@ -106,6 +110,18 @@ def test_tokenizer_round_trips_ferbench_prompts(loaded):
     assert tokenizer.decode(tokenizer("naïve 😀 weiß").input_ids) == "naïve 😀 weiß"  # byte level: any text
     for token in SPECIAL_TOKENS:
         assert len(tokenizer(token).input_ids) == 1
+
+
+def test_tokenizer_spells_the_oracle_teachers_traces_in_whole_words(loaded):
+    """The demo's models write the oracle's reasoning: spelled in pieces of words, every rollout and FERBench answer
+    took 77 tokens instead of 45."""
+    tokenizer = loaded[1].tokenizer
+    rng = np.random.default_rng(0)
+    for label in RAFDB.labels:
+        trace = oracle_response(sample_params(label, rng).model_dump(), label, list(RAFDB.labels), rng)
+        ids = tokenizer(trace).input_ids
+        assert tokenizer.decode(ids) == trace
+        assert len(ids) < 2.5 * len(trace.split()), f"{trace!r} took {len(ids)} tokens"
 
 
 def test_build_is_deterministic_per_seed(tmp_path, tiny_model_dir):

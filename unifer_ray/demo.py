@@ -1,7 +1,7 @@
 """`unifer demo`: the whole system on the embedded default — synthetic faces, tiny model, CPU only.
 
     synthetic faces → tiny model → FERBench files → the pipeline (curate CoT + RLVR → SFT → RLVR →
-    FERBench base vs SFT vs RLVR → Serve + one OpenAI-client request) → stage table and report
+    FERBench SFT vs RLVR → Serve + one OpenAI-client request) → stage table and report
 
 The pipeline is `unifer_ray.pipeline`, the code `jobs/pipeline.py` runs on a cluster; the demo only makes its inputs.
 Every path in the config file starts with `runs/demo`; `--out DIR` moves them all below DIR.

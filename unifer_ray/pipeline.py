@@ -27,7 +27,8 @@ from unifer_ray.stages import STAGES
 from unifer_ray.train.config import SFTConfig
 
 STAGE_TITLES = {"curate_cot": "curate CoT", "curate_rlvr": "curate RLVR", "sft": "SFT (Ray Train)",
-                "rlvr": "RLVR (GRPO)", "bench": "FERBench base vs SFT vs RLVR", "serve": "Serve + one request"}
+                "rlvr": "RLVR (GRPO)", "bench": "FERBench", "serve": "Serve + one request"}
+MODEL_TITLES = {"base": "base", "sft": "SFT", "rlvr": "RLVR"}
 
 
 class ServeStage(BaseModel):
@@ -47,7 +48,9 @@ class PipelineConfig(BaseModel):
     stages: list[Literal[STAGES]] = Field(default_factory=lambda: list(STAGES), min_length=1)  # type: ignore[valid-type]
     ferbench: list[BenchFile] = Field(min_length=1)  # the test files every model is benchmarked on
     bench_model: BenchModel  # how each model is benchmarked; its name and engine.model are set per model
-    base_items_per_dataset: int | None = Field(None, gt=0)  # the base model on only the first N items of each dataset
+    # The models the bench stage compares, of those the configured stages start from or make.
+    compare: list[Literal["base", "sft", "rlvr"]] = Field(default_factory=lambda: ["base", "sft", "rlvr"],
+                                                          min_length=1)
     bench_out_dir: str  # FERBench results and report, local or s3://
     models_at_once: int = Field(1, gt=0)  # models benchmarked side by side (their engines must fit together)
     report_dir: str  # the pipeline's report: report.md, report.json and plots (local)
@@ -130,7 +133,16 @@ class Pipeline:
         each benchmarked model's name."""
         run = {"curate_cot": self._curate_cot, "curate_rlvr": self._curate_rlvr, "sft": self._sft,
                "rlvr": self._rlvr, "bench": partial(self._bench, model_prefix), "serve": self._serve}
-        return {stage: stages.run(STAGE_TITLES[stage], run[stage]) for stage in STAGES if stage in self.config.stages}
+        return {stage: stages.run(self.title(stage), run[stage]) for stage in STAGES if stage in self.config.stages}
+
+    def title(self, stage: str) -> str:
+        if stage != "bench":
+            return STAGE_TITLES[stage]
+        return f"{STAGE_TITLES[stage]} " + " vs ".join(MODEL_TITLES[name] for name in self.compared())
+
+    def compared(self) -> list[str]:
+        """The models the bench stage compares: those of `compare` the stages have."""
+        return [name for name in self.models() if name in self.config.compare]
 
     # Each stage returns its result and its line of the stage table.
 
@@ -171,7 +183,7 @@ class Pipeline:
         from unifer_ray.engines import engine_description
 
         config = self.config
-        models = self._bench_models(model_prefix)
+        models = self.bench_models(model_prefix)
         runs, scored = bench_and_score(BenchConfig(files=config.ferbench, models=models, out_dir=config.bench_out_dir,
                                                    models_at_once=config.models_at_once))
         metrics = {m.name: scored[m.name] for m in models}  # pipeline order: base, SFT, RLVR
@@ -181,14 +193,13 @@ class Pipeline:
         summary = {"accuracy": last["accuracy"], "format_rate": last["format_rate"], "note": note, "engine": engine}
         return {"metrics": metrics, "paired": paired_last_two(runs)}, summary
 
-    def _bench_models(self, model_prefix: str) -> list[BenchModel]:
-        """The pipeline's `bench_model` once per model compared; the base model at its revision and item limit."""
-        base = self.config.bench_model
+    def bench_models(self, model_prefix: str) -> list[BenchModel]:
+        """The pipeline's `bench_model` once per model compared; the base model at its revision."""
+        base, paths = self.config.bench_model, self.models()
         return [base.model_copy(update={
             "name": f"{model_prefix}{name}", "engine": base.engine.model_copy(
-                update={"model": path, "revision": self.base_revision() if name == "base" else None}),
-            "items_per_dataset": self.config.base_items_per_dataset if name == "base" else base.items_per_dataset})
-            for name, path in self.models().items()]
+                update={"model": paths[name], "revision": self.base_revision() if name == "base" else None})})
+            for name in self.compared()]
 
     def _serve(self) -> tuple[dict | None, dict]:
         from unifer_ray.engines.platform import NO_WHEEL_HINT, vllm_installed

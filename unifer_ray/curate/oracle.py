@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from itertools import cycle
 
 import numpy as np
 
@@ -128,6 +129,16 @@ def oracle_response(
     opener = _pick(OPENERS, rng).format(evidence=face_evidence(params, rng))
     conclusion = _pick(CONCLUSIONS, rng).format(gloss=_pick(GLOSSES[canonical(answer)], rng), label=answer)
     return f"<think>{opener} {conclusion}</think><answer>{answer}</answer>"
+
+
+def trace_texts() -> list[str]:
+    """Reasoning that uses every opener with every piece of evidence and every conclusion with every gloss and
+    label: the words traces are made of (the tiny model's tokenizer learns them, as a real one knows English)."""
+    evidence = [phrase for cue in CUES for phrase in cue.phrases] + list(RESTING)
+    openers = [opener.format(evidence=e) for opener in OPENERS for e in evidence]
+    conclusions = [conclusion.format(gloss=gloss, label=label) for label, glosses in GLOSSES.items()
+                   for gloss in glosses for conclusion in CONCLUSIONS]
+    return [f"{opener} {conclusion}" for opener, conclusion in zip(openers, cycle(conclusions))]
 
 
 def row_rng(seed: int, row_id: str) -> np.random.Generator:

@@ -6,6 +6,7 @@ It is saved with `save_pretrained`, so every stage loads it exactly like Qwen/Qw
 from __future__ import annotations
 
 import json
+from itertools import cycle
 from pathlib import Path
 
 import torch
@@ -21,7 +22,8 @@ from transformers import (
     Qwen2VLVideoProcessor,
 )
 
-from unifer_ray.labels import CANONICAL, DATASETS, canonical
+from unifer_ray.curate.oracle import trace_texts
+from unifer_ray.labels import CANONICAL, DATASETS
 from unifer_ray.prompts import ferbench_prompt
 
 # Qwen2.5-VL's special tokens, in the real checkpoint's id order; they follow the BPE vocabulary, as in Qwen.
@@ -85,7 +87,7 @@ QWEN2_SPLIT_REGEX = (
 
 
 class TinyModelConfig(BaseModel):
-    """Sizes of the tiny model; the defaults build 1.8M parameters (vocabulary ~650) in a fraction of a second."""
+    """Sizes of the tiny model; the defaults build 1.8M parameters (vocabulary ~900) in a fraction of a second."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -137,41 +139,13 @@ class TinyModelConfig(BaseModel):
         return [time, height, half - time - height]
 
 
-# Facial evidence per emotion, the vocabulary of the reasoning the models are trained to write.
-EVIDENCE = {
-    "neutral": ["the brows are relaxed", "the eyes are open normally", "the mouth is closed and relaxed"],
-    "happiness": ["the cheeks are raised", "the mouth corners are turned up", "the eyes are slightly narrowed"],
-    "sadness": ["the inner brows are raised", "the mouth corners are turned down", "the eyes are looking down"],
-    "surprise": ["the brows are raised high", "the eyes are wide open", "the jaw is dropped and the mouth is open"],
-    "fear": ["the brows are raised and drawn together", "the eyes are wide open", "the lips are stretched back"],
-    "disgust": ["the nose is wrinkled", "the upper lip is raised", "the brows are lowered"],
-    "anger": ["the brows are lowered and drawn together", "the eyes are narrowed", "the lips are pressed together"],
-    "contempt": ["one mouth corner is raised", "the face is asymmetric", "the eyes are relaxed"],
-}
-REASONING_OPENINGS = (
-    "Looking at the face, {a}.",
-    "In this image, {a} and {b}.",
-    "The face shows that {a}, {b}, and {c}.",
-    "First, {a}. Second, {b}. Finally, {c}.",
-)
-REASONING_CONCLUSIONS = (
-    "This facial evidence suggests {label}.",
-    "These cues are consistent with {label}, so the most prominent expression is {label}.",
-    "Therefore the expression is {label} rather than the other candidate labels.",
-)
-
-
 def tokenizer_corpus() -> list[str]:
-    """The text the tokenizer is trained on: FERBench prompts, chat roles, labels, answer tags and reasoning."""
+    """The text the tokenizer is trained on: FERBench prompts, chat roles, labels, answer tags and the oracle
+    teacher's reasoning. Untrained on the reasoning, it spelled a demo trace in 77 tokens on average; trained, 45."""
     labels = sorted({label for spec in DATASETS.values() for label in spec.labels} | set(CANONICAL))
     lines = [DEFAULT_SYSTEM_PROMPT, ", ".join(labels)] + ["system", "user", "assistant"] * 2
     lines += [ferbench_prompt(spec.labels) for spec in DATASETS.values()] * 8  # frequent: whole words merge
-    for label in labels:
-        a, b, c = EVIDENCE[canonical(label)]
-        for opening in REASONING_OPENINGS:
-            for conclusion in REASONING_CONCLUSIONS:
-                think = opening.format(a=a.capitalize(), b=b, c=c) + " " + conclusion.format(label=label)
-                lines.append(f"<think>{think}</think><answer>{label}</answer>")
+    lines += [f"<think>{text}</think><answer>{label}</answer>" for text, label in zip(trace_texts(), cycle(labels))]
     return lines
 
 
