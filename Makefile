@@ -47,8 +47,9 @@ demo: $(VENV)/.installed
 
 # Two pytest-xdist workers, a test module each at a time (module fixtures stay whole), each with its own Ray cluster:
 # alone, the suite left 30% of 2 cores idle (an engine start is a chain of one-process imports): 31 -> 19 min here.
+# Modules go out slowest first (tests/conftest.py SLOWEST_MODULES), not by their number of tests.
 test: platform lint
-	$(PY) -m pytest tests -v --durations=25 -n 2 --dist loadfile
+	$(PY) -m pytest tests -v --durations=25 -n 2 --dist loadfile --no-loadscope-reorder
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
