@@ -6,7 +6,8 @@ transformers engine path, the vLLM path and one bare vLLM engine; then where the
 - transformers path: `bench.runner.run_model` with engine `hf`: a decode/resize stage and a pool of batched hf engine
   actors (two: a core each) streaming through Ray Data, then parse/score and Parquet shards.
 - vLLM path: the same runner with engine `vllm`: the decode/resize stage, the request stage (chat template and tokens,
-  image at the model's grid), ray.data.llm's vLLM engine stage (continuous batching), then parse/score and Parquet.
+  image at the model's grid), the engine stage (on CPUs one `vllm.LLM` in a Ray Data actor's process, given
+  batch_size x max_concurrent_batches rows a call), then parse/score and Parquet.
   Engines and batches in flight are sized from the cluster (`engines.batch.sized_workers`), as a user's run gets them.
 - Bare engine: one `vllm.LLM` in this process with the same engine settings, given all items at once as the images
   decoded at 224 px and the chat text: the engine's own speed, without decoding the images (done beforehand and not

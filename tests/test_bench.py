@@ -65,8 +65,8 @@ def test_bench_counts_add_up_with_bad_items(ray_cluster, tiny_model_dir, synthet
 @needs_vllm
 def test_bench_on_vllm_keeps_every_item(ray_cluster, tiny_model_dir, synthetic_root, ferbench_files, vllm_engine,
                                         tmp_path):
-    """FERBench through ray.data.llm's vLLM processor: bad items and a prompt longer than the model's context are
-    error rows with their reasons, the rest is scored by vLLM, and the answers are the in-process engine's."""
+    """FERBench through the CPU engine stage (OneProcessVLLM): bad items and a prompt longer than the model's context
+    are error rows with their reasons, the rest is scored by vLLM, and the answers are the in-process engine's."""
     good = json.loads(ferbench_files[1].read_text())[:12]
     bad_lines = bad_item_lines(good, synthetic_root, "FERPlus") + [
         json.dumps({**good[2], "image_path": good[3]["image_path"], "prompt": "why " * 1200}),  # longer than context
@@ -156,18 +156,41 @@ def test_models_run_side_by_side_only_as_many_as_leave_a_decode_task_room(ray_cl
 
 
 def test_engines_and_batches_in_flight_are_sized_on_the_cluster(ray_cluster, tiny_model_dir):
-    """The session cluster has 4 CPUs: one vLLM engine (front end and engine core, and a CPU left for the stages
-    around it), one hf actor on CPUs; batches in flight fill the engine's max_num_seqs and one more; written values
-    win."""
-    from unifer_ray.engines.batch import sized_workers
+    """The session cluster has 4 CPUs: one vLLM engine (its own core and one for the stages that feed it, and a CPU
+    left for the rest), one hf actor on CPUs; batches in flight fill the engine's max_num_seqs, and one more to refill
+    for an engine of several ranks (ray.data.llm's AsyncLLM); written values win."""
+    from unifer_ray.engines.batch import one_process_engine, sized_workers
 
     vllm = EngineSpec(engine="vllm", model=str(tiny_model_dir))
     model = BenchModel(name="m", engine=vllm, batch_size=64)
     sized = sized_workers(model, vllm)
-    assert (sized.concurrency, sized.max_concurrent_batches) == (1, 5)  # 256 sequences on CPUs: 4 batches + 1
+    assert one_process_engine(vllm, model)
+    assert (sized.concurrency, sized.max_concurrent_batches) == (1, 4)  # 256 sequences on CPUs: 4 batches
     few = vllm.model_copy(update={"vllm_kwargs": {"max_num_seqs": 32}})
-    assert sized_workers(model.model_copy(update={"engine": few}), few).max_concurrent_batches == 2
+    assert sized_workers(model.model_copy(update={"engine": few}), few).max_concurrent_batches == 1
+    ranks = vllm.model_copy(update={"vllm_kwargs": {"tensor_parallel_size": 2}})
+    assert not one_process_engine(ranks, model)
+    assert sized_workers(model.model_copy(update={"engine": ranks}), ranks).max_concurrent_batches == 5
+    beside = vllm.model_copy(update={"one_process": False})  # ray.data.llm's engine stage on CPUs, as asked
+    assert not one_process_engine(beside, model)
+    assert sized_workers(model.model_copy(update={"engine": beside}), beside).max_concurrent_batches == 5
     written = model.model_copy(update={"concurrency": 2, "max_concurrent_batches": 3})
     assert sized_workers(written, vllm) == written
     hf = _model(tiny_model_dir)
     assert sized_workers(hf, hf.engine).concurrency == 1
+
+
+def test_engines_of_several_ranks_get_ray_data_llms_engine_stage_with_a_bundle_per_rank(tiny_model_dir):
+    """The processor config of a 2-rank GPU engine: vLLM gets the ranks, each rank a bundle with a GPU, and the
+    processor's own template, tokenizer and multi-modal stages stay off (our request stage does their work)."""
+    from unifer_ray.engines.batch import vllm_processor_config
+
+    spec = EngineSpec(engine="vllm", model=str(tiny_model_dir), vllm_kwargs={"tensor_parallel_size": 2})
+    workers = BenchModel(name="m", engine=spec, batch_size=32, concurrency=1, max_concurrent_batches=3, num_gpus=1)
+    config = vllm_processor_config(spec, workers, seeded=True)
+    assert config.engine_kwargs["tensor_parallel_size"] == 2
+    assert "max_num_seqs" not in config.engine_kwargs  # on GPUs vLLM's own limits, not the CPU ones
+    assert config.placement_group_config["bundle_per_worker"] == {"CPU": workers.num_cpus, "GPU": 1}
+    assert (config.batch_size, config.max_concurrent_batches) == (32, 3)
+    assert not any(stage["enabled"] for stage in (config.chat_template_stage, config.tokenize_stage,
+                                                  config.prepare_multimodal_stage))

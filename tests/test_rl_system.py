@@ -213,12 +213,14 @@ def test_a_worker_killed_or_hung_mid_generation_is_replaced_restored_and_its_sha
     try:
         params = SamplingParams(n=GROUP, max_new_tokens=64, temperature=1.0, logprobs=True)
         expected = rollouts.generate(items, params, seed=3)
+        # Counted from here: on a loaded machine an earlier generation may have outlasted generate_timeout_s.
+        replaced = rollouts.replacements
         first_engine = rollouts.engine_processes[0]["pids"]
         assert first_engine and set(first_engine) >= {p.pid for p in engine_processes(rollouts.workers[0])}
         pending = rollouts.submit(items, params, seed=3)
         ray.kill(rollouts.workers[0])  # while it generates the share
         regenerated = rollouts.collect(pending)
-        assert rollouts.replacements == 1
+        assert rollouts.replacements == replaced + 1
         assert_gone(first_engine)
         assert regenerated.items == expected.items and regenerated.versions == [version, version]
         # The replacement is restored to the same weights and gets the same seeds: the share's real completions,
@@ -232,7 +234,7 @@ def test_a_worker_killed_or_hung_mid_generation_is_replaced_restored_and_its_sha
         started = time.monotonic()
         regenerated = rollouts.collect(rollouts.submit(items, params, seed=3))
         assert time.monotonic() - started >= vllm_actors.config.rollout.generate_timeout_s
-        assert rollouts.replacements == 2
+        assert rollouts.replacements == replaced + 2
         # Killing the actor took its engine process with it: no hung engine keeps holding memory (or a GPU).
         assert_gone([process.pid for process in hung])
         assert tokens(regenerated) == tokens(expected)

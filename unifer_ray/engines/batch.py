@@ -4,13 +4,15 @@ Rows come in with `id`, `prompt` (the user's question), `image` (uint8 H×W×3) 
 failed, e.g. its image did not decode); they leave without `image`, with `responses` (n texts), `num_tokens`,
 `latency_s` and `error` (the generation's failure, if any). Nothing is dropped: a failed row stays a row.
 
-- vllm: `ray.data.llm`'s vLLM engine processor (continuous batching, several batches in flight per engine, tensor
-  parallel, `accelerator_type`), with our stages around it: request rows before it (the chat text's token ids, the
-  image already at the model's grid with a content id, sampling parameters) and our output columns after it. What
-  vLLM's front end would otherwise do per item on the engine's critical path (tokenize, resize, hash) is done there,
-  beside the engines. The processor's own chat template, tokenizer, multi-modal and detokenizer stages stay off: each
-  would be one more actor pool for work that our request stage does in the same pass, and vLLM detokenizes itself.
-  Engines and batches in flight are sized on the cluster unless the config says (`sized_workers`).
+- vllm: request rows (the chat text's token ids, the image already at the model's grid with a content id, sampling
+  parameters), then the engine stage, then our output columns. What vLLM's front end would otherwise do per item on
+  the engine's critical path (tokenize, resize, hash) is done in the request stage, beside the engines. The engine
+  stage is `ray.data.llm`'s vLLM engine processor on GPUs and for engines of several ranks (continuous batching,
+  several batches in flight per engine, tensor parallel, `accelerator_type`), with its own chat template, tokenizer,
+  multi-modal and detokenizer stages off: each would be one more actor pool for work that our request stage does in
+  the same pass. A CPU engine of one rank runs in one process instead (`OneProcessVLLM`): on 2 cores ray.data.llm's
+  engine stage reached 52-58% of one bare engine's items/s, this stage 83%. Engines and batches in flight are sized
+  on the cluster unless the config says (`sized_workers`).
 - hf and openai: a pool of EngineActors (engines/ray_actor.py). API models do not use `HttpRequestProcessorConfig`:
   its stage raises once a request has failed all its retries, which fails the whole dataset, where a benchmark needs
   that item as an error row and the rest scored.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 from functools import cache
 
 import numpy as np
@@ -31,10 +34,12 @@ from unifer_ray.engines import resolve_engine
 from unifer_ray.engines.base import ChatRequest, SamplingParams
 from unifer_ray.engines.ray_actor import EngineActor
 from unifer_ray.engines.spec import EngineSpec
+from unifer_ray.engines.vllm_env import runs_in_one_process, vllm_env
 from unifer_ray.records import object_array
 
-# Each CPU engine keeps two processes busy: its front end and its engine core (see sized_workers).
-CPU_PROCESSES_PER_VLLM_ENGINE = 2
+# A CPU engine keeps about two cores busy: its own (in one process) and the stages that feed it (decoding, requests,
+# scoring). Measured on 2 cores, 1,024 items: one engine 89 items/s, two 56 (benchmarks/bench_throughput.py).
+CPUS_PER_VLLM_ENGINE = 2
 # vLLM's batch limits for offline work on CPUs (what its LLM class gets): the AsyncLLM inside ray.data.llm's engine
 # stage would get its server defaults, 128 sequences and 2048 tokens a step.
 CPU_ENGINE_BATCH = {"max_num_seqs": 256, "max_num_batched_tokens": 4096}
@@ -66,12 +71,10 @@ def sized_workers(workers: EngineWorkers, spec: EngineSpec) -> EngineWorkers:
     """`workers` with what the config leaves out sized on the cluster that Ray is connected to (what it has now).
 
     Engines: one per GPU (per tensor x pipeline parallel ranks for vLLM) where the workers take GPUs. On CPUs each vLLM
-    engine keeps two processes busy, its front end (input processing, outputs) and its engine core (scheduler,
-    model), and one CPU stays for the stages around the engines (decoding, requests, scoring), so engines =
-    (CPUs - 1) / (2 x num_cpus), at least one: on 2 cores one engine with more in flight does 1.6x two
-    (benchmarks/bench_throughput.py, docs/throughput.md). hf actors on CPUs and API models: one, as each hf actor
-    holds a copy of the model (written concurrency uses more cores).
-    Batches in flight per vLLM engine: enough to keep its max_num_seqs scheduled while one more batch is refilled.
+    engine and the stages that feed it keep about two cores busy (CPUS_PER_VLLM_ENGINE), and one CPU stays for the
+    rest, so engines = (CPUs - 1) / (2 x num_cpus), at least one. hf actors on CPUs and API models: one, as each hf
+    actor holds a copy of the model (written concurrency uses more cores).
+    Batches in flight per vLLM engine: enough to keep its max_num_seqs scheduled.
     """
     kind = resolve_engine(spec)
     update: dict = {}
@@ -79,8 +82,18 @@ def sized_workers(workers: EngineWorkers, spec: EngineSpec) -> EngineWorkers:
         update["concurrency"] = _engines_on_cluster(workers, spec, kind)
     if kind == "vllm" and workers.max_concurrent_batches is None:
         max_num_seqs = vllm_engine_kwargs(spec, workers).get("max_num_seqs", VLLM_ENGINE_MAX_NUM_SEQS)
-        update["max_concurrent_batches"] = math.ceil(max_num_seqs / workers.batch_size) + 1
+        # An AsyncLLM gets one batch more to refill while the others run; an engine in one process takes its
+        # batches in one call.
+        refill = 0 if one_process_engine(spec, workers) else 1
+        update["max_concurrent_batches"] = math.ceil(max_num_seqs / workers.batch_size) + refill
     return workers.model_copy(update=update)
+
+
+def one_process_engine(spec: EngineSpec, workers: EngineWorkers) -> bool:
+    """Whether the engine stage runs vLLM in one process (OneProcessVLLM): an engine of one rank where
+    `spec.one_process` says, by default on CPUs. Engines of several ranks take ray.data.llm's stage."""
+    one_rank = runs_in_one_process(vllm_engine_kwargs(spec, workers), on_cpu=True)
+    return one_rank and (spec.one_process if spec.one_process is not None else not workers.num_gpus)
 
 
 def _engines_on_cluster(workers: EngineWorkers, spec: EngineSpec, kind: str) -> int:
@@ -91,7 +104,7 @@ def _engines_on_cluster(workers: EngineWorkers, spec: EngineSpec, kind: str) -> 
         return max(1, int(resources.get("GPU", 0) // per_engine))
     if kind != "vllm":
         return 1
-    cpus_per_engine = CPU_PROCESSES_PER_VLLM_ENGINE * max(workers.num_cpus, 1)
+    cpus_per_engine = CPUS_PER_VLLM_ENGINE * max(workers.num_cpus, 1)
     return max(1, int((resources.get("CPU", 0) - 1) // cpus_per_engine))
 
 
@@ -141,20 +154,15 @@ def vllm_processor_config(spec: EngineSpec, workers: EngineWorkers, *, seeded: b
     """`ray.data.llm`'s processor config for a spec: the engine stage alone, one placement bundle per engine worker."""
     from ray.data.llm import vLLMEngineProcessorConfig
 
-    from unifer_ray.engines.vllm_env import ONE_PROCESS_ENV, runs_in_one_process, vllm_env
-
-    engine_kwargs = vllm_engine_kwargs(spec, workers, seeded=seeded)
-    one_process = runs_in_one_process(engine_kwargs, on_cpu=not workers.num_gpus)
-    env = vllm_env() | (ONE_PROCESS_ENV if one_process else {})
     return vLLMEngineProcessorConfig(
         model_source=spec.model,
-        engine_kwargs=engine_kwargs,
+        engine_kwargs=vllm_engine_kwargs(spec, workers, seeded=seeded),
         batch_size=workers.batch_size,
         concurrency=workers.concurrency,
         max_concurrent_batches=workers.max_concurrent_batches,
         accelerator_type=workers.accelerator_type,
         placement_group_config={"bundle_per_worker": vllm_worker_bundle(workers)},
-        runtime_env={"env_vars": env},
+        runtime_env={"env_vars": vllm_env()},
         should_continue_on_error=True,  # a prompt vLLM refuses (e.g. longer than the context) is one error row
         chat_template_stage={"enabled": False},
         tokenize_stage={"enabled": False},
@@ -166,12 +174,7 @@ def vllm_processor_config(spec: EngineSpec, workers: EngineWorkers, *, seeded: b
 
 def _vllm_generation(ds: ray.data.Dataset, spec: EngineSpec, sampling: SamplingParams,
                      workers: EngineWorkers) -> ray.data.Dataset:
-    from ray.data.llm import build_processor
-
-    processor = build_processor(vllm_processor_config(spec, workers, seeded=sampling.seed is not None))
-    # The processor config has no label selector: the engine stage's own map_batches options take it.
-    processor.get_stage_by_name("vLLMEngineStage").map_batches_kwargs.update(gpu_node_options(workers))
-    # The processor returns one completion per row: n samples are n rows (sample k seeded seed + k, vLLM's own
+    # The engine stage returns one completion per row: n samples are n rows (sample k seeded seed + k, vLLM's own
     # rule for n), gathered again by id after the engine.
     # One request actor per engine (about 1 ms a row: far ahead of an engine) loads the processor once, while the
     # engines start, where every new task worker would load it again.
@@ -179,7 +182,21 @@ def _vllm_generation(ds: ray.data.Dataset, spec: EngineSpec, sampling: SamplingP
                                                              "sampling": sampling.model_dump()},
                         batch_size=workers.batch_size, compute=ray.data.ActorPoolStrategy(size=workers.concurrency),
                         num_cpus=REQUEST_ACTOR_CPUS)
-    ds = processor(ds).map_batches(vllm_outputs, batch_size=None, num_cpus=0.1)
+    if one_process_engine(spec, workers):
+        engine_kwargs = vllm_engine_kwargs(spec, workers, seeded=sampling.seed is not None)
+        ds = ds.map_batches(OneProcessVLLM, fn_constructor_kwargs={"model": spec.model, "engine_kwargs": engine_kwargs},
+                            batch_size=workers.batch_size * workers.max_concurrent_batches,
+                            compute=ray.data.ActorPoolStrategy(size=workers.concurrency), num_cpus=workers.num_cpus,
+                            num_gpus=workers.num_gpus, **gpu_node_options(workers),
+                            runtime_env={"env_vars": vllm_env()})  # its preloads, at the actor process's start
+    else:
+        from ray.data.llm import build_processor
+
+        processor = build_processor(vllm_processor_config(spec, workers, seeded=sampling.seed is not None))
+        # The processor config has no label selector: the engine stage's own map_batches options take it.
+        processor.get_stage_by_name("vLLMEngineStage").map_batches_kwargs.update(gpu_node_options(workers))
+        ds = processor(ds)
+    ds = ds.map_batches(vllm_outputs, batch_size=None, num_cpus=0.1)
     if sampling.n > 1:
         ds = ds.groupby("id").map_groups(gather_samples, batch_format="numpy", num_cpus=0.1)
     return ds
@@ -269,6 +286,64 @@ class VLLMRequests:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return vllm_requests(batch, **self.kwargs)
+
+
+class OneProcessVLLM:
+    """The engine stage of a CPU engine of one rank: one `vllm.LLM` inside this actor's process, given a call's rows
+    (`batch_size` x `max_concurrent_batches`) at once, returning the columns of ray.data.llm's engine stage that
+    `vllm_outputs` reads.
+
+    ray.data.llm's engine stage holds an AsyncLLM, whose engine core always runs in a process of its own: on CPUs two
+    busy processes per engine (its front end and its core, spinning while they wait for each other), which reached
+    52-58% of one engine's items/s on 2 cores (docs/benchmarks.md). In one process the engine does all of its work
+    on one core, and ends with its actor. A call that vLLM refuses (a prompt longer than the context) is retried row
+    by row, so only the refused rows fail."""
+
+    def __init__(self, *, model: str, engine_kwargs: dict):
+        import vllm
+
+        from unifer_ray.engines.vllm_env import vllm_env_applied
+
+        with vllm_env_applied(one_process=True):
+            self.llm = vllm.LLM(model=model, **engine_kwargs)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import vllm
+
+        n = len(batch["id"])
+        prompts = [{"prompt_token_ids": list(batch["tokenized_prompt"][i])} | (
+            {"multi_modal_data": batch["multimodal_data"][i], "multi_modal_uuids": batch["multimodal_uuids"][i]}
+            if batch["multimodal_data"][i] is not None else {}) for i in range(n)]
+        params = [vllm.SamplingParams(**batch["sampling_params"][i]) for i in range(n)]
+        texts, tokens, errors = [""] * n, [0] * n, [""] * n
+        start = time.perf_counter()
+        outputs = self._generate(prompts, params)
+        if isinstance(outputs, Exception):
+            outputs = [self._generate([prompt], [param]) for prompt, param in zip(prompts, params)]
+            for i, output in enumerate(outputs):
+                errors[i], outputs[i] = (f"{type(output).__name__}: {output}", None) if isinstance(
+                    output, Exception) else ("", output[0])
+        elapsed = time.perf_counter() - start
+        for i, output in enumerate(outputs):
+            if output is not None:
+                texts[i], tokens[i] = output.outputs[0].text, len(output.outputs[0].token_ids)
+        # The call's time per row: what an item costs at this many requests in flight.
+        return batch | {"generated_text": object_array(texts), "num_generated_tokens": np.array(tokens),
+                        "time_taken_llm": np.full(n, elapsed / max(n, 1)), "__inference_error__": object_array(errors)}
+
+    def _generate(self, prompts: list[dict], params: list) -> list | Exception:
+        """The engine's outputs, or the error of a request it refused."""
+        from vllm.exceptions import VLLMClientError
+
+        try:
+            return self.llm.generate(prompts, params, use_tqdm=False)
+        except (ValueError, VLLMClientError) as exc:
+            return exc
+
+    def __del__(self):
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
 
 
 def chat_tokens(processor, question: str, *, with_image: bool) -> list[int]:

@@ -23,6 +23,7 @@ class EngineSpec(BaseModel):
     # vllm: extra keyword arguments for vllm.LLM / ray.data.llm's engine_kwargs (tensor_parallel_size,
     # gpu_memory_utilization, max_model_len, enable_prefix_caching...); they override DEFAULT_LLM_KWARGS
     vllm_kwargs: dict[str, Any] = Field(default_factory=dict)
-    # vllm held in a process (rollouts): the engine inside that process, or in vLLM's engine processes beside it.
-    # None: inside on CPUs with one rank (engines/vllm_env.py ONE_PROCESS_ENV), beside it on GPUs.
+    # vllm: the engine inside the process that holds it (a rollout actor, the Ray Data engine stage's actor), or in
+    # vLLM's engine processes beside it. None: inside on CPUs with one rank (engines/vllm_env.py ONE_PROCESS_ENV),
+    # beside it on GPUs; FERBench and curation with `false` run on ray.data.llm's engine stage.
     one_process: bool | None = None

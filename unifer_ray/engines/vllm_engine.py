@@ -1,7 +1,7 @@
 """Generation with vLLM 0.29 in this process: the CPU build here, the GPU build that Ray's LLM stack pins on clusters.
 
-FERBench and curation batches do not come through here: they run vLLM inside `ray.data.llm`'s engine stage
-(`engines/batch.py`). This class serves the callers that hold an engine themselves (RL rollout actors, tests). On CPUs
+FERBench and curation batches do not come through here: they run vLLM in the Ray Data engine stage of
+`engines/batch.py`. This class serves the callers that hold an engine themselves (RL rollout actors, tests). On CPUs
 an engine of one rank runs inside the caller's process (5.6 s from `vllm.LLM(...)` to ready here, against 19.0 s with
 vLLM's engine core and worker processes beside it: engines/vllm_env.py ONE_PROCESS_ENV); `EngineSpec.one_process`
 says otherwise.
