@@ -353,6 +353,7 @@ def test_config_errors_name_the_field():
         (minimal(checkpoint_dir="s3://bucket/c"), "log_dir"),
         (minimal(rewards=[{"name": "a"}, {"name": "a"}]), "unique"),
         (minimal(sync={"kind": "nccl"}), "nccl"),
+        (minimal(data={"paths": ["/d.jsonl"], "max_items": 4}), "data.max_items 4 is fewer than grpo.prompts_per_step"),
         (minimal(learner={"precision": "bf16"}), "bf16 needs use_gpu"),
         (minimal(rollout={"engine": {"engine": "openai"}}), "rollout.engine.engine"),
         (minimal(rollout={"engine": {"model": "/other"}}), "rollout.engine.model"),

@@ -10,6 +10,7 @@ import json
 import os
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import psutil
@@ -76,6 +77,29 @@ def test_data_tasks_keeps_only_those_task_types_and_names_the_ones_that_match_no
     with pytest.raises(ValueError, match=rf"{len(binary)} valid RLVR items of the tasks \['binary'\] "
                                          rf"\(of {len(items)} valid\), fewer than prompts_per_step 99"):
         source(["binary"], prompts=99)
+
+
+
+def test_max_items_repeats_one_seeded_subset_every_epoch_with_the_labels_in_their_share(ray_cluster, tmp_path,
+                                                                                       synthetic_root):
+    """`data.max_items`: the same drawn items in every epoch (each epoch their own order), so the first and the last
+    steps of a run see the same prompts; drawn in the `by_answer` order, the labels keep their shares."""
+    path = write_rlvr_set(synthetic_root, tmp_path / "set.jsonl")
+
+    def source(max_items: int | None, seed: int = 0) -> PromptSource:
+        data = PromptData(paths=[str(path)], image_root=str(synthetic_root), image_size=56, max_items=max_items)
+        return PromptSource(data, prompts_per_step=PROMPTS, seed=seed)
+
+    every = source(None)
+    some = source(2 * PROMPTS)
+    assert len(some) == 2 * PROMPTS < len(every)
+    epochs = [[item["id"] for step in range(2 * e, 2 * e + 2) for item in some.batch(step)] for e in range(3)]
+    assert all(sorted(ids) == sorted(epochs[0]) for ids in epochs) and epochs[0] != epochs[1]
+    labels = Counter(item["answer"] for item in every.items)
+    drawn = Counter(item["answer"] for item in some.items)
+    assert all(abs(drawn[a] - labels[a] * len(some) / len(every)) <= 1 for a in labels)
+    assert [item["id"] for item in some.items] == [item["id"] for item in source(2 * PROMPTS).items]
+    assert [item["id"] for item in some.items] != [item["id"] for item in source(2 * PROMPTS, seed=1).items]
 
 
 # ---------------------------------------------------------------- weight sync

@@ -30,6 +30,10 @@ class PromptData(_Strict):
     # Only the items of these task types (their `task` field: mc, mc_shuffled, binary, unified); None: every item. A
     # task the starting policy never answers right gives groups of equal rewards, which teach nothing.
     tasks: list[str] | None = Field(None, min_length=1)
+    # Only this many items, a seeded draw in `order` (so `by_answer` keeps the labels' shares), the same every epoch;
+    # None: every item. With fewer items than a run's prompts the epochs repeat them, and the training curve then
+    # compares the same prompts early and late rather than easier ones with harder ones.
+    max_items: int | None = Field(None, gt=0)
 
     @field_validator("order")
     @classmethod
@@ -179,6 +183,9 @@ class RLVRConfig(_Strict):
             raise ValueError(f"rewards: names must be unique, got {names}")
         if self.sync.kind == "nccl" and not (self.learner.use_gpu and self.rollout.num_gpus):
             raise ValueError("sync.kind nccl needs GPU learners and GPU (vLLM) rollout workers; use object_store")
+        if self.data.max_items is not None and self.data.max_items < self.grpo.prompts_per_step:
+            raise ValueError(f"data.max_items {self.data.max_items} is fewer than grpo.prompts_per_step "
+                             f"{self.grpo.prompts_per_step}: a step needs that many prompts")
         return self
 
     @property

@@ -14,6 +14,7 @@ from unifer_ray.rl.config import PromptData
 from unifer_ray.rl.orders import ORDERS
 
 COLUMNS = ("id", "dataset", "task", "image_uri", "problem", "solution", "answer", "source", "row")
+SUBSET_DRAW = 2**32 - 1  # the generator stream of `max_items`' draw: no epoch's (seed, epoch) stream
 
 
 class PromptSource:
@@ -27,6 +28,10 @@ class PromptSource:
         valid = [{k: r[k] for k in COLUMNS} for r in rows if not r["error"]]
         self.items = sorted((r for r in valid if config.tasks is None or r["task"] in config.tasks),
                             key=lambda r: (r["id"], r["source"], r["row"]))
+        self.order = ORDERS[config.order]  # a name the config checked
+        if config.max_items is not None and config.max_items < len(self.items):
+            drawn = self.order(self.items, np.random.default_rng([seed, SUBSET_DRAW]))[: config.max_items]
+            self.items = [self.items[i] for i in sorted(drawn)]
         present = sorted({r["task"] for r in valid})
         if config.tasks is not None and set(config.tasks) - set(present):
             raise ValueError(f"{config.paths}: data.tasks {sorted(set(config.tasks) - set(present))} match no valid "
@@ -36,7 +41,6 @@ class PromptSource:
             raise ValueError(f"{config.paths}: {len(self.items)} valid RLVR items{kept}, fewer than prompts_per_step "
                              f"{prompts_per_step} ({len(self.errors)} bad rows)")
         self.prompts_per_step = prompts_per_step
-        self.order = ORDERS[config.order]  # a name the config checked
         self.seed = seed
         self._epoch_order: tuple[int, np.ndarray] | None = None
 
