@@ -289,9 +289,9 @@ class VLLMRequests:
 
 
 class OneProcessVLLM:
-    """The engine stage of a CPU engine of one rank: one `vllm.LLM` inside this actor's process, given a call's rows
-    (`batch_size` x `max_concurrent_batches`) at once, returning the columns of ray.data.llm's engine stage that
-    `vllm_outputs` reads.
+    """The engine stage of an engine of one rank (on CPUs by default): one `vllm.LLM` inside this actor's process,
+    given a call's rows (`batch_size` x `max_concurrent_batches`) at once, returning the columns of ray.data.llm's
+    engine stage that `vllm_outputs` reads.
 
     ray.data.llm's engine stage holds an AsyncLLM, whose engine core always runs in a process of its own: on CPUs two
     busy processes per engine (its front end and its core, spinning while they wait for each other), which reached
@@ -318,11 +318,10 @@ class OneProcessVLLM:
         texts, tokens, errors = [""] * n, [0] * n, [""] * n
         start = time.perf_counter()
         outputs = self._generate(prompts, params)
-        if isinstance(outputs, Exception):
+        if isinstance(outputs, Exception):  # one refused request fails the call: find it, keep the others
             outputs = [self._generate([prompt], [param]) for prompt, param in zip(prompts, params)]
-            for i, output in enumerate(outputs):
-                errors[i], outputs[i] = (f"{type(output).__name__}: {output}", None) if isinstance(
-                    output, Exception) else ("", output[0])
+            errors = [f"{type(o).__name__}: {o}" if isinstance(o, Exception) else "" for o in outputs]
+            outputs = [None if isinstance(o, Exception) else o[0] for o in outputs]
         elapsed = time.perf_counter() - start
         for i, output in enumerate(outputs):
             if output is not None:
