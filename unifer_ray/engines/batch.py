@@ -339,11 +339,6 @@ class OneProcessVLLM:
         except (ValueError, VLLMClientError) as exc:
             return exc
 
-    def __del__(self):
-        llm = getattr(self, "llm", None)
-        if llm is not None:
-            llm.llm_engine.engine_core.shutdown()
-
 
 def chat_tokens(processor, question: str, *, with_image: bool) -> list[int]:
     """The token ids of one user turn's chat text (an image placeholder first when `with_image`), ending with the
