@@ -15,6 +15,7 @@ pytest.importorskip("vllm", reason=NO_VLLM, exc_type=ModuleNotFoundError)
 from unifer_ray.data.images import load_image
 from unifer_ray.engines import ChatRequest, EngineSpec, SamplingParams, create_engine, engine_label, resolve_engine
 from unifer_ray.engines.hf import HFEngine
+from unifer_ray.engines.platform import cpu_engine_dtype
 from unifer_ray.engines.vllm_engine import VLLMEngine
 from unifer_ray.rl.rollout import share_seeds
 
@@ -88,13 +89,17 @@ def test_greedy_parity_with_the_reference_engine(compiled_engine, hf_engine, fer
 
 
 def test_logprobs_match_the_reference_after_temperature(vllm_engine, hf_engine, ferbench_requests):
-    # vLLM's processed log-probabilities are those of softmax(logits / T), as the hf engine reports them.
+    """vLLM's processed log-probabilities are those of softmax(logits / T), as the float32 hf engine reports them:
+    within float32's rounding for a float32 engine, within two bfloat16 steps (8-bit mantissa) for a bfloat16 one.
+    Read at temperature 1 instead, the random-init model's near-flat distribution puts them up to 1.7% off (checked):
+    above both bounds."""
+    tolerance = {"abs": 5e-3} if cpu_engine_dtype() == "float32" else {"rel": 2 * 2**-8}
     params = SamplingParams(max_new_tokens=8, temperature=0.7, seed=11, logprobs=True)
     for request in ferbench_requests[:6]:
         [[sample]] = vllm_engine.generate([request], params)
         assert len(sample.logprobs) == len(sample.token_ids) > 0
         expected = recomputed_logprobs(hf_engine, request, sample.token_ids, 0.7)
-        assert sample.logprobs == pytest.approx(expected, abs=5e-3)  # float32 kernels round differently
+        assert sample.logprobs == pytest.approx(expected, **tolerance)
 
 
 def test_n_samples_have_distinct_seeds_and_reproduce(vllm_engine, ferbench_requests):
