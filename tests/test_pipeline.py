@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from unifer_ray.config import ConfigError, read_yaml
-from unifer_ray.demo import moved_below, run_demo
+from unifer_ray.demo import moved_below, rlvr_steps_for, run_demo
 from unifer_ray.engines import engine_description
 from unifer_ray.engines.platform import cpu_engine_dtype, vllm_installed, vllm_version
 from unifer_ray.pipeline import STAGES, Pipeline
@@ -93,7 +93,8 @@ def test_the_demo_runs_every_stage_and_reports_sft_against_rlvr(ray_cluster, tmp
     config["pipeline"]["stages"] = ["curate_cot", "curate_rlvr", "sft", "rlvr", "bench"]
     config["pipeline"]["bench_model"]["engine"]["engine"] = "hf"
     config["rlvr"]["rollout"]["engine"]["engine"] = "hf"
-    config["demo"] |= {"train_per_class": 3, "test_per_class": 1}
+    # Any machine runs SFT under 1000 s a step and none at 0: the demo's measure of the machine gives RLVR 3 steps.
+    config["demo"] |= {"train_per_class": 3, "test_per_class": 1, "rlvr_steps_by_sft_speed": {1000.0: 3, 0.0: 9}}
     config["pipeline"]["bench_model"]["sampling"]["max_new_tokens"] = 12
     config["sft"] |= {"max_steps": 3, "micro_batch_size": 2, "num_workers": 1, "strategy": "ddp",
                       "checkpoint_every": 2, "report_every": 1}
@@ -120,7 +121,7 @@ def test_the_demo_runs_every_stage_and_reports_sft_against_rlvr(ray_cluster, tmp
     for model in summary["ferbench"]:  # the leaderboard comes from the configured engine
         rows = [json.loads(line) for line in open(out / "bench" / "results" / model / "results.jsonl")]
         assert rows and {row["engine"] for row in rows} == {"hf"}
-    assert summary["sft"]["steps"] == 3 and summary["rlvr"]["steps"] == 2
+    assert summary["sft"]["steps"] == 3 and summary["rlvr"]["steps"] == 3
     for model in ("tiny-sft", "tiny-rlvr"):
         assert (out / "models" / model / "config.json").is_file()
     for plot in ("sft_loss.png", "rlvr_rewards.png", "ferbench_accuracy.png"):
@@ -135,6 +136,15 @@ def test_the_demo_runs_every_stage_and_reports_sft_against_rlvr(ray_cluster, tmp
         assert paired[key] == pytest.approx(overall["accuracy"] * paired["items"])  # no failed inference here
     assert paired["after_correct"] - paired["before_correct"] == paired["corrected"] - paired["broken"]
     assert 0 < paired["mcnemar_p"] <= 1 and "## tiny-rlvr vs tiny-sft on the same FERBench items" in text
+
+
+def test_the_demo_gives_rlvr_the_steps_of_the_tightest_sft_speed_the_machine_meets():
+    by_speed = {0.2: 240, 0.3: 160}
+    assert rlvr_steps_for(0.15, by_speed, 80) == 240
+    assert rlvr_steps_for(0.2, by_speed, 80) == 240
+    assert rlvr_steps_for(0.25, by_speed, 80) == 160
+    assert rlvr_steps_for(0.31, by_speed, 80) == 80
+    assert rlvr_steps_for(0.1, {}, 80) == 80
 
 
 def test_moving_average_and_its_standard_error_skip_steps_without_a_value():

@@ -9,11 +9,13 @@ Every path in the config file starts with `runs/demo`; `--out DIR` moves them al
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from unifer_ray.config import ConfigError, packaged_config, parse_config, read_yaml
+from unifer_ray.records import read_log
 
 DEFAULT_CONFIG = packaged_config("tiny.yaml")
 DEMO_PREFIX = "runs/demo"
@@ -27,6 +29,14 @@ class DemoConfig(BaseModel):
     test_per_class: int = Field(10, gt=0)
     data_root: str = f"{DEMO_PREFIX}/data"  # the four synthetic datasets, in their original layouts
     num_cpus: float | None = None  # the local Ray cluster's logical CPUs (None: all cores)
+    # RLVR steps by the machine's speed, as the demo's own SFT stage measured it (its median seconds a step): the
+    # tightest bound the machine meets gives its steps; a slower machine keeps rlvr.steps.
+    rlvr_steps_by_sft_speed: dict[float, int] = {}
+
+
+def rlvr_steps_for(sft_seconds_per_step: float, by_speed: dict[float, int], default: int) -> int:
+    met = [bound for bound in by_speed if sft_seconds_per_step <= bound]
+    return by_speed[min(met)] if met else default
 
 
 def moved_below(value, out_dir: Path):
@@ -83,8 +93,18 @@ def run_demo(config_path: str | None, out: str) -> Path:
     stages.run("synthetic data", synthetic)
     stages.run("tiny model", tiny_model)
     stages.run("FERBench files", ferbench_files)
+
+    def size_rlvr(results: dict):
+        # SFT's median step: the machine's speed without start-ups, and the same when a rerun finds SFT done.
+        per_step = statistics.median(r["step_time_s"] for r in read_log(Path(results["sft"].metrics_path)))
+        configured = pipeline.rlvr.steps
+        steps = rlvr_steps_for(per_step, config.rlvr_steps_by_sft_speed, configured)
+        pipeline.rlvr = pipeline.rlvr.model_copy(update={"steps": steps})
+        print(f"RLVR: {steps} steps (SFT ran at {per_step:.3f} s a step here; steps by SFT speed: "
+              f"{config.rlvr_steps_by_sft_speed or 'none'}, otherwise {configured})", flush=True)
+
     init_ray(num_cpus=config.num_cpus)
-    outcome = pipeline.run(stages, model_prefix="tiny-")
+    outcome = pipeline.run(stages, model_prefix="tiny-", before={"rlvr": size_rlvr})
     report = write_report(pipeline, stages, outcome)
 
     print("\n=== stages ===")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -128,12 +129,18 @@ class Pipeline:
         """The revision of the base model when it is a hub id (the stages' outputs are directories)."""
         return self.sft.revision if self.sft else self.rlvr.revision if self.rlvr else None
 
-    def run(self, stages: StageTable, *, model_prefix: str = "") -> dict:
+    def run(self, stages: StageTable, *, model_prefix: str = "",
+            before: Mapping[str, Callable[[dict], None]] | None = None) -> dict:
         """Run the configured stages, in pipeline order; returns what the report needs. `model_prefix` goes before
-        each benchmarked model's name."""
+        each benchmarked model's name; `before[stage]` is called with the results so far just before that stage."""
         run = {"curate_cot": self._curate_cot, "curate_rlvr": self._curate_rlvr, "sft": self._sft,
                "rlvr": self._rlvr, "bench": partial(self._bench, model_prefix), "serve": self._serve}
-        return {stage: stages.run(self.title(stage), run[stage]) for stage in STAGES if stage in self.config.stages}
+        results = {}
+        for stage in (s for s in STAGES if s in self.config.stages):
+            if before and stage in before:
+                before[stage](results)
+            results[stage] = stages.run(self.title(stage), run[stage])
+        return results
 
     def title(self, stage: str) -> str:
         if stage != "bench":
