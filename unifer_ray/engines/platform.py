@@ -110,14 +110,17 @@ def platform_line() -> str:
 
     isa = torch.backends.cpu.get_cpu_capability()
     cpu = f"{platform.system()} {platform.machine()}, {_cpu_model()}, ISA {isa}"
+    from unifer_ray.models.loading import resolve_dtype
+
     bf16 = "native bf16" if native_bf16() else "no native bf16"
-    if not vllm_installed():
-        engines = "vLLM not installed: engines on transformers, serving skipped"
-    elif (version := vllm_version()) is None:
-        engines = "vLLM installed but not importable (see the log)"
+    version = vllm_version() if vllm_installed() else None
+    if version is None:
+        engines = ("vLLM installed but not importable (see the log)" if vllm_installed() else
+                   "vLLM not installed: engines on transformers, serving skipped")
+        dtype = f"{str(resolve_dtype('auto', torch.device('cpu'))).removeprefix('torch.')} (transformers)"
     else:
-        engines = f"vLLM {version} (kernels {vllm_kernels()})"
-    return f"platform: {cpu} ({bf16}) | {engines} | CPU engine dtype {cpu_engine_dtype()}"
+        engines, dtype = f"vLLM {version} (kernels {vllm_kernels()})", cpu_engine_dtype()
+    return f"platform: {cpu} ({bf16}) | {engines} | CPU engine dtype {dtype}"
 
 
 if __name__ == "__main__":
