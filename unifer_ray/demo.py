@@ -95,6 +95,8 @@ def run_demo(config_path: str | None, out: str) -> Path:
     stages.run("FERBench files", ferbench_files)
 
     def size_rlvr(results: dict):
+        if "sft" not in results:  # the file's stages leave SFT out: nothing has measured the machine
+            return
         # SFT's median step: the machine's speed without start-ups, and the same when a rerun finds SFT done.
         per_step = statistics.median(r["step_time_s"] for r in read_log(Path(results["sft"].metrics_path)))
         configured = pipeline.rlvr.steps
