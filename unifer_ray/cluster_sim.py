@@ -42,7 +42,7 @@ from unifer_ray.ray_runtime import free_port
 REPO = Path(__file__).resolve().parent.parent
 FAKE_HEAD_NODE_ID = "fffffffffffffffffffffffffffffffffffffffffffffffffff00000"  # the fake provider's head id
 FAKE_HEAD_TYPE = "ray.head.default"
-FAKE_PROVIDER = "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider"
+FAKE_PROVIDER = "unifer_ray.cluster_sim_provider.FakeNodesWithOwnRuntimeEnvDirs"  # Ray's, one env dir a node
 HEAD_PORTS = ("port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
               "runtime-env-agent-port", "metrics-export-port", "ray-client-server-port", "node-manager-port",
               "object-manager-port")
@@ -74,8 +74,8 @@ def simulated_config(cluster_file: Path, *, gcs_address: str, cpus_per_node: flo
         "max_workers": max_per_type * (len(types) - 1),
         "upscaling_speed": source.get("upscaling_speed", 1.0),
         "idle_timeout_minutes": idle_timeout_minutes,
-        # Ray's fake multi-node provider, loaded through the `external` hook: the wheel lacks the defaults file
-        # (fake_multi_node/example.yaml) that `type: fake_multinode` reads at start.
+        # Ray's fake multi-node provider (cluster_sim_provider), loaded through the `external` hook: the wheel lacks
+        # the defaults file (fake_multi_node/example.yaml) that `type: fake_multinode` reads at start.
         "provider": {"type": "external", "module": FAKE_PROVIDER, "gcs_address": gcs_address,
                      "launch_multiple": True, "head_node_id": FAKE_HEAD_NODE_ID},
         "auth": {"ssh_user": "ubuntu"},
