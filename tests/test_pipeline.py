@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from unifer_ray.config import ConfigError, read_yaml
-from unifer_ray.demo import moved_below, rlvr_steps_for, run_demo
+from unifer_ray.config import ConfigError, parse_config, read_yaml
+from unifer_ray.demo import DemoConfig, moved_below, rlvr_steps_for, run_demo
 from unifer_ray.engines import engine_description
 from unifer_ray.engines.platform import cpu_engine_dtype, vllm_installed, vllm_version
 from unifer_ray.pipeline import STAGES, Pipeline
@@ -93,8 +93,8 @@ def test_the_demo_runs_every_stage_and_reports_sft_against_rlvr(ray_cluster, tmp
     config["pipeline"]["stages"] = ["curate_cot", "curate_rlvr", "sft", "rlvr", "bench"]
     config["pipeline"]["bench_model"]["engine"]["engine"] = "hf"
     config["rlvr"]["rollout"]["engine"]["engine"] = "hf"
-    # Any machine runs SFT under 1000 s a step and none at 0: the demo's measure of the machine gives RLVR 3 steps.
-    config["demo"] |= {"train_per_class": 3, "test_per_class": 1, "rlvr_steps_by_sft_speed": {1000.0: 3, 0.0: 9}}
+    # Any machine runs SFT under 1000 s a step, none in a nanosecond: the demo's measure gives RLVR 3 steps.
+    config["demo"] |= {"train_per_class": 3, "test_per_class": 1, "rlvr_steps_by_sft_speed": {1000.0: 3, 1e-9: 9}}
     config["pipeline"]["bench_model"]["sampling"]["max_new_tokens"] = 12
     config["sft"] |= {"max_steps": 3, "micro_batch_size": 2, "num_workers": 1, "strategy": "ddp",
                       "checkpoint_every": 2, "report_every": 1}
@@ -145,6 +145,8 @@ def test_the_demo_gives_rlvr_the_steps_of_the_tightest_sft_speed_the_machine_mee
     assert rlvr_steps_for(0.25, by_speed, 80) == 160
     assert rlvr_steps_for(0.31, by_speed, 80) == 80
     assert rlvr_steps_for(0.1, {}, 80) == 80
+    with pytest.raises(ConfigError, match="rlvr_steps_by_sft_speed"):  # no step count of 0, no bound of 0 s
+        parse_config({"rlvr_steps_by_sft_speed": {0.2: 0}}, DemoConfig, source="tiny.yaml [demo]")
 
 
 def test_moving_average_and_its_standard_error_skip_steps_without_a_value():

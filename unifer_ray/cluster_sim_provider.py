@@ -10,25 +10,25 @@ Loaded by the head's autoscaler through the `external` provider hook (cluster_si
 
 from __future__ import annotations
 
-import itertools
 import threading
+import uuid
 from functools import partial
 
 import ray._private.parameter
 from ray.autoscaler._private.fake_multi_node.node_provider import FakeMultiNodeProvider
 
-_node_numbers = itertools.count(1)
 _patching = threading.Lock()
 
 
 class FakeNodesWithOwnRuntimeEnvDirs(FakeMultiNodeProvider):
     def _create_node_with_resources_and_labels(self, node_config, tags, count, resources, labels):
         # Ray's provider builds each node's RayParams itself and leaves `runtime_env_dir_name` at the session's
-        # shared default; the one argument is added for the node it creates now.
+        # shared default; the one argument is added for the node it creates now (a random name: a restarted
+        # autoscaler must not hand a live node's directory to a new one).
         with _patching:
             ray_params = ray._private.parameter.RayParams
             ray._private.parameter.RayParams = partial(
-                ray_params, runtime_env_dir_name=f"runtime_resources_node{next(_node_numbers)}")
+                ray_params, runtime_env_dir_name=f"runtime_resources_{uuid.uuid4().hex[:12]}")
             try:
                 super()._create_node_with_resources_and_labels(node_config, tags, count, resources, labels)
             finally:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 
 from unifer_ray.config import ConfigError, packaged_config, parse_config, read_yaml
 from unifer_ray.records import read_log
@@ -31,7 +31,7 @@ class DemoConfig(BaseModel):
     num_cpus: float | None = None  # the local Ray cluster's logical CPUs (None: all cores)
     # RLVR steps by the machine's speed, as the demo's own SFT stage measured it (its median seconds a step): the
     # tightest bound the machine meets gives its steps; a slower machine keeps rlvr.steps.
-    rlvr_steps_by_sft_speed: dict[float, int] = {}
+    rlvr_steps_by_sft_speed: dict[PositiveFloat, PositiveInt] = {}
 
 
 def rlvr_steps_for(sft_seconds_per_step: float, by_speed: dict[float, int], default: int) -> int:

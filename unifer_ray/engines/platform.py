@@ -108,16 +108,17 @@ def platform_line() -> str:
     """One line: the CPU and its ISA as vLLM sees it, vLLM or not, and the dtype CPU engines use."""
     import torch
 
-    isa = torch.backends.cpu.get_cpu_capability()
-    cpu = f"{platform.system()} {platform.machine()}, {_cpu_model()}, ISA {isa}"
     from unifer_ray.models.loading import resolve_dtype
 
+    isa = torch.backends.cpu.get_cpu_capability()
+    cpu = f"{platform.system()} {platform.machine()}, {_cpu_model()}, ISA {isa}"
     bf16 = "native bf16" if native_bf16() else "no native bf16"
-    version = vllm_version() if vllm_installed() else None
-    if version is None:
-        engines = ("vLLM installed but not importable (see the log)" if vllm_installed() else
-                   "vLLM not installed: engines on transformers, serving skipped")
-        dtype = f"{str(resolve_dtype('auto', torch.device('cpu'))).removeprefix('torch.')} (transformers)"
+    # Without an importable vLLM, engine `auto` is transformers, in its own CPU dtype.
+    on_transformers = f"{str(resolve_dtype('auto', torch.device('cpu'))).removeprefix('torch.')} (transformers)"
+    if not vllm_installed():
+        engines, dtype = "vLLM not installed: engines on transformers, serving skipped", on_transformers
+    elif (version := vllm_version()) is None:
+        engines, dtype = "vLLM installed but not importable (see the log)", on_transformers
     else:
         engines, dtype = f"vLLM {version} (kernels {vllm_kernels()})", cpu_engine_dtype()
     return f"platform: {cpu} ({bf16}) | {engines} | CPU engine dtype {dtype}"
