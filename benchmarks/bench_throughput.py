@@ -6,12 +6,15 @@ transformers engine path, the vLLM path and one bare vLLM engine; then where the
 - transformers path: `bench.runner.run_model` with engine `hf`: a decode/resize stage and a pool of batched hf engine
   actors (two: a core each) streaming through Ray Data, then parse/score and Parquet shards.
 - vLLM path: the same runner with engine `vllm`: the decode/resize stage, the request stage (chat template and tokens,
-  image at the model's grid), the engine stage (on CPUs one `vllm.LLM` in a Ray Data actor's process, given
-  batch_size x max_concurrent_batches rows a call), then parse/score and Parquet.
-  Engines and batches in flight are sized from the cluster (`engines.batch.sized_workers`), as a user's run gets them.
+  image at the model's grid, the request rendered by the engine's own renderer), the engine stage (on CPUs one
+  `vllm.LLM` in a Ray Data actor's process, given batch_size x max_concurrent_batches rows a call), then
+  parse/score and Parquet. Engines and batches in flight are sized from the cluster
+  (`engines.batch.sized_workers`), as a user's run gets them.
 - Bare engine: one `vllm.LLM` in this process with the same engine settings, given all items at once as the images
   decoded at 224 px and the chat text: the engine's own speed, without decoding the images (done beforehand and not
-  counted) and without Ray.
+  counted) and without Ray. Twice: in vLLM's own processes (its default: an engine core and a model worker beside
+  the front end) and in one process (the path's engine stage, `OneProcessVLLM`, called without Ray); the faster is
+  the bar.
 Each Ray Data time runs from the start of the dataset to the last shard written, so it includes starting its engines
 (hf actors: imports and model loading; vLLM: engine processes, model loading, KV cache). It excludes what a long-lived
 cluster has already done, as the reference's time excludes its imports and model loading: `ray.init` and Ray Data's
@@ -23,9 +26,10 @@ float32 kernels round differently, and a random-init model's near-flat next-toke
 different tokens at near-ties).
 
 The breakdown: each CPU step in front of the engine timed alone in this process, per item; the bare engine again on
-the images at the model's grid with content ids (the vLLM path's requests: what its front end still does per image),
-and on the chat text alone (no image: its model and scheduling, text only); and Ray Data's own per-operator stats of
-the vLLM path's run.
+the images at the model's grid with content ids (the requests that ray.data.llm's engine stage gets: what vLLM's
+front end still does per image), on the chat text alone (no image: its model and scheduling, text only) and, in one
+process, on the path's rendered requests (what the path's engine stage does per item); and Ray Data's own
+per-operator stats of the vLLM path's run.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
+import psutil
 import ray
 import torch
 
@@ -50,7 +55,7 @@ from unifer_ray.data.convert import convert_ferbench
 from unifer_ray.data.images import load_image
 from unifer_ray.data.synthetic import write_synthetic_datasets
 from unifer_ray.engines.base import ChatRequest
-from unifer_ray.engines.batch import sized_workers, vllm_engine_kwargs, vllm_requests
+from unifer_ray.engines.batch import OneProcessVLLM, engine_renderer, sized_workers, vllm_engine_kwargs, vllm_requests
 from unifer_ray.engines.hf import chat_text
 from unifer_ray.engines.spec import EngineSpec
 from unifer_ray.engines.vllm_env import vllm_env_applied
@@ -58,6 +63,7 @@ from unifer_ray.labels import DATASETS
 from unifer_ray.models.loading import load_model_and_processor
 from unifer_ray.models.tiny import build_tiny_model
 from unifer_ray.ray_runtime import init_ray
+from unifer_ray.records import object_array
 
 CLASSES = 30  # the four synthetic datasets have 7 + 8 + 8 + 7 classes
 IMAGE_TAG = "<|vision_start|><|image_pad|><|vision_end|>"  # the tiny model's image placeholder in the chat text
@@ -128,15 +134,14 @@ def same(a: list[str], b: list[str]) -> str:
     return f"{sum(x == y for x, y in zip(a, b))}/{len(a)}"
 
 
-def bare_engine(model_dir: Path, engine: EngineSpec, workers: BenchModel, items: ItemRows, image_size: int,
-                max_new_tokens: int) -> dict:
-    """One vllm.LLM in this process, with the engine stage's settings: start-up, and the seconds and responses of
-    three request forms (the decoded images; the vLLM path's requests; the chat text alone), plus the per-item
-    seconds of the CPU steps in front of the engine."""
-    import vllm
+def engine_inputs(model_dir: Path, engine: EngineSpec, workers: BenchModel, items: ItemRows, image_size: int,
+                  max_new_tokens: int) -> dict:
+    """What the bare engines are given, and the per-item seconds of the CPU steps in front of an engine: the images
+    decoded at `image_size`, the chat texts, the vLLM path's requests for ray.data.llm's engine stage (token ids,
+    images at the model's grid, content ids) and for its engine in one process (rendered by the engine's renderer)."""
     from transformers import AutoProcessor
 
-    rows = items.rows
+    rows, sampling = items.rows, {"max_new_tokens": max_new_tokens}
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     images = [load_image(row["image_uri"], image_size) for row in rows]
@@ -146,42 +151,73 @@ def bare_engine(model_dir: Path, engine: EngineSpec, workers: BenchModel, items:
     texts = [chat_text(processor, ChatRequest([{"role": "user", "content": [
         {"type": "image"}, {"type": "text", "text": row["prompt"]}]}])) for row in rows]
     seconds["template"] = time.perf_counter() - start
-    vllm_requests({"id": np.array(["warm-up"], dtype=object), "prompt": np.array(["?"], dtype=object),
-                   "image": np.asarray(images[0])[None], "error": np.array([""], dtype=object)},
-                  model=str(model_dir), sampling={"max_new_tokens": max_new_tokens})  # loads its processor
-    requests: dict[str, list] = {"tokenized_prompt": [], "multimodal_data": [], "multimodal_uuids": []}
-    start = time.perf_counter()
-    for i in range(0, len(rows), workers.batch_size):
-        part = rows[i : i + workers.batch_size]
-        batch = {"id": np.array([row["id"] for row in part], dtype=object),
-                 "prompt": np.array([row["prompt"] for row in part], dtype=object),
-                 "image": np.stack([np.asarray(image) for image in images[i : i + workers.batch_size]]),
-                 "error": np.full(len(part), "", dtype=object)}
-        out = vllm_requests(batch, model=str(model_dir), sampling={"max_new_tokens": max_new_tokens})
-        for key, column in requests.items():
-            column.extend(out[key])
-    seconds["request_stage"] = time.perf_counter() - start
+    renderer = engine_renderer(str(model_dir), vllm_engine_kwargs(engine, workers))
+    batches = [{"id": np.array([row["id"] for row in rows[i : i + workers.batch_size]], dtype=object),
+                "prompt": np.array([row["prompt"] for row in rows[i : i + workers.batch_size]], dtype=object),
+                "image": np.stack([np.asarray(image) for image in images[i : i + workers.batch_size]]),
+                "error": np.full(len(rows[i : i + workers.batch_size]), "", dtype=object)}
+               for i in range(0, len(rows), workers.batch_size)]
+    requests: dict[str, dict[str, list]] = {"request_stage": {}, "rendering_request_stage": {}}
+    for stage, kwargs in (("request_stage", {}), ("rendering_request_stage", {"renderer": renderer})):
+        vllm_requests(batches[0], model=str(model_dir), sampling=sampling, **kwargs)  # loads the processor
+        start = time.perf_counter()
+        for batch in batches:
+            for key, column in vllm_requests(batch, model=str(model_dir), sampling=sampling, **kwargs).items():
+                requests[stage].setdefault(key, []).extend(column)
+        seconds[stage] = time.perf_counter() - start
+    return {"seconds": seconds, "images": images, "texts": texts, "requests": requests["request_stage"],
+            "rendered": requests["rendering_request_stage"]}
 
-    start = time.perf_counter()
-    with vllm_env_applied():
-        llm = vllm.LLM(model=str(model_dir), **vllm_engine_kwargs(engine, workers))
-    seconds["startup"] = time.perf_counter() - start
+
+def bare_engines(model_dir: Path, engine: EngineSpec, workers: BenchModel, inputs: dict,
+                 max_new_tokens: int) -> dict:
+    """One vLLM engine in this process with the engine stage's settings, twice: in vLLM's own processes (an engine
+    core and a model worker beside this front end: `vllm.LLM`'s default) and in this process alone (the vLLM path's
+    engine stage, OneProcessVLLM, called here without Ray). Start-up, and the seconds and responses of each request
+    form: the decoded images, the vLLM path's requests for ray.data.llm's stage, the chat text alone; in one process
+    the images and the path's rendered requests, in calls of the stage's size."""
+    import vllm
+
+    seconds, responses = {}, {}
     params = vllm.SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
+    requests, n = inputs["requests"], len(inputs["texts"])
+    images = [{"prompt": text, "multi_modal_data": {"image": image}}
+              for text, image in zip(inputs["texts"], inputs["images"])]
     forms = {
-        "images": [{"prompt": text, "multi_modal_data": {"image": image}} for text, image in zip(texts, images)],
+        "images": images,
         "requests": [{"prompt_token_ids": requests["tokenized_prompt"][i],
                       "multi_modal_data": requests["multimodal_data"][i],
-                      "multi_modal_uuids": requests["multimodal_uuids"][i]} for i in range(len(rows))],
-        "text": [{"prompt": text.replace(IMAGE_TAG, "")} for text in texts],
+                      "multi_modal_uuids": requests["multimodal_uuids"][i]} for i in range(n)],
+        "text": [{"prompt": text.replace(IMAGE_TAG, "")} for text in inputs["texts"]],
     }
-    llm.generate(forms["text"][:8], params, use_tqdm=False)  # first-call costs out of the timings
-    responses = {}
-    for form, prompts in forms.items():
+
+    def generated(name: str, llm, prompts: list[dict]) -> None:
         start = time.perf_counter()
         outputs = llm.generate(prompts, params, use_tqdm=False)
-        seconds[form] = time.perf_counter() - start
-        responses[form] = [output.outputs[0].text for output in outputs]
+        seconds[name] = time.perf_counter() - start
+        responses[name] = [output.outputs[0].text for output in outputs]
+
+    start = time.perf_counter()
+    with vllm_env_applied(one_process=False):
+        llm = vllm.LLM(model=str(model_dir), **vllm_engine_kwargs(engine, workers))
+    seconds["startup"] = time.perf_counter() - start
+    llm.generate(forms["text"][:8], params, use_tqdm=False)  # first-call costs out of the timings
+    for form, prompts in forms.items():
+        generated(form, llm, prompts)
     llm.llm_engine.engine_core.shutdown()
+
+    start = time.perf_counter()
+    stage = OneProcessVLLM(model=str(model_dir), engine_kwargs=vllm_engine_kwargs(engine, workers))
+    seconds["one_process_startup"] = time.perf_counter() - start
+    stage.llm.generate(forms["text"][:8], params, use_tqdm=False)
+    generated("one_process_images", stage.llm, images)
+    call = workers.batch_size * workers.max_concurrent_batches
+    columns = {k: object_array(v) for k, v in inputs["rendered"].items()}
+    start = time.perf_counter()
+    calls = [stage({k: v[i : i + call] for k, v in columns.items()}) for i in range(0, n, call)]
+    seconds["one_process_rendered"] = time.perf_counter() - start
+    responses["one_process_rendered"] = [text for out in calls for text in out["generated_text"]]
+    stage.llm.llm_engine.engine_core.shutdown()
     return {"seconds": seconds, "responses": responses}
 
 
@@ -228,11 +264,13 @@ def main() -> None:
         ray.data.range(1).map_batches(Identity, compute=ray.data.ActorPoolStrategy(size=1)).materialize()
         hf_run, hf_startup = ray_data_path(hf, items, config)
         vllm_run, vllm_startup = ray_data_path(vllm, items, config)
-        ray.shutdown()  # the bare engine gets the machine to itself
-        print(f"bare engine starts, {load_average()}", flush=True)
-        bare = bare_engine(model_dir, vllm.engine, vllm, items, args.image_size, args.max_new_tokens)
-        print(f"bare engine done, {load_average()}", flush=True)
-        seconds, bare_responses = bare["seconds"], bare["responses"]
+        ray.shutdown()  # the bare engines get the machine to themselves, once the cluster's processes have ended
+        psutil.wait_procs(psutil.Process().children(recursive=True), timeout=60)
+        print(f"bare engines start, {load_average()}", flush=True)
+        inputs = engine_inputs(model_dir, vllm.engine, vllm, items, args.image_size, args.max_new_tokens)
+        bare = bare_engines(model_dir, vllm.engine, vllm, inputs, args.max_new_tokens)
+        print(f"bare engines done, {load_average()}", flush=True)
+        seconds, bare_responses = inputs["seconds"] | bare["seconds"], bare["responses"]
         hf_responses, vllm_responses = responses_of(hf_run, items), responses_of(vllm_run, items)
 
         print(f"\nreference (model.generate, batch 1, {args.baseline_threads} torch thread): {base_rate:8.2f} items/s "
@@ -241,14 +279,27 @@ def main() -> None:
               n, base_rate)
         path = rates(f"vLLM path ({vllm.concurrency} engine(s), {vllm.max_concurrent_batches} batches of "
                      f"{vllm.batch_size} in flight each)", vllm_run.seconds, vllm_startup, n, base_rate)
-        engine = rates("bare vLLM engine (one vllm.LLM, no Ray, images decoded beforehand)",
-                       seconds["startup"] + seconds["images"], seconds["startup"], n, base_rate,
-                       steady_s=seconds["images"])
-        print(f"vLLM path: {path / engine:.1%} of the bare engine's items/s without start-up "
-              f"({vllm_run.seconds / (seconds['startup'] + seconds['images']):.2f}x its time with start-up); "
+        engines = {
+            "vLLM's own processes": rates(
+                "bare vLLM engine (one vllm.LLM in vLLM's own processes, no Ray, images decoded beforehand)",
+                seconds["startup"] + seconds["images"], seconds["startup"], n, base_rate, steady_s=seconds["images"]),
+            "one process": rates(
+                "bare vLLM engine in one process (the path's engine stage without Ray, images decoded beforehand)",
+                seconds["one_process_startup"] + seconds["one_process_images"], seconds["one_process_startup"], n,
+                base_rate, steady_s=seconds["one_process_images"]),
+        }
+        bar, engine = max((rate, layout) for layout, rate in engines.items())
+        with_startup = min(seconds["startup"] + seconds["images"],
+                           seconds["one_process_startup"] + seconds["one_process_images"])
+        print(f"vLLM path: {path / bar:.1%} of the faster bare engine's items/s without start-up ({engine}; "
+              + "; ".join(f"{path / rate:.1%} of {layout}" for layout, rate in engines.items())
+              + f"), {vllm_run.seconds / with_startup:.2f}x its time with start-up; "
               f"{hf_run.seconds / vllm_run.seconds:.2f}x the transformers path with start-up")
         print(f"identical responses: vLLM path = bare engine {same(vllm_responses, bare_responses['images'])}; "
-              f"bare engine on the vLLM path's requests {same(bare_responses['requests'], bare_responses['images'])}; "
+              f"bare engine on the path's requests {same(bare_responses['requests'], bare_responses['images'])}, "
+              f"in one process on its images {same(bare_responses['one_process_images'], bare_responses['images'])} "
+              f"and on the path's rendered requests "
+              f"{same(bare_responses['one_process_rendered'], bare_responses['images'])}; "
               f"transformers path = reference {same(hf_responses, base_responses)}; "
               f"vLLM = reference {same(bare_responses['images'], base_responses)}")
 
@@ -256,14 +307,17 @@ def main() -> None:
         print("\nwhere the time goes, ms per item (CPU steps: in this process, one core; engines: wall time):")
         print(f"  decode + resize to {args.image_size} px (the decode stage): {ms['decode']:.2f}")
         print(f"  chat template, every item: {ms['template']:.2f}")
-        print(f"  request stage (template and tokens once per question, image to the model's grid, content id): "
-              f"{ms['request_stage']:.2f}")
-        print(f"  bare engine, decoded {args.image_size} px images: {ms['images']:.2f}; the vLLM path's requests "
-              f"(nothing left to tokenize, resize or hash): {ms['requests']:.2f}; chat text alone: {ms['text']:.2f} "
-              f"(so per image in the engine, front end and vision tower: {ms['images'] - ms['text']:.2f} and "
-              f"{ms['requests'] - ms['text']:.2f})")
+        print(f"  request stage for ray.data.llm's engine stage (template and tokens once per question, image to the "
+              f"model's grid, content id): {ms['request_stage']:.2f}; for the engine in one process (the same, "
+              f"rendered by the engine's renderer and pickled): {ms['rendering_request_stage']:.2f}")
+        print(f"  bare engine in vLLM's own processes, decoded {args.image_size} px images: {ms['images']:.2f}; the "
+              f"path's requests for ray.data.llm (nothing left to tokenize, resize or hash): {ms['requests']:.2f}; "
+              f"chat text alone: {ms['text']:.2f} (so per image in the engine, front end and vision tower: "
+              f"{ms['images'] - ms['text']:.2f} and {ms['requests'] - ms['text']:.2f})")
+        print(f"  bare engine in one process, decoded images: {ms['one_process_images']:.2f}; the path's rendered "
+              f"requests (what its engine stage does per item): {ms['one_process_rendered']:.2f}")
         print(f"  vLLM path without start-up: {1e3 / path:.2f} (Ray Data's stages and transfers around the "
-              f"engine: {1e3 / path - ms['requests']:.2f} beyond the bare engine on the same requests)")
+              f"engine: {1e3 / path - ms['one_process_rendered']:.2f} beyond its engine stage's own work)")
         print(f"\nRay Data's stats of the vLLM path's run:\n{vllm_run.stats}")
         assert vllm_responses == bare_responses["images"], "the vLLM path's responses differ from the bare engine's"
 

@@ -173,6 +173,8 @@ def test_engines_and_batches_in_flight_are_sized_on_the_cluster(ray_cluster, tin
     assert sized_workers(model.model_copy(update={"engine": ranks}), ranks).max_concurrent_batches == 5
     beside = vllm.model_copy(update={"one_process": False})  # ray.data.llm's engine stage on CPUs, as asked
     assert not one_process_engine(beside, model)
+    on_gpus = model.model_copy(update={"num_gpus": 1})  # GPU engines: ray.data.llm's engine stage, whatever it says
+    assert not one_process_engine(vllm.model_copy(update={"one_process": True}), on_gpus)
     assert sized_workers(model.model_copy(update={"engine": beside}), beside).max_concurrent_batches == 5
     written = model.model_copy(update={"concurrency": 2, "max_concurrent_batches": 3})
     assert sized_workers(written, vllm) == written

@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from PIL import Image
 
-from tests.helpers import recomputed_logprobs
+from tests.helpers import needs_vllm, recomputed_logprobs
 from unifer_ray.engines import ChatRequest, EngineSpec, SamplingParams, create_engine, resolve_engine
 from unifer_ray.engines.hf import HFEngine
 from unifer_ray.engines.openai_api import OpenAIEngine, RequestFailed
@@ -282,3 +282,48 @@ def test_the_vllm_request_stage_hands_the_engine_its_processors_own_pixels(tiny_
     assert tokenizer.decode(requests["tokenized_prompt"][3]).endswith("Why?<|im_end|>\n<|im_start|>assistant\n")
     assert requests["multimodal_data"][3] is None and requests["sampling_params"][3]["max_tokens"] == 1
     assert [p["max_tokens"] for p in requests["sampling_params"][:3]] == [8, 8, 8]
+
+
+@needs_vllm
+def test_for_an_engine_in_one_process_the_request_stage_renders_what_the_engine_would(tiny_model_dir):
+    """With the engine's renderer, each request leaves the request stage rendered: the tokens (the image's
+    placeholders expanded) and patches that vLLM makes from the chat text and the decoded image, keyed by the content
+    id of the pixels; a row that failed before has no request, and one longer than the context fails here."""
+    import pickle
+
+    from transformers import AutoProcessor
+
+    from unifer_ray.engines.batch import (
+        EngineWorkers,
+        at_model_grid,
+        engine_renderer,
+        image_uuid,
+        vllm_engine_kwargs,
+        vllm_requests,
+    )
+    from unifer_ray.engines.hf import chat_text
+
+    images = np.stack([np.asarray(random_image((224, 224), seed)) for seed in (0, 1, 2, 3)])
+    batch = {"id": np.array(["a", "b", "c", "d"], dtype=object),
+             "prompt": np.array(["Which?", "Which?", "Why?", "why " * 1200], dtype=object), "image": images,
+             "error": np.array(["", "", "image: not a decodable image", ""], dtype=object)}
+    kwargs = vllm_engine_kwargs(EngineSpec(engine="vllm", model=str(tiny_model_dir),
+                                           vllm_kwargs={"max_model_len": 1024}), EngineWorkers())
+    renderer = engine_renderer(str(tiny_model_dir), kwargs)
+    requests = vllm_requests(batch, model=str(tiny_model_dir), sampling={"max_new_tokens": 8}, renderer=renderer)
+    assert "multimodal_data" not in requests and "tokenized_prompt" not in requests
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir, local_files_only=True)
+    for i in (0, 1):
+        ours = pickle.loads(requests["engine_input"][i])
+        text = chat_text(processor, ChatRequest.single_image(Image.fromarray(images[i]), "Which?"))
+        [own] = renderer.render_cmpl([{"prompt": text, "multi_modal_data": {"image": [images[i]]}}],
+                                     skip_mm_cache=True)
+        assert ours["prompt_token_ids"] == own["prompt_token_ids"]
+        [ours_image], [own_image] = ours["mm_kwargs"]["image"], own["mm_kwargs"]["image"]
+        for field in ("pixel_values", "image_grid_thw"):
+            assert torch.equal(ours_image[field].data, own_image[field].data)
+        assert ours["mm_hashes"]["image"] == [image_uuid(at_model_grid(images[i], processor.image_processor))]
+    assert requests["engine_input"][2] is None and requests["error"][2] == "image: not a decodable image"
+    assert requests["engine_input"][3] is None and "maximum context length is 1024" in requests["error"][3]
+    assert [p["max_tokens"] for p in requests["sampling_params"]] == [8, 8, 1, 1]

@@ -152,3 +152,48 @@ def test_create_engine_builds_vllm(tiny_model_dir):
     # The vllm engine's own refusal: a spec routed to the hf engine fails with another message.
     with pytest.raises(FileNotFoundError, match="no_model does not exist \\(engine 'vllm' loads local directories"):
         create_engine(EngineSpec(engine="vllm", model=str(tiny_model_dir) + "/no_model"))
+
+
+def test_the_one_process_engine_stage_keeps_a_refused_request_as_its_rows_error(tiny_model_dir, ferbench_requests):
+    """OneProcessVLLM adds each rendered request on its own: one that the engine refuses (rendered for a longer
+    context than the engine has) is that row's error, a row that failed before the engine has no request and stays
+    empty, and the others are generated as the engine generates them from the decoded images."""
+    import numpy as np
+    import vllm
+    from transformers import AutoProcessor
+
+    from unifer_ray.engines.batch import (
+        EngineWorkers,
+        OneProcessVLLM,
+        engine_renderer,
+        vllm_engine_kwargs,
+        vllm_requests,
+    )
+    from unifer_ray.engines.hf import chat_text
+
+    kwargs = vllm_engine_kwargs(EngineSpec(engine="vllm", model=str(tiny_model_dir),
+                                           vllm_kwargs={"max_model_len": 1024}), EngineWorkers())
+    longer = engine_renderer(str(tiny_model_dir), kwargs | {"max_model_len": 4096})
+    first, second = ferbench_requests[:2]
+    question = first.messages[0]["content"][1]["text"]
+    batch = {"id": np.array(["a", "b", "c"], dtype=object),
+             "prompt": np.array([question, "why " * 1200, question], dtype=object),
+             "image": np.stack([np.asarray(request.images()[0]) for request in (first, second, second)]),
+             "error": np.array(["", "", "image: not a decodable image"], dtype=object)}
+    requests = vllm_requests(batch, model=str(tiny_model_dir), sampling={"max_new_tokens": 8}, renderer=longer)
+    assert all(requests["engine_input"][:2]) and requests["engine_input"][2] is None
+
+    stage = OneProcessVLLM(model=str(tiny_model_dir), engine_kwargs=kwargs)
+    try:
+        out = stage(requests)
+        processor = AutoProcessor.from_pretrained(tiny_model_dir, local_files_only=True)
+        prompt = {"prompt": chat_text(processor, first), "multi_modal_data": {"image": first.images()}}
+        [expected] = stage.llm.generate([prompt], vllm.SamplingParams(max_tokens=8, temperature=0.0), use_tqdm=False)
+    finally:
+        stage.llm.llm_engine.engine_core.shutdown()
+    assert "engine_input" not in out and list(out["id"]) == ["a", "b", "c"]
+    assert out["generated_text"][0] == expected.outputs[0].text and out["num_generated_tokens"][0] > 0
+    assert out["__inference_error__"][0] == ""
+    assert "longer than the maximum model length of 1024" in out["__inference_error__"][1]
+    assert out["generated_text"][1] == ""
+    assert (out["generated_text"][2], out["num_generated_tokens"][2], out["__inference_error__"][2]) == ("", 0, "")

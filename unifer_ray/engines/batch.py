@@ -4,15 +4,15 @@ Rows come in with `id`, `prompt` (the user's question), `image` (uint8 H×W×3) 
 failed, e.g. its image did not decode); they leave without `image`, with `responses` (n texts), `num_tokens`,
 `latency_s` and `error` (the generation's failure, if any). Nothing is dropped: a failed row stays a row.
 
-- vllm: request rows (the chat text's token ids, the image already at the model's grid with a content id, sampling
-  parameters), then the engine stage, then our output columns. What vLLM's front end would otherwise do per item on
-  the engine's critical path (tokenize, resize, hash) is done in the request stage, beside the engines. The engine
-  stage is `ray.data.llm`'s vLLM engine processor on GPUs and for engines of several ranks (continuous batching,
-  several batches in flight per engine, tensor parallel, `accelerator_type`), with its own chat template, tokenizer,
+- vllm: request rows, then the engine stage, then our output columns. What vLLM's front end would otherwise do per
+  item on the engine's critical path is done in the request stage, beside the engines. A CPU engine of one rank runs
+  in one process (`OneProcessVLLM`) and takes its requests rendered by its own renderer (vLLM's `render_cmpl`: the
+  tokens with the image's placeholders, the processor's patches, content hashes), so the engine only schedules,
+  runs the model and detokenizes. GPU engines and engines of several ranks run `ray.data.llm`'s vLLM engine
+  processor (continuous batching, several batches in flight per engine, tensor parallel, `accelerator_type`) on
+  the chat text's token ids and the image at the model's grid with a content id, its own chat template, tokenizer,
   multi-modal and detokenizer stages off: each would be one more actor pool for work that our request stage does in
-  the same pass. A CPU engine of one rank runs in one process instead (`OneProcessVLLM`): on 2 cores ray.data.llm's
-  engine stage reached 52-58% of one bare engine's items/s, this stage 83%. Engines and batches in flight are sized
-  on the cluster unless the config says (`sized_workers`).
+  the same pass. Engines and batches in flight are sized on the cluster unless the config says (`sized_workers`).
 - hf and openai: a pool of EngineActors (engines/ray_actor.py). API models do not use `HttpRequestProcessorConfig`:
   its stage raises once a request has failed all its retries, which fails the whole dataset, where a benchmark needs
   that item as an error row and the rest scored.
@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import pickle
 import time
+from collections.abc import Iterator
 from functools import cache
 
 import numpy as np
@@ -34,7 +36,7 @@ from unifer_ray.engines import resolve_engine
 from unifer_ray.engines.base import ChatRequest, SamplingParams
 from unifer_ray.engines.ray_actor import EngineActor
 from unifer_ray.engines.spec import EngineSpec
-from unifer_ray.engines.vllm_env import runs_in_one_process, vllm_env
+from unifer_ray.engines.vllm_env import runs_in_one_process, vllm_env, vllm_env_applied
 from unifer_ray.records import object_array
 
 # A CPU engine keeps about two cores busy: its own (in one process) and the stages that feed it (decoding, requests,
@@ -90,10 +92,12 @@ def sized_workers(workers: EngineWorkers, spec: EngineSpec) -> EngineWorkers:
 
 
 def one_process_engine(spec: EngineSpec, workers: EngineWorkers) -> bool:
-    """Whether the engine stage runs vLLM in one process (OneProcessVLLM): an engine of one rank where
-    `spec.one_process` says, by default on CPUs. Engines of several ranks take ray.data.llm's stage."""
+    """Whether the engine stage runs vLLM in one process (OneProcessVLLM): a CPU engine of one rank, unless
+    `spec.one_process` is false. GPU engines and engines of several ranks take ray.data.llm's stage: the request
+    stage renders a one-process engine's requests with vLLM on the CPU nodes, where a GPU build of vLLM has no
+    platform to configure an engine for."""
     one_rank = runs_in_one_process(vllm_engine_kwargs(spec, workers), on_cpu=True)
-    return one_rank and (spec.one_process if spec.one_process is not None else not workers.num_gpus)
+    return one_rank and not workers.num_gpus and spec.one_process is not False
 
 
 def _engines_on_cluster(workers: EngineWorkers, spec: EngineSpec, kind: str) -> int:
@@ -178,16 +182,17 @@ def _vllm_generation(ds: ray.data.Dataset, spec: EngineSpec, sampling: SamplingP
     # rule for n), gathered again by id after the engine.
     # One request actor per engine (about 1 ms a row: far ahead of an engine) loads the processor once, while the
     # engines start, where every new task worker would load it again.
-    ds = ds.map_batches(VLLMRequests, fn_constructor_kwargs={"model": spec.model, "revision": spec.revision,
-                                                             "sampling": sampling.model_dump()},
+    one_process = one_process_engine(spec, workers)
+    engine_kwargs = vllm_engine_kwargs(spec, workers, seeded=sampling.seed is not None)
+    ds = ds.map_batches(VLLMRequests, fn_constructor_kwargs={
+                            "model": spec.model, "revision": spec.revision, "sampling": sampling.model_dump(),
+                            "engine_kwargs": engine_kwargs if one_process else None},
                         batch_size=workers.batch_size, compute=ray.data.ActorPoolStrategy(size=workers.concurrency),
                         num_cpus=REQUEST_ACTOR_CPUS)
-    if one_process_engine(spec, workers):
-        engine_kwargs = vllm_engine_kwargs(spec, workers, seeded=sampling.seed is not None)
+    if one_process:
         ds = ds.map_batches(OneProcessVLLM, fn_constructor_kwargs={"model": spec.model, "engine_kwargs": engine_kwargs},
                             batch_size=workers.batch_size * workers.max_concurrent_batches,
                             compute=ray.data.ActorPoolStrategy(size=workers.concurrency), num_cpus=workers.num_cpus,
-                            num_gpus=workers.num_gpus, **gpu_node_options(workers),
                             runtime_env={"env_vars": vllm_env()})  # its preloads, at the actor process's start
     else:
         from ray.data.llm import build_processor
@@ -241,33 +246,49 @@ def image_uuid(image: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def vllm_requests(batch: dict[str, np.ndarray], *, model: str, revision: str | None = None,
-                  sampling: dict) -> dict[str, np.ndarray]:
-    """Rows → vLLM requests: `tokenized_prompt` (the chat text's tokens), `multimodal_data` (the image at the model's
-    grid), `multimodal_uuids`, `sampling_params`; n rows per row for n samples. The engine's front end then neither
-    tokenizes, resizes nor hashes: what is left of its per-image work is the processor's normalize and patchify.
+def vllm_requests(batch: dict[str, np.ndarray], *, model: str, revision: str | None = None, sampling: dict,
+                  renderer=None) -> dict[str, np.ndarray]:
+    """Rows → vLLM requests, n rows per row for n samples, each with its `sampling_params`.
+
+    Without a renderer, ray.data.llm's request columns: `tokenized_prompt` (the chat text's tokens), `multimodal_data`
+    (the image at the model's grid) and `multimodal_uuids`; the engine's front end then neither tokenizes, resizes nor
+    hashes, and what is left of its per-image work is the processor's patchify. With the engine's own renderer
+    (`engine_renderer`), `engine_input`: the request as the engine's renderer makes it (tokens with the image's
+    placeholders, the patchified pixels, content hashes), so nothing of the request is left for the engine's process.
 
     A row that already failed stays in the stream (a Ray Data stream cannot set rows aside and add them back without
-    computing its source twice): it asks for one token of its text alone, and the output stage keeps its error.
+    computing its source twice). Rendered, it has no `engine_input`, and one the renderer refuses (a prompt longer
+    than the context) fails here with the renderer's reason; for ray.data.llm's stage it asks one token of its text
+    alone, and the output stage keeps its error.
     """
     params = SamplingParams.model_validate(sampling)
     processor = _chat_processor(model, revision)
     rows = {k: v for k, v in batch.items() if k not in ("image", "prompt")}
-    out: dict[str, list] = {k: [] for k in [*rows, "tokenized_prompt", "multimodal_data", "multimodal_uuids",
-                                            "sampling_params", "sample"]}
+    errors = np.array(batch["error"], dtype=object)
+    request_columns = ["engine_input"] if renderer is not None else ["tokenized_prompt", "multimodal_data",
+                                                                    "multimodal_uuids"]
+    out: dict[str, list] = {k: [] for k in [*rows, *request_columns, "sampling_params", "sample"]}
     prompts: dict[tuple[str, bool], list[int]] = {}  # a benchmark asks one question per dataset: tokenized once
     for i, question in enumerate(batch["prompt"]):
-        failed = bool(batch["error"][i])
+        failed = bool(errors[i])
         if (str(question), failed) not in prompts:
             prompts[str(question), failed] = chat_tokens(processor, str(question), with_image=not failed)
+        tokens = prompts[str(question), failed]
         image = None if failed else at_model_grid(batch["image"][i], processor.image_processor)
-        uuid = None if failed else image_uuid(image)
+        if renderer is None:
+            request = {"tokenized_prompt": tokens, "multimodal_data": None if failed else {"image": [image]},
+                       "multimodal_uuids": None if failed else {"image": [image_uuid(image)]}}
+        else:
+            engine_input = None
+            if not failed:
+                engine_input, errors[i] = rendered(renderer, tokens, image)
+                failed = bool(errors[i])
+            request = {"engine_input": engine_input}
         for k in range(params.n):
             for key, column in rows.items():
-                out[key].append(column[i])
-            out["tokenized_prompt"].append(prompts[str(question), failed])
-            out["multimodal_data"].append(None if failed else {"image": [image]})
-            out["multimodal_uuids"].append(None if failed else {"image": [uuid]})
+                out[key].append(errors[i] if key == "error" else column[i])
+            for key, value in request.items():
+                out[key].append(value)
             out["sampling_params"].append({
                 "temperature": params.temperature, "top_p": params.top_p,
                 "max_tokens": 1 if failed else params.max_new_tokens,
@@ -277,67 +298,107 @@ def vllm_requests(batch: dict[str, np.ndarray], *, model: str, revision: str | N
     return {k: object_array(v) for k, v in out.items()}
 
 
-class VLLMRequests:
-    """The request stage as an actor: `vllm_requests` with the model's processor loaded at start."""
+def engine_renderer(model: str, engine_kwargs: dict):
+    """vLLM's renderer for an engine of `model` with `engine_kwargs`: the part of the engine that turns a prompt into
+    its request (tokens, the multi-modal processor's output, content hashes), without the engine.
 
-    def __init__(self, *, model: str, revision: str | None, sampling: dict):
+    Its multi-modal cache stays off (`rendered`): with it, a request may leave out an item the renderer has sent
+    before, for the engine's own cache to fill in, and this renderer's engine is another process's."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.renderers import renderer_from_config
+
+    with vllm_env_applied(one_process=True):
+        return renderer_from_config(EngineArgs(model=model, **engine_kwargs).create_engine_config())
+
+
+def rendered(renderer, token_ids: list[int], image: np.ndarray) -> tuple[bytes | None, str]:
+    """One image request as the engine's renderer makes it, pickled, or its error (a prompt longer than the context).
+    Pickled here: Ray Data would pickle the object itself, with cloudpickle, several times slower."""
+    from vllm.exceptions import VLLMClientError
+
+    prompt = {"prompt_token_ids": token_ids, "multi_modal_data": {"image": [image]},
+              "multi_modal_uuids": {"image": [image_uuid(image)]}}
+    try:
+        (engine_input,) = renderer.render_cmpl([prompt], skip_mm_cache=True)
+    except (ValueError, VLLMClientError) as exc:
+        return None, f"generation: {type(exc).__name__}: {exc}"
+    return pickle.dumps(engine_input, protocol=pickle.HIGHEST_PROTOCOL), ""
+
+
+class VLLMRequests:
+    """The request stage as an actor: `vllm_requests` with the model's processor (and, for an engine in one process,
+    the engine's renderer) loaded at start."""
+
+    def __init__(self, *, model: str, revision: str | None, sampling: dict, engine_kwargs: dict | None = None):
         self.kwargs = {"model": model, "revision": revision, "sampling": sampling}
         _chat_processor(model, revision)
+        if engine_kwargs is not None:
+            self.kwargs["renderer"] = engine_renderer(model, engine_kwargs)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return vllm_requests(batch, **self.kwargs)
 
 
 class OneProcessVLLM:
-    """The engine stage of an engine of one rank (on CPUs by default): one `vllm.LLM` inside this actor's process,
-    given a call's rows (`batch_size` x `max_concurrent_batches`) at once, returning the columns of ray.data.llm's
-    engine stage that `vllm_outputs` reads.
+    """The engine stage of a CPU engine of one rank: one vLLM engine inside this actor's process, given a call's
+    rendered requests (`batch_size` x `max_concurrent_batches` rows) at once, returning the columns of
+    ray.data.llm's engine stage that `vllm_outputs` reads.
 
     ray.data.llm's engine stage holds an AsyncLLM, whose engine core always runs in a process of its own: on CPUs two
     busy processes per engine (its front end and its core, spinning while they wait for each other), which reached
-    52-58% of one engine's items/s on 2 cores (docs/benchmarks.md). In one process the engine does all of its work
-    on one core, and ends with its actor. A call that vLLM refuses (a prompt longer than the context) is retried row
-    by row, so only the refused rows fail."""
+    52-58% of one engine's items/s on 2 cores (docs/throughput.md). In one process the engine does all of its work
+    on one core, and ends with its actor. The request stage has rendered every request with this engine's renderer
+    (`engine_renderer`), so the engine's core only schedules, runs the model and detokenizes. A request the engine
+    refuses fails alone."""
 
     def __init__(self, *, model: str, engine_kwargs: dict):
-        import vllm
+        import itertools
 
-        from unifer_ray.engines.vllm_env import vllm_env_applied
+        import vllm
 
         with vllm_env_applied(one_process=True):
             self.llm = vllm.LLM(model=model, **engine_kwargs)
+        self.calls = itertools.count()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import vllm
-
-        n = len(batch["id"])
-        prompts = [{"prompt_token_ids": list(batch["tokenized_prompt"][i])} | (
-            {"multi_modal_data": batch["multimodal_data"][i], "multi_modal_uuids": batch["multimodal_uuids"][i]}
-            if batch["multimodal_data"][i] is not None else {}) for i in range(n)]
-        params = [vllm.SamplingParams(**batch["sampling_params"][i]) for i in range(n)]
-        texts, tokens, errors = [""] * n, [0] * n, [""] * n
-        start = time.perf_counter()
-        outputs = self._generate(prompts, params)
-        if isinstance(outputs, Exception):  # one refused request fails the call: find it, keep the others
-            outputs = [self._generate([prompt], [param]) for prompt, param in zip(prompts, params)]
-            errors = [f"{type(o).__name__}: {o}" if isinstance(o, Exception) else "" for o in outputs]
-            outputs = [None if isinstance(o, Exception) else o[0] for o in outputs]
-        elapsed = time.perf_counter() - start
-        for i, output in enumerate(outputs):
-            if output is not None:
-                texts[i], tokens[i] = output.outputs[0].text, len(output.outputs[0].token_ids)
-        # The call's time per row: what an item costs at this many requests in flight.
-        return batch | {"generated_text": object_array(texts), "num_generated_tokens": np.array(tokens),
-                        "time_taken_llm": np.full(n, elapsed / max(n, 1)), "__inference_error__": object_array(errors)}
-
-    def _generate(self, prompts: list[dict], params: list) -> list | Exception:
-        """The engine's outputs, or the error of a request it refused."""
         from vllm.exceptions import VLLMClientError
 
-        try:
-            return self.llm.generate(prompts, params, use_tqdm=False)
-        except (ValueError, VLLMClientError) as exc:
-            return exc
+        n = len(batch["id"])
+        texts, tokens, errors = [""] * n, [0] * n, [""] * n
+        engine, call, rows = self.llm.llm_engine, next(self.calls), {}
+        start = time.perf_counter()
+        for i, (request, params) in enumerate(zip(batch["engine_input"], self._params(batch["sampling_params"]))):
+            if request is None:  # failed before the engine: the row carries its error
+                continue
+            try:
+                engine.add_request(f"{call}-{i}", pickle.loads(request), params)
+                rows[f"{call}-{i}"] = i
+            except (ValueError, VLLMClientError) as exc:
+                errors[i] = f"{type(exc).__name__}: {exc}"
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                if output.finished:
+                    i = rows[output.request_id]
+                    texts[i], tokens[i] = output.outputs[0].text, len(output.outputs[0].token_ids)
+        elapsed = time.perf_counter() - start
+        # The call's time per row: what an item costs at this many requests in flight.
+        kept = {k: v for k, v in batch.items() if k not in ("engine_input", "sampling_params")}
+        return kept | {"generated_text": object_array(texts), "num_generated_tokens": np.array(tokens),
+                       "time_taken_llm": np.full(n, elapsed / max(n, 1)), "__inference_error__": object_array(errors)}
+
+    @staticmethod
+    def _params(column: np.ndarray) -> Iterator:
+        """vLLM's sampling parameters of each row, one object per distinct setting (the engine copies them), and the
+        final output only, as vLLM's LLM asks: nothing reads the partial ones."""
+        import vllm
+        from vllm.sampling_params import RequestOutputKind
+
+        made: dict[tuple, object] = {}
+        for params in column:
+            key = tuple(sorted(params.items()))
+            if key not in made:
+                made[key] = vllm.SamplingParams(**params, output_kind=RequestOutputKind.FINAL_ONLY)
+            yield made[key]
 
 
 def chat_tokens(processor, question: str, *, with_image: bool) -> list[int]:

@@ -25,5 +25,5 @@ class EngineSpec(BaseModel):
     vllm_kwargs: dict[str, Any] = Field(default_factory=dict)
     # vllm: the engine inside the process that holds it (a rollout actor, the Ray Data engine stage's actor), or in
     # vLLM's engine processes beside it. None: inside on CPUs with one rank (engines/vllm_env.py ONE_PROCESS_ENV),
-    # beside it on GPUs; FERBench and curation with `false` run on ray.data.llm's engine stage.
+    # beside it on GPUs; FERBench and curation with `false` run on ray.data.llm's engine stage (as GPU engines do).
     one_process: bool | None = None
