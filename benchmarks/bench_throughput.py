@@ -229,6 +229,9 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--baseline-threads", type=int, default=1)
     parser.add_argument("--hf-actors", type=int, default=2, help="transformers path: actors, a core each")
+    parser.add_argument("--vllm-kwargs", type=json.loads, default={},
+                        help='JSON of vLLM engine arguments for the vLLM path and the bare engines, e.g. '
+                             '\'{"enforce_eager": false}\' (vLLM\'s compiled path, which CPU engines leave off)')
     parser.add_argument("--cpus", type=int, default=(os.cpu_count() or 2) + 1,
                         help="the local Ray cluster's CPUs (default: the cores and one more, for the light stages)")
     args = parser.parse_args()
@@ -244,7 +247,7 @@ def main() -> None:
         hf = bench_model("hf", EngineSpec(engine="hf", model=str(model_dir), max_batch_size=args.batch_size), args,
                          concurrency=args.hf_actors)
         vllm = bench_model("vllm", EngineSpec(engine="vllm", model=str(model_dir),
-                                              vllm_kwargs={"max_model_len": 1024}), args)
+                                              vllm_kwargs={"max_model_len": 1024, **args.vllm_kwargs}), args)
         config = BenchConfig(files=files, models=[hf], out_dir=str(tmp / "out"))
         items = read_all_items(config)
         items.rows = items.rows[: args.items]

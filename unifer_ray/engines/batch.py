@@ -21,6 +21,7 @@ failed, e.g. its image did not decode); they leave without `image`, with `respon
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import pickle
 import time
@@ -352,8 +353,6 @@ class OneProcessVLLM:
     refuses fails alone."""
 
     def __init__(self, *, model: str, engine_kwargs: dict):
-        import itertools
-
         import vllm
 
         with vllm_env_applied(one_process=True):
@@ -370,9 +369,10 @@ class OneProcessVLLM:
         for i, (request, params) in enumerate(zip(batch["engine_input"], self._params(batch["sampling_params"]))):
             if request is None:  # failed before the engine: the row carries its error
                 continue
+            request_id = f"{call}-{i}"
             try:
-                engine.add_request(f"{call}-{i}", pickle.loads(request), params)
-                rows[f"{call}-{i}"] = i
+                engine.add_request(request_id, pickle.loads(request), params)
+                rows[request_id] = i
             except (ValueError, VLLMClientError) as exc:
                 errors[i] = f"{type(exc).__name__}: {exc}"
         while engine.has_unfinished_requests():
