@@ -181,8 +181,8 @@ def _vllm_generation(ds: ray.data.Dataset, spec: EngineSpec, sampling: SamplingP
                      workers: EngineWorkers) -> ray.data.Dataset:
     # The engine stage returns one completion per row: n samples are n rows (sample k seeded seed + k, vLLM's own
     # rule for n), gathered again by id after the engine.
-    # One request actor per engine (about 1 ms a row: far ahead of an engine) loads the processor once, while the
-    # engines start, where every new task worker would load it again.
+    # One request actor per engine (about 1 ms a row, rendering included: ahead of an engine's 2.6) loads the processor
+    # (and the renderer) once, while the engines start, where every new task worker would load them again.
     one_process = one_process_engine(spec, workers)
     engine_kwargs = vllm_engine_kwargs(spec, workers, seeded=sampling.seed is not None)
     ds = ds.map_batches(VLLMRequests, fn_constructor_kwargs={
