@@ -308,8 +308,7 @@ def engine_renderer(model: str, engine_kwargs: dict):
     from vllm.engine.arg_utils import EngineArgs
     from vllm.renderers import renderer_from_config
 
-    with vllm_env_applied(one_process=True):
-        return renderer_from_config(EngineArgs(model=model, **engine_kwargs).create_engine_config())
+    return renderer_from_config(EngineArgs(model=model, **engine_kwargs).create_engine_config())
 
 
 def rendered(renderer, token_ids: list[int], image: np.ndarray) -> tuple[bytes | None, str]:
