@@ -48,10 +48,14 @@ def test_auto_is_vllm_where_it_is_installed(tiny_model_dir):
     assert engine_label(spec.model_copy(update={"engine": "hf"})) == "hf"
 
 
-def test_a_cpu_engine_runs_in_its_owners_process_and_leaves_its_environment_as_it_was(tiny_model_dir):
+def test_a_cpu_engine_runs_in_its_owners_process_quietly_and_leaves_its_environment_as_it_was(tiny_model_dir,
+                                                                                             ferbench_requests):
     """One rank on CPUs: no engine core or worker process beside this one (nothing to start, nothing to outlive its
-    owner), and the switch that made it so is gone again. Closed, it has taken down the torch.distributed group it
-    made this process's default, so that the process can form its own (test_rl_equivalence's learner does)."""
+    owner), and the switch that made it so is gone again. Images do not make it log (vLLM's CPU worker, in its
+    owner's process, warned twice at every image). Closed, it has taken down the torch.distributed group it made
+    this process's default, so that the process can form its own (test_rl_equivalence's learner does)."""
+    import logging
+
     import torch.distributed as dist
 
     from unifer_ray.engines.processes import engine_pids
@@ -59,14 +63,21 @@ def test_a_cpu_engine_runs_in_its_owners_process_and_leaves_its_environment_as_i
 
     assert not dist.is_initialized()
     before = set(engine_pids())  # the session engine's own processes, if it has started
+    worker_log, records = logging.getLogger("vllm.v1.worker.cpu_worker"), []
+    handler = logging.Handler()
+    handler.emit = records.append
+    worker_log.addHandler(handler)
     engine = VLLMEngine(EngineSpec(engine="vllm", model=str(tiny_model_dir), vllm_kwargs={"max_model_len": 1024}))
     try:
         assert set(engine_pids()) == before and dist.is_initialized()
         assert all(key not in os.environ for key in ONE_PROCESS_ENV)
         assert engine.generate([ChatRequest([{"role": "user", "content": "hi"}])], SamplingParams(max_new_tokens=2))
+        assert len(engine.generate(ferbench_requests[:3], SamplingParams(max_new_tokens=2))) == 3
     finally:
         engine.close()
+        worker_log.removeHandler(handler)
     assert not dist.is_initialized()
+    assert [record.getMessage() for record in records if record.levelno >= logging.WARNING] == []
 
 
 def test_greedy_parity_with_the_reference_engine(compiled_engine, hf_engine, ferbench_requests):

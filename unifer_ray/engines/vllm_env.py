@@ -11,6 +11,7 @@ already set in the environment win. All of them only concern vLLM's CPU backend:
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import sys
@@ -26,6 +27,10 @@ CPU_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nob
 ONE_PROCESS_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 PRELOADS = (f"/usr/lib/{platform.machine()}-linux-gnu/libtcmalloc_minimal.so.4",
             os.path.join(sys.prefix, "lib", "libiomp5.so"))
+
+
+def _not_a_thread_binding_warning(record: logging.LogRecord) -> bool:
+    return "set_num_threads" not in record.getMessage()
 
 
 def runs_in_one_process(engine_kwargs: dict, *, on_cpu: bool) -> bool:
@@ -50,14 +55,19 @@ def vllm_env() -> dict[str, str]:
 @contextmanager
 def vllm_env_applied(*, one_process: bool | None = None) -> Iterator[None]:
     """The defaults in this process while an engine starts in it (variables already set win), and the engine in
-    this process or beside it if `one_process` says (ONE_PROCESS_ENV). vLLM starts its engine processes with this
-    process's environment. LD_PRELOAD and ONE_PROCESS_ENV are this process's own again afterwards: other programs it
-    starts later do not preload the engine's libraries, and a later engine chooses its processes afresh."""
+    this process or beside it if `one_process` says (ONE_PROCESS_ENV; in this process, without vLLM's warning at
+    every image that it may not set torch's threads). vLLM starts its engine processes with this process's
+    environment. LD_PRELOAD and ONE_PROCESS_ENV are this process's own again afterwards: other programs it starts
+    later do not preload the engine's libraries, and a later engine chooses its processes afresh."""
     restored = {key: os.environ.get(key) for key in ("LD_PRELOAD", *ONE_PROCESS_ENV)}
     for key, value in vllm_env().items():
         os.environ.setdefault(key, value)
     if one_process is not None:
         os.environ.update(ONE_PROCESS_ENV if one_process else {key: "1" for key in ONE_PROCESS_ENV})
+    if one_process:
+        # In one process vLLM's CPU worker swaps torch.set_num_threads for a warning, which its renderer then calls
+        # around every image it processes: two lines an image, thousands in an RLVR run's rollout log.
+        logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_not_a_thread_binding_warning)
     try:
         yield
     finally:
