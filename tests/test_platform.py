@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from tests.helpers import needs_vllm
 from unifer_ray.engines import EngineSpec, engine_description
 from unifer_ray.engines.platform import cpu_engine_dtype, native_bf16, platform_line, vllm_installed
 from unifer_ray.engines.vllm_engine import vllm_llm_kwargs
 
+ROOT = Path(__file__).resolve().parents[1]
+# What `make ISA=avx2` puts in the environment of every process it starts (the Makefile).
+EMULATED_AVX2 = {"UNIFER_EMULATED_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                 "PYTHONPATH": f"{ROOT / 'tests' / 'emulated_isa'}:{ROOT}"}
+
 
 def cpu_flags() -> set[str]:
+    """The CPU's flags as /proc/cpuinfo has them, less what `make ISA=avx2` hides from torch."""
+    hidden = ("avx512", "amx") if os.environ.get("UNIFER_EMULATED_ISA") == "avx2" else ()
     for line in open("/proc/cpuinfo"):
         if line.split(":")[0].strip() in ("flags", "Features"):
-            return set(line.split(":", 1)[1].split())
+            return {flag for flag in line.split(":", 1)[1].split() if not flag.startswith(hidden)}
     return set()
 
 
@@ -70,3 +81,19 @@ def test_the_platform_line_says_isa_vllm_and_dtype():
     # Without vLLM the engines are transformers', which run float32 on CPUs whatever the CPU.
     assert line.endswith(f"CPU engine dtype {cpu_engine_dtype() if vllm_installed() else 'float32 (transformers)'}")
     assert ("vLLM 0.29.0 (kernels _C" in line) == vllm_installed()
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="AVX2 is an x86-64 ISA")
+def test_make_isa_avx2_shows_this_process_and_its_children_an_avx2_cpu():
+    """`make ISA=avx2` runs the suite or the demo as an AVX2-only x86-64 would: here a process started with its
+    environment reads the platform line of such a machine, and vLLM imports the AVX2 kernels there."""
+    probe = ("import torch; from unifer_ray.engines.platform import platform_line; "
+             "print(torch.cpu._is_avx512_supported(), torch.cpu._is_amx_tile_supported()); print(platform_line())")
+    avx512, line = subprocess.run([sys.executable, "-c", probe], env=os.environ | EMULATED_AVX2, capture_output=True,
+                                  text=True, check=True).stdout.strip().splitlines()
+    assert avx512 == "False False"
+    assert "ISA AVX2 (emulated: make ISA=avx2) (no native bf16)" in line
+    if vllm_installed():
+        assert "vLLM 0.29.0 (kernels _C_AVX2)" in line and line.endswith("CPU engine dtype float32")
+    else:
+        assert line.endswith("CPU engine dtype float32 (transformers)")

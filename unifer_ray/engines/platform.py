@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import platform
 from functools import cache
 
@@ -111,6 +112,8 @@ def platform_line() -> str:
     from unifer_ray.models.loading import resolve_dtype
 
     isa = torch.backends.cpu.get_cpu_capability()
+    if emulated := os.environ.get("UNIFER_EMULATED_ISA"):
+        isa += f" (emulated: make ISA={emulated})"
     cpu = f"{platform.system()} {platform.machine()}, {_cpu_model()}, ISA {isa}"
     bf16 = "native bf16" if native_bf16() else "no native bf16"
     # Without an importable vLLM, engine `auto` is transformers, in its own CPU dtype.
