@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.emulated_isa.sitecustomize import HIDDEN
 from tests.helpers import needs_vllm
 from unifer_ray.engines import EngineSpec, engine_description
 from unifer_ray.engines.platform import cpu_engine_dtype, native_bf16, platform_line, vllm_installed
@@ -23,7 +24,7 @@ EMULATED_AVX2 = {"UNIFER_EMULATED_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "
 
 def cpu_flags() -> set[str]:
     """The CPU's flags as /proc/cpuinfo has them, less what `make ISA=avx2` hides from torch."""
-    hidden = ("avx512", "amx") if os.environ.get("UNIFER_EMULATED_ISA") == "avx2" else ()
+    hidden = HIDDEN if os.environ.get("UNIFER_EMULATED_ISA") == "avx2" else ()
     for line in open("/proc/cpuinfo"):
         if line.split(":")[0].strip() in ("flags", "Features"):
             return {flag for flag in line.split(":", 1)[1].split() if not flag.startswith(hidden)}
@@ -84,16 +85,25 @@ def test_the_platform_line_says_isa_vllm_and_dtype():
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="AVX2 is an x86-64 ISA")
-def test_make_isa_avx2_shows_this_process_and_its_children_an_avx2_cpu():
-    """`make ISA=avx2` runs the suite or the demo as an AVX2-only x86-64 would: here a process started with its
-    environment reads the platform line of such a machine, and vLLM imports the AVX2 kernels there."""
-    probe = ("import torch; from unifer_ray.engines.platform import platform_line; "
-             "print(torch.cpu._is_avx512_supported(), torch.cpu._is_amx_tile_supported()); print(platform_line())")
-    avx512, line = subprocess.run([sys.executable, "-c", probe], env=os.environ | EMULATED_AVX2, capture_output=True,
-                                  text=True, check=True).stdout.strip().splitlines()
-    assert avx512 == "False False"
+def test_make_isa_avx2_gives_a_process_the_torch_vllm_and_platform_line_of_an_avx2_only_cpu():
+    """`make ISA=avx2` runs the suite or the demo as an AVX2-only x86-64 would: a process started with its environment
+    gets a torch without AVX-512 or AMX, vLLM's AVX2 kernels (the library it loads) and that machine's platform line."""
+    probe = """
+import torch
+from unifer_ray.engines.platform import platform_line, vllm_installed
+print(torch.cpu._is_avx512_supported(), torch.cpu._is_amx_tile_supported())
+if vllm_installed():
+    from vllm.platforms import current_platform
+    current_platform.import_kernels()
+print(sorted({line.split("/")[-1].split(".")[0] for line in open("/proc/self/maps") if "/vllm/_C" in line}))
+print(platform_line())
+"""
+    avx512_amx, kernels, line = subprocess.run([sys.executable, "-c", probe], env=os.environ | EMULATED_AVX2,
+                                               capture_output=True, text=True, check=True).stdout.strip().splitlines()
+    assert avx512_amx == "False False"
     assert "ISA AVX2 (emulated: make ISA=avx2) (no native bf16)" in line
     if vllm_installed():
+        assert kernels == "['_C_AVX2']"
         assert "vLLM 0.29.0 (kernels _C_AVX2)" in line and line.endswith("CPU engine dtype float32")
     else:
-        assert line.endswith("CPU engine dtype float32 (transformers)")
+        assert kernels == "[]" and line.endswith("CPU engine dtype float32 (transformers)")
