@@ -4,13 +4,12 @@ PYTHON ?= python3
 VLLM ?= auto
 VENV := $(if $(filter no,$(VLLM)),.venv-novllm,.venv)
 PY := $(VENV)/bin/python
-# ISA=avx2 runs any target as an AVX2-only x86-64 (most laptops) would, on a CPU with AVX-512: torch, and so vLLM, are
-# told of no AVX-512 or AMX (tests/emulated_isa/sitecustomize.py), so vLLM imports its _C_AVX2 kernels, CPU engines
-# run float32, and ATen and oneDNN keep to AVX2 code. The code paths of such a machine, not its speed.
+# ISA=avx2 runs any target as an AVX2-only x86-64 (most laptops) would, on a CPU with AVX-512: every Python process
+# loads tests/emulated_isa/sitecustomize.py, which tells torch, and so vLLM, of no AVX-512 or AMX (vLLM imports its
+# _C_AVX2 kernels, CPU engines run float32) and keeps ATen and oneDNN to AVX2 code. Such a machine's code paths, not
+# its speed.
 ifeq ($(ISA),avx2)
 export UNIFER_EMULATED_ISA := avx2
-export ATEN_CPU_CAPABILITY := avx2
-export ONEDNN_MAX_CPU_ISA := AVX2
 export PYTHONPATH := $(CURDIR)/tests/emulated_isa$(if $(PYTHONPATH),:$(PYTHONPATH))
 else ifneq ($(ISA),)
 $(error ISA=$(ISA): the one ISA this Makefile can emulate is avx2)

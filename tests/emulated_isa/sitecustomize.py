@@ -2,9 +2,9 @@
 
 Python imports this module at start-up from PYTHONPATH, so it reaches pytest, Ray's workers and vLLM's engine processes
 alike. When torch.cpu loads, its `get_capabilities` loses every AVX-512 and AMX feature; vLLM's CPU build decides by
-it which kernels to import (`_C_AVX2`), and `engines/platform.py` which dtype CPU engines run in (float32). The
-Makefile also sets ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA, so torch's own kernels keep to AVX2. What this cannot
-give is an AVX2 machine's speed: the cores stay what they are.
+it which kernels to import (`_C_AVX2`), and `engines/platform.py` which dtype CPU engines run in (float32). Torch's
+own kernels (ATen, oneDNN) keep to AVX2 by their variables, set here before torch reads them and inherited by every
+process this one starts. What this cannot give is an AVX2 machine's speed: the cores stay what they are.
 """
 
 import functools
@@ -14,6 +14,7 @@ import sys
 import types
 
 HIDDEN = ("avx512", "amx")
+KERNELS_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
 class _TorchCpuWithoutAvx512:
@@ -40,4 +41,5 @@ class _TorchCpuWithoutAvx512:
 
 
 if os.environ.get("UNIFER_EMULATED_ISA") == "avx2":
+    os.environ.update(KERNELS_ENV)
     sys.meta_path.insert(0, _TorchCpuWithoutAvx512())

@@ -66,7 +66,8 @@ def vllm_env_applied(*, one_process: bool | None = None) -> Iterator[None]:
         os.environ.update(ONE_PROCESS_ENV if one_process else {key: "1" for key in ONE_PROCESS_ENV})
     if one_process:
         # In one process vLLM's CPU worker swaps torch.set_num_threads for a warning, which its renderer then calls
-        # around every image it processes: two lines an image, thousands in an RLVR run's rollout log.
+        # around every image it processes: two lines an image, thousands in an RLVR run's rollout log. The filter
+        # stays (the engine generates after this block); logging adds it once however many engines start here.
         logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_not_a_thread_binding_warning)
     try:
         yield
