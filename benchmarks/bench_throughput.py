@@ -9,7 +9,8 @@ transformers engine path, the vLLM path and one bare vLLM engine; then where the
   image at the model's grid, the request rendered by the engine's own renderer), the engine stage (on CPUs one
   `vllm.LLM` in a Ray Data actor's process, given batch_size x max_concurrent_batches rows a call), then
   parse/score and Parquet. Engines and batches in flight are sized from the cluster
-  (`engines.batch.sized_workers`), as a user's run gets them.
+  (`engines.batch.sized_workers`), as a user's run gets them, and a run of at least 8,192 items (FERBench's 11,072,
+  the default here) runs vLLM's compiled model (`engines.batch.compiled_for_long_runs`); `--items 4096` runs eager.
 - Bare engine: one `vllm.LLM` in this process with the same engine settings, given all items at once as the images
   decoded at 224 px and the chat text: the engine's own speed, without decoding the images (done beforehand and not
   counted) and without Ray. Twice: in vLLM's own processes (its default: an engine core and a model worker beside
@@ -20,7 +21,8 @@ Each Ray Data time runs from the start of the dataset to the last shard written,
 cluster has already done, as the reference's time excludes its imports and model loading: `ray.init` and Ray Data's
 one-off helper actors. Engine start-up is a fixed cost, so ratios grow with the number of items; each path's start-up
 is measured apart (a run of one batch; the bare engine: constructing `vllm.LLM`) and the rate without it printed too.
-Same model, same items, greedy decoding with the same max_new_tokens. The vLLM path's responses must equal the bare
+A compiled engine's start-up is measured with torch's compile cache filled (a first one-batch run fills it, as an
+earlier run of the model on the machine would have). Same model, same items, greedy decoding with the same max_new_tokens. The vLLM path's responses must equal the bare
 engine's item for item (asserted); both are compared with the reference too (the hf path matches it exactly; vLLM's
 float32 kernels round differently, and a random-init model's near-flat next-token distribution turns that into
 different tokens at near-ties).
@@ -55,7 +57,8 @@ from unifer_ray.data.convert import convert_ferbench
 from unifer_ray.data.images import load_image
 from unifer_ray.data.synthetic import write_synthetic_datasets
 from unifer_ray.engines.base import ChatRequest
-from unifer_ray.engines.batch import OneProcessVLLM, engine_renderer, sized_workers, vllm_engine_kwargs, vllm_requests
+from unifer_ray.engines.batch import (COMPILE_FROM_REQUESTS, OneProcessVLLM, compiled_for_long_runs, engine_renderer, sized_workers,
+                                      vllm_engine_kwargs, vllm_requests)
 from unifer_ray.engines.hf import chat_text
 from unifer_ray.engines.spec import EngineSpec
 from unifer_ray.engines.vllm_env import vllm_env_applied
@@ -105,9 +108,13 @@ def bench_model(name: str, engine: EngineSpec, args, **workers) -> BenchModel:
 
 
 def ray_data_path(model: BenchModel, items: ItemRows, config: BenchConfig) -> tuple[ModelRun, float]:
-    """The run over every item, and the seconds of a one-batch run (the path's fixed start-up and one batch)."""
+    """The run over every item, and the seconds of a one-batch run (the path's fixed start-up and one batch). A
+    compiled engine's first one-batch run fills torch's compile cache, as any earlier run of the model on this
+    machine would have; the start-up is the second's."""
     one_batch = ItemRows(rows=items.rows[: model.batch_size])
-    startup = run_model(model.model_copy(update={"name": f"{model.name}-startup"}), one_batch, config).seconds
+    runs = 2 if model.engine.vllm_kwargs.get("enforce_eager") is False else 1
+    for run in range(runs):
+        startup = run_model(model.model_copy(update={"name": f"{model.name}-startup{run}"}), one_batch, config).seconds
     print(f"{model.name} starts, {load_average()}", flush=True)
     run = run_model(model, items, config)
     print(f"{model.name} done, {load_average()}", flush=True)
@@ -223,7 +230,7 @@ def bare_engines(model_dir: Path, engine: EngineSpec, workers: BenchModel, input
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--items", type=int, default=4096)
+    parser.add_argument("--items", type=int, default=11072, help="default: FERBench's size")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=64, help="rows per engine call (vLLM: per batch in flight)")
     parser.add_argument("--image-size", type=int, default=224)
@@ -231,7 +238,8 @@ def main() -> None:
     parser.add_argument("--hf-actors", type=int, default=2, help="transformers path: actors, a core each")
     parser.add_argument("--vllm-kwargs", type=json.loads, default={},
                         help='JSON of vLLM engine arguments for the vLLM path and the bare engines, e.g. '
-                             '\'{"enforce_eager": false}\' (vLLM\'s compiled path, which CPU engines leave off)')
+                             '\'{"enforce_eager": true}\' (eager: what runs shorter than '
+                             f'{COMPILE_FROM_REQUESTS} items get on CPUs)')
     parser.add_argument("--cpus", type=int, default=(os.cpu_count() or 2) + 1,
                         help="the local Ray cluster's CPUs (default: the cores and one more, for the light stages)")
     args = parser.parse_args()
@@ -263,6 +271,11 @@ def main() -> None:
 
         init_ray(num_cpus=args.cpus)
         hf, vllm = sized_workers(hf, hf.engine), sized_workers(vllm, vllm.engine)
+        # What the path's run of n items decides (compiled or eager), written out: its one-batch start-up run and the
+        # bare engines get the same engine.
+        vllm = vllm.model_copy(update={"engine": compiled_for_long_runs(vllm.engine, vllm, n)})
+        eager = vllm.engine.vllm_kwargs.get("enforce_eager", True)
+        print(f"vLLM engines: {'eager' if eager else 'compiled (torch.compile)'} for {n} items", flush=True)
         # Warm-up: one row through a one-actor pool starts Ray Data's cluster-wide helper actors.
         ray.data.range(1).map_batches(Identity, compute=ray.data.ActorPoolStrategy(size=1)).materialize()
         hf_run, hf_startup = ray_data_path(hf, items, config)

@@ -327,3 +327,18 @@ def test_for_an_engine_in_one_process_the_request_stage_renders_what_the_engine_
     assert requests["engine_input"][2] is None and requests["error"][2] == "image: not a decodable image"
     assert requests["engine_input"][3] is None and "maximum context length is 1024" in requests["error"][3]
     assert [p["max_tokens"] for p in requests["sampling_params"]] == [8, 8, 1, 1]
+
+
+def test_long_runs_on_cpu_engines_compile_and_a_written_choice_wins():
+    from unifer_ray.engines.batch import COMPILE_FROM_REQUESTS, EngineWorkers, compiled_for_long_runs
+
+    spec, cpus = EngineSpec(engine="vllm", model="m", vllm_kwargs={"max_model_len": 1024}), EngineWorkers()
+    long_run = compiled_for_long_runs(spec, cpus, COMPILE_FROM_REQUESTS)
+    assert long_run.vllm_kwargs == {"max_model_len": 1024, "enforce_eager": False}
+    for short in (None, COMPILE_FROM_REQUESTS - 1):
+        assert compiled_for_long_runs(spec, cpus, short) == spec
+    eager = spec.model_copy(update={"vllm_kwargs": {"enforce_eager": True}})
+    assert compiled_for_long_runs(eager, cpus, 10**6) == eager
+    assert compiled_for_long_runs(spec, EngineWorkers(num_gpus=1), 10**6) == spec  # vLLM's own choice on GPUs
+    hf = spec.model_copy(update={"engine": "hf"})
+    assert compiled_for_long_runs(hf, cpus, 10**6) == hf

