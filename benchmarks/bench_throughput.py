@@ -22,10 +22,10 @@ cluster has already done, as the reference's time excludes its imports and model
 one-off helper actors. Engine start-up is a fixed cost, so ratios grow with the number of items; each path's start-up
 is measured apart (a run of one batch; the bare engine: constructing `vllm.LLM`) and the rate without it printed too.
 A compiled engine's start-up is measured with torch's compile cache filled (a first one-batch run fills it, as an
-earlier run of the model on the machine would have). Same model, same items, greedy decoding with the same max_new_tokens. The vLLM path's responses must equal the bare
-engine's item for item (asserted); both are compared with the reference too (the hf path matches it exactly; vLLM's
-float32 kernels round differently, and a random-init model's near-flat next-token distribution turns that into
-different tokens at near-ties).
+earlier run of the model on the machine would have). Same model, same items, greedy decoding with the same
+max_new_tokens. The vLLM path's responses must equal the bare engine's item for item (asserted); both are compared
+with the reference too (the hf path matches it exactly; vLLM's float32 kernels round differently, and a random-init
+model's near-flat next-token distribution turns that into different tokens at near-ties).
 
 The breakdown: each CPU step in front of the engine timed alone in this process, per item; the bare engine again on
 the images at the model's grid with content ids (the requests that ray.data.llm's engine stage gets: what vLLM's
@@ -57,8 +57,15 @@ from unifer_ray.data.convert import convert_ferbench
 from unifer_ray.data.images import load_image
 from unifer_ray.data.synthetic import write_synthetic_datasets
 from unifer_ray.engines.base import ChatRequest
-from unifer_ray.engines.batch import (COMPILE_FROM_REQUESTS, OneProcessVLLM, compiled_for_long_runs, engine_renderer, sized_workers,
-                                      vllm_engine_kwargs, vllm_requests)
+from unifer_ray.engines.batch import (
+    COMPILE_FROM_REQUESTS,
+    OneProcessVLLM,
+    compiled_for_long_runs,
+    engine_renderer,
+    sized_workers,
+    vllm_engine_kwargs,
+    vllm_requests,
+)
 from unifer_ray.engines.hf import chat_text
 from unifer_ray.engines.spec import EngineSpec
 from unifer_ray.engines.vllm_env import vllm_env_applied
@@ -113,8 +120,9 @@ def ray_data_path(model: BenchModel, items: ItemRows, config: BenchConfig) -> tu
     machine would have; the start-up is the second's."""
     one_batch = ItemRows(rows=items.rows[: model.batch_size])
     runs = 2 if model.engine.vllm_kwargs.get("enforce_eager") is False else 1
-    for run in range(runs):
-        startup = run_model(model.model_copy(update={"name": f"{model.name}-startup{run}"}), one_batch, config).seconds
+    for attempt in range(runs):
+        startup = run_model(model.model_copy(update={"name": f"{model.name}-startup{attempt}"}), one_batch,
+                            config).seconds
     print(f"{model.name} starts, {load_average()}", flush=True)
     run = run_model(model, items, config)
     print(f"{model.name} done, {load_average()}", flush=True)

@@ -48,9 +48,9 @@ CPUS_PER_VLLM_ENGINE = 2
 CPU_ENGINE_BATCH = {"max_num_seqs": 256, "max_num_batched_tokens": 4096}
 VLLM_ENGINE_MAX_NUM_SEQS = 128  # vLLM's default for an AsyncLLM (GPU engines without max_num_seqs of their own)
 REQUEST_ACTOR_CPUS = 0.25  # a vLLM stage's request actor (one per engine): about 1 ms a row
-# A CPU engine that will see this many requests runs vLLM's compiled model (torch.compile, kept in torch inductor's cache
-# between runs): on 2 cores the tiny model's engine did 417-441 rendered items/s compiled against 349 eager, for 3.6 s more
-# start-up once the cache holds the model (10 s the first time), so it pays from about 7,000 requests.
+# A CPU engine that will see this many requests runs vLLM's compiled model (torch.compile, kept in torch inductor's
+# cache between runs): on 2 cores the tiny model's engine did 417-441 rendered items/s compiled against 349 eager, for
+# 3.6 s more start-up once the cache holds the model (10 s the first time), so it pays from about 7,000 requests.
 COMPILE_FROM_REQUESTS = 8192
 
 # Columns that the vLLM engine stage adds to each row; none of them leaves our output stage.

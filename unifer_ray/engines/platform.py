@@ -83,9 +83,9 @@ def cpu_engine_dtype() -> str:
     return "bfloat16" if native_bf16() else "float32"
 
 
-# CPU engines start eager: torch.compile (vLLM's default) adds 3.6 s to an engine's start once torch's compile cache holds
-# the model, 10 s the first time, and gains 16-26% items/s (2-core Zen 5 EPYC, bfloat16 and float32 on AVX2 kernels), so
-# only long batch runs compile (engines/batch.py COMPILE_FROM_REQUESTS).
+# CPU engines start eager: torch.compile (vLLM's default) adds 3.6 s to an engine's start once torch's compile cache
+# holds the model, 10 s the first time, and gains 16-26% items/s (2-core Zen 5 EPYC, bfloat16 and float32 on AVX2
+# kernels), so only long batch runs compile (engines/batch.py COMPILE_FROM_REQUESTS).
 CPU_ENGINE_DEFAULTS = {"enforce_eager": True}
 
 
