@@ -148,8 +148,9 @@ def run_model(model: BenchModel, items: ItemRows, config: BenchConfig) -> ModelR
         warn_if_the_pool_fills_the_cluster(model, config)
         # One block per engine batch, decoded by one task: every engine call gets a full batch, never the small
         # remainder of blocks that straddle a batch boundary (built here, so no repartition task needs a CPU).
+        # from_blocks reads their metadata here; from_arrow asks a remote task per block (1-2 s of every run).
         blocks = [pa.Table.from_pylist(todo[i : i + model.batch_size]) for i in range(0, len(todo), model.batch_size)]
-        ds = ray.data.from_arrow(blocks)
+        ds = ray.data.from_blocks(blocks)
         ds = ds.map_batches(load_image_batch, fn_kwargs={"size": model.image_size}, batch_size=None,
                             num_cpus=config.load_num_cpus)
         ds = add_generation(ds, model.engine, model.sampling, model, rows=len(todo))
