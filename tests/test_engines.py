@@ -329,6 +329,27 @@ def test_for_an_engine_in_one_process_the_request_stage_renders_what_the_engine_
     assert [p["max_tokens"] for p in requests["sampling_params"]] == [8, 8, 1, 1]
 
 
+def test_a_rendered_request_pickles_its_tensors_as_arrays_that_plain_pickle_reads_back():
+    """The request stage's pickling writes a CPU tensor as its numpy array (only a view's own elements), rebuilt as a
+    tensor of the same dtype and values by plain pickle.loads; a tensor numpy cannot hold keeps torch's pickling."""
+    import pickle
+
+    from unifer_ray.engines.batch import pickled_request
+
+    patches = torch.randint(0, 256, (4, 1176), dtype=torch.uint8)
+    request = {"prompt_token_ids": [1, 2, 3], "pixel_values": patches[1:2], "grid": torch.tensor([1, 8, 8]),
+               "slices": [slice(0, torch.tensor(64))], "embeds": torch.ones(2, 3, dtype=torch.bfloat16)}
+    data = pickled_request(request)
+    back = pickle.loads(data)
+    assert back["prompt_token_ids"] == [1, 2, 3] and back["slices"][0].stop == 64
+    for key in ("pixel_values", "grid", "embeds"):
+        assert type(back[key]) is torch.Tensor and back[key].dtype == request[key].dtype
+        assert torch.equal(back[key], request[key])
+    assert len(data) < len(pickle.dumps(request)) - 3 * 1176  # the view alone, not its tensor's four rows
+    assert b"_rebuild_tensor" not in pickled_request({"grid": torch.tensor([1, 8, 8])})
+    assert b"_rebuild_tensor" in pickled_request({"embeds": request["embeds"]})
+
+
 def test_long_runs_on_cpu_engines_compile_and_a_written_choice_wins():
     from unifer_ray.engines.batch import COMPILE_FROM_REQUESTS, EngineWorkers, compiled_for_long_runs
 
