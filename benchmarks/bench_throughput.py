@@ -30,8 +30,9 @@ model's near-flat next-token distribution turns that into different tokens at ne
 The breakdown: each CPU step in front of the engine timed alone in this process, per item; the bare engine again on
 the images at the model's grid with content ids (the requests that ray.data.llm's engine stage gets: what vLLM's
 front end still does per image), on the chat text alone (no image: its model and scheduling, text only) and, in one
-process, on the path's rendered requests (what the path's engine stage does per item); and Ray Data's own
-per-operator stats of the vLLM path's run.
+process, on the path's rendered requests (what the path's engine stage does per item); each path's CPU by process
+(engine, request actor, Ray Data's tasks, the driver, Ray's own processes) over its run, and the items/s that its
+CPU per item allows on this machine's cores; and Ray Data's own per-operator stats of the vLLM path's run.
 """
 
 from __future__ import annotations
@@ -39,8 +40,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import tempfile
+import threading
 import time
+from collections import defaultdict
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -62,6 +66,7 @@ from unifer_ray.engines.batch import (
     OneProcessVLLM,
     compiled_for_long_runs,
     engine_renderer,
+    pickled_request,
     sized_workers,
     vllm_engine_kwargs,
     vllm_requests,
@@ -114,19 +119,84 @@ def bench_model(name: str, engine: EngineSpec, args, **workers) -> BenchModel:
                       image_size=args.image_size, batch_size=args.batch_size, num_cpus=1, torch_threads=1, **workers)
 
 
-def ray_data_path(model: BenchModel, items: ItemRows, config: BenchConfig) -> tuple[ModelRun, float]:
-    """The run over every item, and the seconds of a one-batch run (the path's fixed start-up and one batch). A
-    compiled engine's first one-batch run fills torch's compile cache, as any earlier run of the model on this
-    machine would have; the start-up is the second's."""
+# Who a process of the local cluster is, by the titles Ray gives its workers (ray::MapWorker(MapBatches(Cls)) for
+# an actor stage, ray::MapBatches(fn) for a task): the first role whose mark one of its titles has.
+ROLES = (("OneProcessVLLM", "engine actor (vLLM)"), ("EngineActor", "engine actors (transformers)"),
+         ("VLLMRequests", "request actor"), ("MapBatches(", "Ray Data's tasks (decode, outputs, score and write)"))
+
+
+class CPUByProcess:
+    """CPU seconds of this process and its descendants (the local Ray cluster: raylet, GCS, workers) while the
+    block runs, by role. Sampled every 0.2 s, so a worker that exits keeps its last sample."""
+
+    def __init__(self) -> None:
+        self.driver = psutil.Process()
+        self.titles: dict[int, set[str]] = defaultdict(set)
+        self.last: dict[int, float] = {}
+        self.start = self._sample()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> dict[int, float]:
+        seconds = {}
+        for process in [self.driver, *self.driver.children(recursive=True)]:
+            try:
+                times = process.cpu_times()
+                title = (process.cmdline() or [""])[0]
+            except psutil.Error:
+                continue
+            seconds[process.pid] = times.user + times.system
+            self.titles[process.pid].add(title)
+        return seconds
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.2):
+            self.last.update(self._sample())
+
+    def __enter__(self) -> CPUByProcess:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.last.update(self._sample())
+
+    def by_role(self) -> dict[str, float]:
+        roles: dict[str, float] = defaultdict(float)
+        for pid, seconds in self.last.items():
+            titles = " ".join(self.titles[pid])
+            role = "driver (Ray Data's executor)" if pid == self.driver.pid else next(
+                (name for mark, name in ROLES if mark in titles), "Ray's own processes (raylet, GCS, helpers)")
+            roles[role] += seconds - self.start.get(pid, 0.0)
+        return dict(roles)
+
+
+def ray_data_path(model: BenchModel, items: ItemRows, config: BenchConfig) -> tuple[ModelRun, float, dict]:
+    """The run over every item, the seconds of a one-batch run (the path's fixed start-up and one batch) and the
+    run's CPU seconds by process role. A compiled engine's first one-batch run fills torch's compile cache, as any
+    earlier run of the model on this machine would have; the start-up is the second's."""
     one_batch = ItemRows(rows=items.rows[: model.batch_size])
     runs = 2 if model.engine.vllm_kwargs.get("enforce_eager") is False else 1
     for attempt in range(runs):
         startup = run_model(model.model_copy(update={"name": f"{model.name}-startup{attempt}"}), one_batch,
                             config).seconds
     print(f"{model.name} starts, {load_average()}", flush=True)
-    run = run_model(model, items, config)
+    with CPUByProcess() as cpu:
+        run = run_model(model, items, config)
     print(f"{model.name} done, {load_average()}", flush=True)
-    return run, startup
+    return run, startup, cpu.by_role()
+
+
+def print_cpu(label: str, cpu: dict[str, float], seconds: float, n: int) -> None:
+    """Where a path's CPU went, and the items/s that its CPU per item, start-up included, allows on this machine's
+    cores: a path near 100% of the cores' time is bound by its CPU, not by waiting."""
+    total, cores = sum(cpu.values()), os.cpu_count() or 1
+    print(f"\nCPU by process over the {label}'s run ({seconds:.1f} s on {cores} cores; start-up included):")
+    for role, used in sorted(cpu.items(), key=lambda item: -item[1]):
+        print(f"  {role}: {used:.1f} s ({1e3 * used / n:.2f} ms an item)")
+    print(f"  all: {total:.1f} s, {total / (cores * seconds):.0%} of the cores' time ({1e3 * total / n:.2f} ms of CPU "
+          f"an item: {n * cores / total:.0f} items/s if the cores did nothing else)")
 
 
 def responses_of(run: ModelRun, items: ItemRows) -> list[str]:
@@ -180,8 +250,25 @@ def engine_inputs(model_dir: Path, engine: EngineSpec, workers: BenchModel, item
             for key, column in vllm_requests(batch, model=str(model_dir), sampling=sampling, **kwargs).items():
                 requests[stage].setdefault(key, []).extend(column)
         seconds[stage] = time.perf_counter() - start
+    seconds |= pickling_seconds([pickle.loads(b) for b in requests["rendering_request_stage"]["engine_input"]])
     return {"seconds": seconds, "images": images, "texts": texts, "requests": requests["request_stage"],
             "rendered": requests["rendering_request_stage"]}
+
+
+def pickling_seconds(requests: list) -> dict[str, float]:
+    """Seconds to pickle the rendered requests and to read them back (what the engine stage does before adding each),
+    with torch's own pickling of tensors and with the request stage's (`pickled_request`)."""
+    seconds = {}
+    for way, dumps in (("torch", lambda r: pickle.dumps(r, protocol=pickle.HIGHEST_PROTOCOL)),
+                       ("ours", pickled_request)):
+        start = time.perf_counter()
+        pickled = [dumps(request) for request in requests]
+        seconds[f"pickle_{way}"] = time.perf_counter() - start
+        start = time.perf_counter()
+        for data in pickled:
+            pickle.loads(data)
+        seconds[f"unpickle_{way}"] = time.perf_counter() - start
+    return seconds
 
 
 def bare_engines(model_dir: Path, engine: EngineSpec, workers: BenchModel, inputs: dict,
@@ -286,8 +373,8 @@ def main() -> None:
         print(f"vLLM engines: {'eager' if eager else 'compiled (torch.compile)'} for {n} items", flush=True)
         # Warm-up: one row through a one-actor pool starts Ray Data's cluster-wide helper actors.
         ray.data.range(1).map_batches(Identity, compute=ray.data.ActorPoolStrategy(size=1)).materialize()
-        hf_run, hf_startup = ray_data_path(hf, items, config)
-        vllm_run, vllm_startup = ray_data_path(vllm, items, config)
+        hf_run, hf_startup, hf_cpu = ray_data_path(hf, items, config)
+        vllm_run, vllm_startup, vllm_cpu = ray_data_path(vllm, items, config)
         ray.shutdown()  # the bare engines get the machine to themselves, once the cluster's processes have ended
         psutil.wait_procs(psutil.Process().children(recursive=True), timeout=60)
         print(f"bare engines start, {load_average()}", flush=True)
@@ -338,10 +425,16 @@ def main() -> None:
               f"path's requests for ray.data.llm (nothing left to tokenize, resize or hash): {ms['requests']:.2f}; "
               f"chat text alone: {ms['text']:.2f} (so per image in the engine, front end and vision tower: "
               f"{ms['images'] - ms['text']:.2f} and {ms['requests'] - ms['text']:.2f})")
+        print(f"  a rendered request pickled in the request stage and read in the engine stage: torch's own pickling "
+              f"{ms['pickle_torch']:.3f} and {ms['unpickle_torch']:.3f}, the request stage's (tensors as numpy arrays) "
+              f"{ms['pickle_ours']:.3f} and {ms['unpickle_ours']:.3f} "
+              f"({ms['unpickle_torch'] / ms['unpickle_ours']:.1f}x faster to read)")
         print(f"  bare engine in one process, decoded images: {ms['one_process_images']:.2f}; the path's rendered "
               f"requests (what its engine stage does per item): {ms['one_process_rendered']:.2f}")
         print(f"  vLLM path without start-up: {1e3 / path:.2f} (Ray Data's stages and transfers around the "
               f"engine: {1e3 / path - ms['one_process_rendered']:.2f} beyond its engine stage's own work)")
+        print_cpu("transformers path", hf_cpu, hf_run.seconds, n)
+        print_cpu("vLLM path", vllm_cpu, vllm_run.seconds, n)
         print(f"\nRay Data's stats of the vLLM path's run:\n{vllm_run.stats}")
         assert vllm_responses == bare_responses["images"], "the vLLM path's responses differ from the bare engine's"
 
