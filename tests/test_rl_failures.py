@@ -82,20 +82,33 @@ def rollout_nodes(ray_cluster, tmp_path):
     env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
 
-    def start() -> subprocess.Popen:
+    def launch() -> tuple[subprocess.Popen, Path]:
         ports = [arg for name in NODE_PORTS for arg in (f"--{name}", str(free_port()))]
-        log = open(tmp_path / f"node-{len(nodes)}.log", "w")
+        path = tmp_path / f"node-{len(nodes)}.log"
         node = subprocess.Popen(["ray", "start", "--address", address, "--block", "--num-cpus", "1", "--num-gpus",
                                  "0", "--labels", "unifer-role=rollout", "--object-store-memory", str(100 * 2**20),
-                                 "--disable-usage-stats", *ports], stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+                                 "--disable-usage-stats", *ports], stdout=path.open("w"), stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True)
         nodes.append(node)
-        return node
+        return node, path
 
     def stop(node: subprocess.Popen) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(node.pid, signal.SIGTERM)
         node.wait(timeout=60)
+
+    def start() -> subprocess.Popen:
+        # `ray start` gives its raylet 30 s to register with the GCS and then exits ("The current node timed out
+        # during startup"): on a busy AVX2-only 2-core EPYC a node missed it (2026-12-05). An autoscaler launches
+        # such a node again; so does this.
+        for _ in range(3):
+            node, log = launch()
+            while node.poll() is None and "Ray runtime started." not in log.read_text():
+                time.sleep(0.5)
+            if node.poll() is None:
+                return node
+            stop(node)  # what the failed start left in its process group
+        raise RuntimeError(f"three rollout nodes failed to start; the last one's log: {log.read_text()}")
 
     yield start, stop
     for node in nodes:
