@@ -85,10 +85,11 @@ def rollout_nodes(ray_cluster, tmp_path):
     def launch() -> tuple[subprocess.Popen, Path]:
         ports = [arg for name in NODE_PORTS for arg in (f"--{name}", str(free_port()))]
         path = tmp_path / f"node-{len(nodes)}.log"
-        node = subprocess.Popen(["ray", "start", "--address", address, "--block", "--num-cpus", "1", "--num-gpus",
-                                 "0", "--labels", "unifer-role=rollout", "--object-store-memory", str(100 * 2**20),
-                                 "--disable-usage-stats", *ports], stdout=path.open("w"), stderr=subprocess.STDOUT,
-                                env=env, start_new_session=True)
+        with path.open("w") as log:  # the node writes it; this process needs no handle of its own
+            node = subprocess.Popen(["ray", "start", "--address", address, "--block", "--num-cpus", "1",
+                                     "--num-gpus", "0", "--labels", "unifer-role=rollout", "--object-store-memory",
+                                     str(100 * 2**20), "--disable-usage-stats", *ports], stdout=log,
+                                    stderr=subprocess.STDOUT, env=env, start_new_session=True)
         nodes.append(node)
         return node, path
 
@@ -103,8 +104,8 @@ def rollout_nodes(ray_cluster, tmp_path):
         # such a node again; so does this.
         for _ in range(3):
             node, log = launch()
-            while node.poll() is None and "Ray runtime started." not in log.read_text():
-                time.sleep(0.5)
+            wait_for(lambda node=node, log=log: node.poll() is not None or "Ray runtime started." in log.read_text(),
+                     120)
             if node.poll() is None:
                 return node
             stop(node)  # what the failed start left in its process group
