@@ -7,8 +7,9 @@ transformers engine path, the vLLM path and one bare vLLM engine; then where the
   actors (two: a core each) streaming through Ray Data, then parse/score and Parquet shards.
 - vLLM path: the same runner with engine `vllm`: the decode/resize stage, the request stage (chat template and tokens,
   image at the model's grid, the request rendered by the engine's own renderer), the engine stage (on CPUs one
-  `vllm.LLM` in a Ray Data actor's process, given batch_size x max_concurrent_batches rows a call), then
-  parse/score and Parquet. Engines and batches in flight are sized from the cluster
+  `vllm.LLM` in a Ray Data actor's process, given batch_size x max_concurrent_batches rows a call; a run under
+  2,048 items has no request stage, its engine renders the rows itself: `engines.batch.RENDER_AHEAD_FROM_REQUESTS`),
+  then parse/score and Parquet. Engines and batches in flight are sized from the cluster
   (`engines.batch.sized_workers`), as a user's run gets them, and a run of at least 8,192 items (FERBench's 11,072,
   the default here) runs vLLM's compiled model (`engines.batch.compiled_for_long_runs`); `--items 4096` runs eager.
 - Bare engine: one `vllm.LLM` in this process with the same engine settings, given all items at once as the images

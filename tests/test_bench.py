@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.helpers import VLLM_TEST_KWARGS, needs_vllm
 from unifer_ray.bench.config import BenchConfig, BenchFile, BenchModel
 from unifer_ray.bench.items import read_items
@@ -63,10 +65,12 @@ def test_bench_counts_add_up_with_bad_items(ray_cluster, tiny_model_dir, synthet
 
 
 @needs_vllm
+@pytest.mark.parametrize("render_ahead", [None, True], ids=["rendered-by-the-engine", "rendered-ahead"])
 def test_bench_on_vllm_keeps_every_item(ray_cluster, tiny_model_dir, synthetic_root, ferbench_files, vllm_engine,
-                                        tmp_path):
-    """FERBench through the CPU engine stage (OneProcessVLLM): bad items and a prompt longer than the model's context
-    are error rows with their reasons, the rest is scored by vLLM, and the answers are the in-process engine's."""
+                                        tmp_path, render_ahead):
+    """FERBench through the CPU engine stage (OneProcessVLLM), its requests rendered by the engine itself (a short
+    run's default) or ahead in a request actor: bad items and a prompt longer than the model's context are error rows
+    with their reasons, the rest is scored by vLLM, and the answers are the in-process engine's."""
     good = json.loads(ferbench_files[1].read_text())[:12]
     bad_lines = bad_item_lines(good, synthetic_root, "FERPlus") + [
         json.dumps({**good[2], "image_path": good[3]["image_path"], "prompt": "why " * 1200}),  # longer than context
@@ -76,12 +80,13 @@ def test_bench_on_vllm_keeps_every_item(ray_cluster, tiny_model_dir, synthetic_r
     mixed.write_text("\n".join(lines) + "\n")
     engine = EngineSpec(engine="vllm", model=str(tiny_model_dir), vllm_kwargs=VLLM_TEST_KWARGS)
     model = BenchModel(name="tiny-vllm", engine=engine, sampling={"max_new_tokens": 12}, image_size=56,
-                       batch_size=4, max_concurrent_batches=2)
+                       batch_size=4, max_concurrent_batches=2, render_ahead=render_ahead)
     config = BenchConfig(files=[BenchFile(path=str(mixed), image_root=str(synthetic_root))], models=[model],
                          out_dir=str(tmp_path / "out"))
 
     (run,) = run_bench(config)
     assert run.items == 16 and (run.scored, run.errors) == (11, 5)
+    assert ("VLLMRequests" in run.stats) == bool(render_ahead)  # 16 requests: the engine renders them by default
     errors = {e["id"]: e["reason"] for e in (json.loads(line) for line in open(run.errors_path))}
     reasons = " | ".join(errors.values())
     assert "does_not_exist.jpg" in reasons and "not a decodable image" in reasons
