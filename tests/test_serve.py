@@ -8,6 +8,7 @@ requests, 32 concurrent clients, and the Serve config files.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -23,6 +24,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
+import ray
 from PIL import Image
 
 from tests.helpers import NO_VLLM
@@ -38,7 +40,7 @@ from unifer_ray.labels import CANONICAL, DATASETS
 from unifer_ray.models.model_dir import local_model_dir
 from unifer_ray.parsing import parse_strict
 from unifer_ray.prompts import ferbench_prompt
-from unifer_ray.serve.app import fer_image_url, think_text
+from unifer_ray.serve.app import LocalModelNodeInit, fer_image_url, llm_config, think_text
 from unifer_ray.serve.app import png_data_url as image_data_url
 from unifer_ray.serve.config import LimitsConfig, ServeConfig, load_serve_file
 from unifer_ray.serve.run import running_app
@@ -208,6 +210,25 @@ def test_openai_sdk_plain_and_streamed_with_image(client):
     completion = client.completions.create(model=MODEL, prompt="A smiling face shows", max_tokens=4, temperature=0)
     assert completion.object == "text_completion" and 0 < completion.usage.completion_tokens <= 4
     assert completion.choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize("source, initialized", [("local", False), ("s3://models/tiny", True)])
+def test_rays_node_initialization_runs_only_where_the_model_is_not_here(ray_cluster, tiny_model_dir, source,
+                                                                         initialized):
+    """Ray Serve LLM fetches the model on each node of the replica's placement group before the engine starts, in a
+    task of its own; a directory on this node with every bundle here has nothing to fetch (LocalModelNodeInit)."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    model = str(tiny_model_dir) if source == "local" else source
+    config = llm_config(serve_config(model, "http://127.0.0.1:1"))
+    group = placement_group([{"CPU": 0.01}])
+    try:
+        ray.get(group.ready(), timeout=60)
+        callback = LocalModelNodeInit(llm_config=config, ctx_kwargs={"placement_group": group})
+        asyncio.run(callback.on_before_node_init())
+        assert callback.ctx.run_init_node is initialized
+    finally:
+        remove_placement_group(group)
 
 
 def test_the_pipelines_streamed_question_reads_the_answer_back(server, client, synthetic_root):
@@ -643,7 +664,7 @@ def test_gpu_app_runs_on_serve_nodes_of_a_labelled_cluster(ray_cluster, monkeypa
     import yaml
     from ray.serve.llm import LLMServer
 
-    from unifer_ray.serve.app import ingress_options, llm_config
+    from unifer_ray.serve.app import ingress_options
 
     monkeypatch.setenv("UNIFER_PLACEMENT", mode)
     config = ServeConfig.model_validate(gpu_serve_files()["configs/serve_gpu.yaml"]["applications"][0]["args"])
