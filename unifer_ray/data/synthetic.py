@@ -18,7 +18,10 @@ import json
 import os
 import shutil
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from itertools import repeat
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -504,13 +507,18 @@ def write_synthetic_datasets(
         if target.exists() and not (target / ACTIONS_FILE).exists():
             raise FileExistsError(f"{target} exists and is not a synthetic dataset (it has no {ACTIONS_FILE}); "
                                   "not replacing it")
-    summary: dict = {"root": str(root), "seed": seed, "datasets": {}}
-    for spec in specs:
-        target = root / spec.name
-        staging = root / f".{spec.name}.partial"
+    stagings = [root / f".{spec.name}.partial" for spec in specs]
+    for staging in stagings:
         shutil.rmtree(staging, ignore_errors=True)  # left over from an interrupted run
         staging.mkdir(parents=True)
-        images = _write_dataset(staging, spec.key, train_per_class, test_per_class, seed)
+    # Every image has its own seed, so the datasets render apart, one process per core (spawned: the caller may hold
+    # threads), with the same bytes as one after the other.
+    with ProcessPoolExecutor(min(len(specs), os.cpu_count() or 1), mp_context=get_context("spawn")) as pool:
+        written = list(pool.map(_write_dataset, stagings, [spec.key for spec in specs], repeat(train_per_class),
+                                repeat(test_per_class), repeat(seed)))
+    summary: dict = {"root": str(root), "seed": seed, "datasets": {}}
+    for spec, staging, images in zip(specs, stagings, written):
+        target = root / spec.name
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
