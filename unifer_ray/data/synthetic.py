@@ -512,10 +512,14 @@ def write_synthetic_datasets(
         shutil.rmtree(staging, ignore_errors=True)  # left over from an interrupted run
         staging.mkdir(parents=True)
     # Every image has its own seed, so the datasets render apart, one process per core (spawned: the caller may hold
-    # threads), with the same bytes as one after the other.
-    with ProcessPoolExecutor(min(len(specs), os.cpu_count() or 1), mp_context=get_context("spawn")) as pool:
-        written = list(pool.map(_write_dataset, stagings, [spec.key for spec in specs], repeat(train_per_class),
-                                repeat(test_per_class), repeat(seed)))
+    # threads), with the same bytes as one after the other; one dataset or one core renders here.
+    jobs = (stagings, [spec.key for spec in specs], repeat(train_per_class), repeat(test_per_class), repeat(seed))
+    workers = min(len(specs), os.cpu_count() or 1)
+    if workers > 1:
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            written = list(pool.map(_write_dataset, *jobs))
+    else:
+        written = list(map(_write_dataset, *jobs))
     summary: dict = {"root": str(root), "seed": seed, "datasets": {}}
     for spec, staging, images in zip(specs, stagings, written):
         target = root / spec.name
