@@ -90,6 +90,7 @@ def split_groups(ray_cluster, tiny_model_dir, tmp_path_factory):
             tmp = tmp_path_factory.mktemp("split")
             groups[name] = LearnerGroup(config(tmp, tiny_model_dir, grpo={"beta": 0.04},
                                                learner={**learner, "optimizer": PROPORTIONAL}), str(tiny_model_dir))
+            groups[name].wait_ready()
         yield groups
     finally:
         for group in groups.values():
@@ -139,7 +140,7 @@ def learner_in_process(config: RLVRConfig, model_dir: Path, monkeypatch):
                            image_size=config.data.image_size, rank=0, world_size=1, grad_accum_steps=1,
                            total_steps=config.steps * config.grpo.updates_per_batch, seed=config.seed,
                            group_timeout_s=group_timeout_s(config))
-    worker.setup("127.0.0.1", free_port())
+    worker.setup(("127.0.0.1", free_port()))
     try:
         yield worker
     finally:

@@ -132,6 +132,7 @@ class RLActors:
         self.items = PromptSource(config.data, prompts_per_step=PROMPTS, seed=0).batch(0)
         self.learners = LearnerGroup(config, str(model_dir))
         self.rollouts = RolloutGroup(config.rollout, model=str(model_dir), image_size=56, max_prompt_tokens=4096)
+        self.learners.wait_ready()
         self.sync = WeightSync.create(SyncConfig(), self.learners, self.rollouts)
         self.tokenizer = load_model_and_processor(model_dir)[1].tokenizer
 

@@ -31,6 +31,7 @@ def zero3(ray_cluster, tmp_path_factory, tiny_model_dir, synthetic_root):
                                     rollout={"sync_timeout_s": 400},
                                     grpo={"group_size": 2, "beta": 0.04}), RLVRConfig)
     learners = LearnerGroup(config, str(tiny_model_dir))
+    learners.wait_ready()
     yield config, learners
     learners.shutdown()
 

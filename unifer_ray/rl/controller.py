@@ -124,10 +124,15 @@ def run_rlvr(config: RLVRConfig, *, resume: bool = False) -> RLVRResult:
     with ExitStack() as ends:  # what has started ends, last first, however the run ends (a failed start too)
         learners = LearnerGroup(config, config.model)
         ends.callback(learners.shutdown)
-        rollouts = RolloutGroup(config.rollout, model=config.model, revision=config.revision,
-                                image_size=config.data.image_size,
-                                max_prompt_tokens=config.grpo.max_prompt_tokens, nccl=config.sync.kind == "nccl")
-        ends.callback(rollouts.shutdown)
+        try:
+            rollouts = RolloutGroup(config.rollout, model=config.model, revision=config.revision,
+                                    image_size=config.data.image_size,
+                                    max_prompt_tokens=config.grpo.max_prompt_tokens, nccl=config.sync.kind == "nccl")
+            ends.callback(rollouts.shutdown)
+        finally:
+            # Their setup ran while the rollout engines started; a learner's error (a missing model, say) comes
+            # first, as the cause of a rollout start that failed with it.
+            learners.wait_ready()
         run_log = RunLog(config.metrics_dir, start_step=state.step)
         ends.callback(run_log.close)
         if state.step == 0:

@@ -207,10 +207,11 @@ class LearnerWorker:
     def address(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), free_port()
 
-    def setup(self, master_addr: str, master_port: int) -> None:
+    def setup(self, address: tuple[str, int]) -> None:
+        """Join the group at rank 0's `address` (`address()`), then load the policy, optimizer and reference."""
         if not self.config.use_gpu:
             torch.set_num_threads(self.config.torch_threads)
-        self.device = join_process_group(master_addr, master_port, self.rank, self.world_size, self.config.use_gpu,
+        self.device = join_process_group(*address, self.rank, self.world_size, self.config.use_gpu,
                                          self.group_timeout_s)
         seed_everything(self.seed + self.rank)
         settings = self.config.settings(grad_accum_steps=self.grad_accum_steps, total_steps=self.total_steps)
@@ -393,11 +394,17 @@ class LearnerGroup:
                 seed=config.seed, group_timeout_s=group_timeout_s(config))
             for rank in range(self.world_size)
         ]
+        # Not waited for here: the ranks set up (process group, model, optimizer) while the caller starts the
+        # rollout engines; an actor runs its calls in order, so any later call finds its rank set up.
+        address = self.workers[0].address.remote()  # rank 0's, passed on by Ray without a round trip here
+        self._setup = [w.setup.remote(address) for w in self.workers]
+
+    def wait_ready(self) -> None:
+        """Wait for every rank's setup, raising its error (a rank that failed to set up still holds its bundle)."""
         try:
-            master_addr, master_port = ray.get(self.workers[0].address.remote())
-            ray.get([w.setup.remote(master_addr, master_port) for w in self.workers])
+            ray.get(self._setup)
         except BaseException:
-            self.shutdown()  # ranks that failed to set up still hold the group's bundles
+            self.shutdown()
             raise
 
     def _placed(self, learner: LearnerConfig) -> ray.util.placement_group.PlacementGroup:
