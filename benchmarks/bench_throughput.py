@@ -5,13 +5,13 @@ transformers engine path, the vLLM path and one bare vLLM engine; then where the
   template, `model.generate` with batch 1 (fp32), decode; one torch thread (its fastest setting on 2 cores).
 - transformers path: `bench.runner.run_model` with engine `hf`: a decode/resize stage and a pool of batched hf engine
   actors (two: a core each) streaming through Ray Data, then parse/score and Parquet shards.
-- vLLM path: the same runner with engine `vllm`: the decode/resize stage, the request stage (chat template and tokens,
-  image at the model's grid, the request rendered by the engine's own renderer), the engine stage (on CPUs one
-  `vllm.LLM` in a Ray Data actor's process, given batch_size x max_concurrent_batches rows a call; a run under
-  2,048 items has no request stage, its engine renders the rows itself: `engines.batch.RENDER_AHEAD_FROM_REQUESTS`),
-  then parse/score and Parquet. Engines and batches in flight are sized from the cluster
-  (`engines.batch.sized_workers`), as a user's run gets them, and a run of at least 8,192 items (FERBench's 11,072,
-  the default here) runs vLLM's compiled model (`engines.batch.compiled_for_long_runs`); `--items 4096` runs eager.
+- vLLM path: the same runner with engine `vllm`: the decode/resize stage, the engine stage (on CPUs `vllm.LLM` in a
+  Ray Data actor's process, given batch_size x max_concurrent_batches rows a call, rendering them with its own
+  renderer: chat template and tokens, image at the model's grid, the processor's patches), then parse/score and
+  Parquet. Engines and batches in flight are sized from the cluster and the run's length
+  (`engines.batch.sized_workers`: on CPUs an engine per CPU but one, one per 2,048 items at most), as a user's run
+  gets them, and an engine that sees at least 8,192 items runs vLLM's compiled model
+  (`engines.batch.compiled_for_long_runs`): FERBench's 11,072 items, the default here, run eager on 2 engines.
 - Bare engine: one `vllm.LLM` in this process with the same engine settings, given all items at once as the images
   decoded at 224 px and the chat text: the engine's own speed, without decoding the images (done beforehand and not
   counted) and without Ray. Twice: in vLLM's own processes (its default: an engine core and a model worker beside
@@ -336,6 +336,10 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--baseline-threads", type=int, default=1)
     parser.add_argument("--hf-actors", type=int, default=2, help="transformers path: actors, a core each")
+    parser.add_argument("--vllm-engines", type=int, default=None,
+                        help="vLLM path: engines (default: sized on the cluster and the items, as a user's run)")
+    parser.add_argument("--render-ahead", action="store_true",
+                        help="vLLM path: requests rendered by a request actor beside each engine, not by the engine")
     parser.add_argument("--vllm-kwargs", type=json.loads, default={},
                         help='JSON of vLLM engine arguments for the vLLM path and the bare engines, e.g. '
                              '\'{"enforce_eager": true}\' (eager: what runs shorter than '
@@ -355,7 +359,8 @@ def main() -> None:
         hf = bench_model("hf", EngineSpec(engine="hf", model=str(model_dir), max_batch_size=args.batch_size), args,
                          concurrency=args.hf_actors)
         vllm = bench_model("vllm", EngineSpec(engine="vllm", model=str(model_dir),
-                                              vllm_kwargs={"max_model_len": 1024, **args.vllm_kwargs}), args)
+                                              vllm_kwargs={"max_model_len": 1024, **args.vllm_kwargs}), args,
+                           concurrency=args.vllm_engines, render_ahead=args.render_ahead)
         config = BenchConfig(files=files, models=[hf], out_dir=str(tmp / "out"))
         items = read_all_items(config)
         items.rows = items.rows[: args.items]
@@ -370,7 +375,7 @@ def main() -> None:
         base_rate = n / base_s
 
         init_ray(num_cpus=args.cpus)
-        hf, vllm = sized_workers(hf, hf.engine), sized_workers(vllm, vllm.engine)
+        hf, vllm = sized_workers(hf, hf.engine, n), sized_workers(vllm, vllm.engine, n)
         # What the path's run of n items decides (compiled or eager), written out: its one-batch start-up run and the
         # bare engines get the same engine.
         vllm = vllm.model_copy(update={"engine": compiled_for_long_runs(vllm.engine, vllm, n)})

@@ -65,11 +65,11 @@ def test_bench_counts_add_up_with_bad_items(ray_cluster, tiny_model_dir, synthet
 
 
 @needs_vllm
-@pytest.mark.parametrize("render_ahead", [None, True], ids=["rendered-by-the-engine", "rendered-ahead"])
+@pytest.mark.parametrize("render_ahead", [False, True], ids=["rendered-by-the-engine", "rendered-ahead"])
 def test_bench_on_vllm_keeps_every_item(ray_cluster, tiny_model_dir, synthetic_root, ferbench_files, vllm_engine,
                                         tmp_path, render_ahead):
-    """FERBench through the CPU engine stage (OneProcessVLLM), its requests rendered by the engine itself (a short
-    run's default) or ahead in a request actor: bad items and a prompt longer than the model's context are error rows
+    """FERBench through the CPU engine stage (OneProcessVLLM), its requests rendered by the engine itself (the
+    default) or ahead in a request actor: bad items and a prompt longer than the model's context are error rows
     with their reasons, the rest is scored by vLLM, and the answers are the in-process engine's."""
     good = json.loads(ferbench_files[1].read_text())[:12]
     bad_lines = bad_item_lines(good, synthetic_root, "FERPlus") + [
@@ -86,7 +86,7 @@ def test_bench_on_vllm_keeps_every_item(ray_cluster, tiny_model_dir, synthetic_r
 
     (run,) = run_bench(config)
     assert run.items == 16 and (run.scored, run.errors) == (11, 5)
-    assert ("VLLMRequests" in run.stats) == bool(render_ahead)  # 16 requests: the engine renders them by default
+    assert ("VLLMRequests" in run.stats) == render_ahead
     errors = {e["id"]: e["reason"] for e in (json.loads(line) for line in open(run.errors_path))}
     reasons = " | ".join(errors.values())
     assert "does_not_exist.jpg" in reasons and "not a decodable image" in reasons
@@ -134,47 +134,57 @@ def test_a_pool_that_takes_every_cpu_is_warned_about(ray_cluster, tiny_model_dir
     # The session cluster has 4 CPUs: 3 actors of 1 CPU leave 1 for loading; 4 leave none.
     config = BenchConfig(files=[BenchFile(path=str(ferbench_files[0]), image_root=str(synthetic_root))],
                          models=[_model(tiny_model_dir)], out_dir=str(tmp_path))
-    assert not warn_if_the_pool_fills_the_cluster(_model(tiny_model_dir, concurrency=3), config)
+    assert not warn_if_the_pool_fills_the_cluster(_model(tiny_model_dir, concurrency=3), config, 900)
     with caplog.at_level("WARNING", logger="unifer_ray.bench.runner"):
-        assert warn_if_the_pool_fills_the_cluster(_model(tiny_model_dir, concurrency=4), config)
+        assert warn_if_the_pool_fills_the_cluster(_model(tiny_model_dir, concurrency=4), config, 900)
     assert "the engine stage's actors hold 4 of the cluster's 4 CPUs" in caplog.text
 
 
 @needs_vllm
 def test_models_run_side_by_side_only_as_many_as_leave_a_decode_task_room(ray_cluster, tiny_model_dir, tmp_path,
                                                                          ferbench_files, synthetic_root, caplog):
-    """The session cluster has 4 CPUs. A vLLM engine of 1 CPU holds 1.25 with its request actor: two such runs and a
-    decode task of 0.5 fit (3.0), three do not (4.25: the demo's deadlock); hf actors of 1 CPU: three fit (3.5)."""
+    """The session cluster has 4 CPUs. A vLLM engine of 1 CPU with a request actor beside it holds 1.25: two such runs
+    and a decode task of 0.5 fit (3.0), three do not (4.25: the demo's deadlock); engines rendering their own rows and
+    hf actors of 1 CPU: three fit (3.5). Engines sized on the cluster: one per 2,048 requests, the CPUs but one at
+    most."""
     from unifer_ray.bench.runner import models_side_by_side
 
-    def config(engine: str, at_once: int) -> BenchConfig:
-        models = [BenchModel(name=f"m{i}", engine=EngineSpec(engine=engine, model=str(tiny_model_dir)), concurrency=1,
-                             num_cpus=1) for i in range(3)]
+    def config(engine: str, at_once: int, **workers) -> BenchConfig:
+        workers = {"concurrency": 1, "num_cpus": 1} | workers
+        models = [BenchModel(name=f"m{i}", engine=EngineSpec(engine=engine, model=str(tiny_model_dir)), **workers)
+                  for i in range(3)]
         return BenchConfig(files=[BenchFile(path=str(ferbench_files[0]), image_root=str(synthetic_root))],
                            models=models, out_dir=str(tmp_path), models_at_once=at_once)
 
     with caplog.at_level("INFO", logger="unifer_ray.bench.runner"):
-        assert models_side_by_side(config("vllm", 3)) == 2
+        assert models_side_by_side(config("vllm", 3, render_ahead=True), [900] * 3) == 2
     assert "2 model(s) at once, not models_at_once=3: 3 at once would hold 3.75 of the cluster's 4 CPUs" in caplog.text
-    assert models_side_by_side(config("hf", 3)) == 3
-    assert models_side_by_side(config("vllm", 1)) == 1
+    assert models_side_by_side(config("vllm", 3), [900] * 3) == 3
+    assert models_side_by_side(config("hf", 3), [900] * 3) == 3
+    assert models_side_by_side(config("vllm", 1), [900] * 3) == 1
+    sized = config("vllm", 3, concurrency=None)
+    assert models_side_by_side(sized, [900] * 3) == 3
+    assert models_side_by_side(sized, [900, 900, 4096]) == 2  # 2 engines + 1 + a decode task: 3.5; + 1 more: 4.5
 
 
 def test_engines_and_batches_in_flight_are_sized_on_the_cluster(ray_cluster, tiny_model_dir):
-    """The session cluster has 4 CPUs: one vLLM engine (its own core and one for the stages that feed it, and a CPU
-    left for the rest), one hf actor on CPUs; batches in flight fill the engine's max_num_seqs, and one more to refill
-    for an engine of several ranks (ray.data.llm's AsyncLLM); written values win."""
+    """The session cluster has 4 CPUs: a vLLM engine per CPU but one (left for the stages around them), one per
+    2,048 requests at most; one hf actor on CPUs; batches in flight fill the engine's max_num_seqs, and one more to
+    refill for an engine of several ranks (ray.data.llm's AsyncLLM); written values win."""
     from unifer_ray.engines.batch import one_process_engine, sized_workers
 
     vllm = EngineSpec(engine="vllm", model=str(tiny_model_dir))
     model = BenchModel(name="m", engine=vllm, batch_size=64)
     sized = sized_workers(model, vllm)
     assert one_process_engine(vllm, model)
-    assert (sized.concurrency, sized.max_concurrent_batches) == (1, 4)  # 256 sequences on CPUs: 4 batches
+    assert (sized.concurrency, sized.max_concurrent_batches) == (3, 4)  # 256 sequences on CPUs: 4 batches
+    assert [sized_workers(model, vllm, requests).concurrency for requests in (900, 2049, 4096, 10**6)] == [1, 2, 2, 3]
+    assert sized_workers(model.model_copy(update={"num_cpus": 2}), vllm).concurrency == 1
     few = vllm.model_copy(update={"vllm_kwargs": {"max_num_seqs": 32}})
     assert sized_workers(model.model_copy(update={"engine": few}), few).max_concurrent_batches == 1
     ranks = vllm.model_copy(update={"vllm_kwargs": {"tensor_parallel_size": 2}})
     assert not one_process_engine(ranks, model)
+    assert sized_workers(model.model_copy(update={"engine": ranks}), ranks).concurrency == 1  # 2 CPUs an engine
     assert sized_workers(model.model_copy(update={"engine": ranks}), ranks).max_concurrent_batches == 5
     beside = vllm.model_copy(update={"one_process": False})  # ray.data.llm's engine stage on CPUs, as asked
     assert not one_process_engine(beside, model)

@@ -358,6 +358,9 @@ def test_long_runs_on_cpu_engines_compile_and_a_written_choice_wins():
     assert long_run.vllm_kwargs == {"max_model_len": 1024, "enforce_eager": False}
     for short in (None, COMPILE_FROM_REQUESTS - 1):
         assert compiled_for_long_runs(spec, cpus, short) == spec
+    two = EngineWorkers(concurrency=2)  # each engine sees half the run
+    assert compiled_for_long_runs(spec, two, 2 * COMPILE_FROM_REQUESTS - 1) == spec
+    assert compiled_for_long_runs(spec, two, 2 * COMPILE_FROM_REQUESTS) == long_run
     eager = spec.model_copy(update={"vllm_kwargs": {"enforce_eager": True}})
     assert compiled_for_long_runs(eager, cpus, 10**6) == eager
     assert compiled_for_long_runs(spec, EngineWorkers(num_gpus=1), 10**6) == spec  # vLLM's own choice on GPUs

@@ -102,14 +102,14 @@ def _latest_by_id(rows: list[dict]) -> tuple[dict[str, dict], dict[str, dict]]:
     return scored, {k: v for k, v in errors.items() if k not in scored}
 
 
-def warn_if_the_pool_fills_the_cluster(model: BenchModel, config: BenchConfig) -> bool:
+def warn_if_the_pool_fills_the_cluster(model: BenchModel, config: BenchConfig, requests: int) -> bool:
     """Warn (and return True) when the generation stage's actors ask for every CPU the cluster has now.
 
     The image-loading tasks then get no CPU, and on a cluster that cannot add nodes Ray Data waits forever while
     reporting only backpressure; an autoscaling cluster adds a node instead, so this is a warning, not an error.
     """
     cpus = ray.cluster_resources().get("CPU", 0.0)
-    held = held_cpus(model, model.engine)
+    held = held_cpus(model, model.engine, requests)
     if held + config.load_num_cpus <= cpus:
         return False
     log.warning("%s: the engine stage's actors hold %g of the cluster's %g CPUs and leave less than load_num_cpus=%g "
@@ -118,14 +118,16 @@ def warn_if_the_pool_fills_the_cluster(model: BenchModel, config: BenchConfig) -
     return True
 
 
-def models_side_by_side(config: BenchConfig) -> int:
-    """How many models run at once: `models_at_once`, fewer where their stages' actors would not leave a decode
-    task room on the cluster's CPUs now (each run's actors wait for the others' tasks: too many deadlock)."""
+def models_side_by_side(config: BenchConfig, requests: list[int]) -> int:
+    """How many models run at once: `models_at_once`, fewer where their stages' actors, for each model's `requests`,
+    would not leave a decode task room on the cluster's CPUs now (each run's actors wait for the others' tasks: too
+    many deadlock)."""
     wanted = min(config.models_at_once, len(config.models))
     if wanted == 1:
         return 1
     cpus = ray.cluster_resources().get("CPU", 0.0)
-    held = sorted((held_cpus(m, m.engine) for m in config.models), reverse=True)  # the largest runs together first
+    # The largest runs together first.
+    held = sorted((held_cpus(m, m.engine, n) for m, n in zip(config.models, requests)), reverse=True)
     fit = 1
     while fit < wanted and sum(held[: fit + 1]) + config.load_num_cpus <= cpus:
         fit += 1
@@ -145,7 +147,7 @@ def run_model(model: BenchModel, items: ItemRows, config: BenchConfig) -> ModelR
     stats = ""
     if todo:
         log.info("%s: %d items to run, %d already finished", model.name, len(todo), len(scored))
-        warn_if_the_pool_fills_the_cluster(model, config)
+        warn_if_the_pool_fills_the_cluster(model, config, len(todo) * model.sampling.n)
         # One block per engine batch, decoded by one task: every engine call gets a full batch, never the small
         # remainder of blocks that straddle a batch boundary (built here, so no repartition task needs a CPU).
         # from_blocks reads their metadata here; from_arrow asks a remote task per block (1-2 s of every run).
@@ -204,9 +206,10 @@ def run_bench(config: BenchConfig) -> list[ModelRun]:
     items = read_all_items(config)
     for err in items.errors:
         log.warning("bad FERBench item %s row %s: %s", err["source"], err["row"], err["reason"])
-    with ThreadPoolExecutor(models_side_by_side(config)) as pool:  # Ray Data runs each thread's dataset on its own
-        runs = list(pool.map(lambda m: run_model(m, first_per_dataset(items, m.items_per_dataset), config),
-                             config.models))
+    model_items = [first_per_dataset(items, m.items_per_dataset) for m in config.models]
+    requests = [len(i.rows) * m.sampling.n for i, m in zip(model_items, config.models)]
+    with ThreadPoolExecutor(models_side_by_side(config, requests)) as pool:  # Ray Data runs each thread's dataset
+        runs = list(pool.map(lambda m, i: run_model(m, i, config), config.models, model_items))
     storage.write_text(storage.join(config.out_dir, "summary.json"),
                        json.dumps([{k: v for k, v in asdict(r).items() if k != "stats"} | {"items_per_s": r.items_per_s}
                                    for r in runs], indent=2))

@@ -80,7 +80,7 @@ def curate_cot_set(config: CotSetConfig) -> dict:
     def build(ds):
         ds = ds.map_batches(load_image_batch, fn_kwargs={"size": teacher.image_size},
                             batch_size=config.load_batch_size, num_cpus=config.load_num_cpus)
-        ds = add_teacher(ds, teacher, config.k)
+        ds = add_teacher(ds, teacher, config.k, rows=len(rows))  # a rerun's are fewer: engines sized for all
         return ds.map_batches(filter_batch, fn_kwargs={"filters": config.filters.model_dump(), "m": config.m},
                               batch_size=teacher.batch_size, num_cpus=config.load_num_cpus)
 

@@ -36,11 +36,13 @@ def teacher_prompt(candidates: list[str], hint_label: str | None = None) -> str:
 
 
 def add_teacher(
-    ds: ray.data.Dataset, teacher: OracleTeacherConfig | EngineTeacherConfig | OpenAITeacherConfig, k: int
+    ds: ray.data.Dataset, teacher: OracleTeacherConfig | EngineTeacherConfig | OpenAITeacherConfig, k: int, *,
+    rows: int | None = None,
 ) -> ray.data.Dataset:
-    """`ds` (rows with `prompt`, `image`, `error`, ...) → the same rows with `responses`: k traces each."""
+    """`ds` (rows with `prompt`, `image`, `error`, ...) → the same rows with `responses`: k traces each. `rows`: at
+    most how many rows `ds` has, where known (engines are sized on it)."""
     if isinstance(teacher, OracleTeacherConfig):
         return ds.map_batches(OracleTeacher, fn_constructor_kwargs={
             "n": k, "wrong_rate": teacher.wrong_rate, "seed": teacher.seed}, batch_size=teacher.batch_size,
             compute=ray.data.ActorPoolStrategy(size=teacher.concurrency), num_cpus=teacher.num_cpus)
-    return add_generation(ds, teacher.engine, teacher.sampling.model_copy(update={"n": k}), teacher)
+    return add_generation(ds, teacher.engine, teacher.sampling.model_copy(update={"n": k}), teacher, rows=rows)

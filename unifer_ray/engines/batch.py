@@ -4,17 +4,15 @@ Rows come in with `id`, `prompt` (the user's question), `image` (uint8 H×W×3) 
 failed, e.g. its image did not decode); they leave without `image`, with `responses` (n texts), `num_tokens`,
 `latency_s` and `error` (the generation's failure, if any). Nothing is dropped: a failed row stays a row.
 
-- vllm: request rows, then the engine stage, then our output columns. What vLLM's front end would otherwise do per
-  item on the engine's critical path is done in the request stage, beside the engines. A CPU engine of one rank runs
-  in one process (`OneProcessVLLM`) and takes its requests rendered by its own renderer (vLLM's `render_cmpl`: the
-  tokens with the image's placeholders, the processor's patches, content hashes), so the engine only schedules,
-  runs the model and detokenizes. A short run (`render_ahead`) has no request stage: the engine renders its rows
-  itself, and no second process imports vLLM and builds a renderer for it. GPU engines and engines of several ranks
-  run `ray.data.llm`'s vLLM engine processor (continuous batching, several batches in flight per engine, tensor
-  parallel, `accelerator_type`) on the chat text's token ids and the image at the model's grid with a content id, its
-  own chat template, tokenizer, multi-modal and detokenizer stages off: each would be one more actor pool for work
-  that our request stage does in the same pass. Engines and batches in flight are sized on the cluster unless the
-  config says (`sized_workers`).
+- vllm: a CPU engine of one rank runs in one process (`OneProcessVLLM`), an engine per CPU of the cluster, and
+  renders its rows with its own renderer (vLLM's `render_cmpl`: the tokens with the image's placeholders, the
+  processor's patches, content hashes) before it schedules, runs the model and detokenizes, all on the core it holds;
+  with `render_ahead` a request actor beside each engine renders them instead. GPU engines and engines of several
+  ranks run `ray.data.llm`'s vLLM engine processor (continuous batching, several batches in flight per engine, tensor
+  parallel, `accelerator_type`) on our request stage's rows: the chat text's token ids and the image at the model's
+  grid with a content id, its own chat template, tokenizer, multi-modal and detokenizer stages off (each would be one
+  more actor pool for work that the request stage does in one pass). Engines and batches in flight are sized on the
+  cluster and the run's length unless the config says (`sized_workers`).
 - hf and openai: a pool of EngineActors (engines/ray_actor.py). API models do not use `HttpRequestProcessorConfig`:
   its stage raises once a request has failed all its retries, which fails the whole dataset, where a benchmark needs
   that item as an error row and the rest scored.
@@ -43,19 +41,17 @@ from unifer_ray.engines.spec import EngineSpec
 from unifer_ray.engines.vllm_env import runs_in_one_process, vllm_env, vllm_env_applied
 from unifer_ray.records import object_array
 
-# A CPU engine keeps about two cores busy: its own (in one process) and the stages that feed it (decoding, requests,
-# scoring). Measured on 2 cores, 1,024 items: one engine 89 items/s, two 56 (benchmarks/bench_throughput.py).
-CPUS_PER_VLLM_ENGINE = 2
+# A CPU engine in one process does each request's work (rendering, scheduling, the model, detokenizing) on the core
+# it holds, so a cluster gets an engine per CPU, less one CPU for the stages around them (decoding, outputs). Each
+# engine more starts once (12 s of a core on a 2-core Zen 4, about 19 s on an AVX2 EPYC: 1,500-2,000 of its
+# requests), so a run gets one engine per REQUESTS_PER_CPU_ENGINE requests at most. On 2 cores, 4,096 items
+# (benchmarks/bench_throughput.py, 2026-12-06): one engine 188 items/s, two 209; on the AVX2 code paths 128 and 188.
+REQUESTS_PER_CPU_ENGINE = 2048
 # vLLM's batch limits for offline work on CPUs (what its LLM class gets): the AsyncLLM inside ray.data.llm's engine
 # stage would get its server defaults, 128 sequences and 2048 tokens a step.
 CPU_ENGINE_BATCH = {"max_num_seqs": 256, "max_num_batched_tokens": 4096}
 VLLM_ENGINE_MAX_NUM_SEQS = 128  # vLLM's default for an AsyncLLM (GPU engines without max_num_seqs of their own)
 REQUEST_ACTOR_CPUS = 0.25  # a vLLM stage's request actor (one per engine): about 1 ms a row
-# A one-process CPU engine that will see fewer requests than this renders them itself. A request actor with its
-# renderer spends about 17 s of CPU starting (vLLM imported once more, its engine config built) on a 2-core AVX2
-# EPYC, where rendering takes about 9 ms a request: below ~2,000 requests its start costs more CPU than it takes off
-# the engine's process (on 2 cores, what two engines share: the demo's FERBench, 900 items a model).
-RENDER_AHEAD_FROM_REQUESTS = 2048
 # A CPU engine that will see this many requests runs vLLM's compiled model (torch.compile, kept in torch inductor's
 # cache between runs): on 2 cores the tiny model's engine did 417-441 rendered items/s compiled against 349 eager, for
 # 3.6 s more start-up once the cache holds the model (10 s the first time), so it pays from about 7,000 requests.
@@ -80,24 +76,26 @@ class EngineWorkers(BaseModel):
     # vllm: batches in flight per engine, continuously batched; None: enough to fill the engine's max_num_seqs
     max_concurrent_batches: int | None = Field(None, gt=0)
     accelerator_type: str | None = None  # vllm on GPUs: the node's accelerator, e.g. "L40S" or "A100"
-    # vllm, CPU engines of one rank: requests rendered in a request actor beside the engine (true) or by the engine
-    # itself (false); None: ahead for runs of RENDER_AHEAD_FROM_REQUESTS requests or more (or of unknown length).
-    render_ahead: bool | None = None
+    # vllm, CPU engines of one rank: requests rendered in a request actor beside each engine (true), rather than by
+    # the engine itself. Engines sized on the cluster fill its cores, where rendering ahead only adds a process start
+    # (17 s of CPU on an AVX2 EPYC) and a pickle per request; it suits engines written to hold fewer cores than it has.
+    render_ahead: bool = False
 
 
-def sized_workers(workers: EngineWorkers, spec: EngineSpec) -> EngineWorkers:
-    """`workers` with what the config leaves out sized on the cluster that Ray is connected to (what it has now).
+def sized_workers(workers: EngineWorkers, spec: EngineSpec, requests: int | None = None) -> EngineWorkers:
+    """`workers` with what the config leaves out sized on the cluster that Ray is connected to (what it has now),
+    for a run of `requests` requests (None: unknown).
 
-    Engines: one per GPU (per tensor x pipeline parallel ranks for vLLM) where the workers take GPUs. On CPUs each vLLM
-    engine and the stages that feed it keep about two cores busy (CPUS_PER_VLLM_ENGINE), and one CPU stays for the
-    rest, so engines = (CPUs - 1) / (2 x num_cpus), at least one. hf actors on CPUs and API models: one, as each hf
-    actor holds a copy of the model (written concurrency uses more cores).
+    Engines: one per GPU (per tensor x pipeline parallel ranks for vLLM) where the workers take GPUs. On CPUs a vLLM
+    engine per num_cpus x ranks CPUs, one CPU left for the stages around them, and at most one engine per
+    REQUESTS_PER_CPU_ENGINE requests; at least one. hf actors on CPUs and API models: one, as each hf actor holds a
+    copy of the model (written concurrency uses more cores).
     Batches in flight per vLLM engine: enough to keep its max_num_seqs scheduled.
     """
     kind = resolve_engine(spec)
     update: dict = {}
     if workers.concurrency is None:
-        update["concurrency"] = _engines_on_cluster(workers, spec, kind)
+        update["concurrency"] = _engines_on_cluster(workers, spec, kind, requests)
     if kind == "vllm" and workers.max_concurrent_batches is None:
         max_num_seqs = vllm_engine_kwargs(spec, workers).get("max_num_seqs", VLLM_ENGINE_MAX_NUM_SEQS)
         # An AsyncLLM gets one batch more to refill while the others run; an engine in one process takes its
@@ -116,24 +114,27 @@ def one_process_engine(spec: EngineSpec, workers: EngineWorkers) -> bool:
     return one_rank and not workers.num_gpus and spec.one_process is not False
 
 
-def _engines_on_cluster(workers: EngineWorkers, spec: EngineSpec, kind: str) -> int:
+def _engines_on_cluster(workers: EngineWorkers, spec: EngineSpec, kind: str, requests: int | None) -> int:
     resources = ray.cluster_resources()
+    ranks = spec.vllm_kwargs.get("tensor_parallel_size", 1) * spec.vllm_kwargs.get("pipeline_parallel_size", 1)
     if workers.num_gpus and kind != "openai":
-        ranks = spec.vllm_kwargs.get("tensor_parallel_size", 1) * spec.vllm_kwargs.get("pipeline_parallel_size", 1)
         per_engine = ranks if kind == "vllm" else workers.num_gpus
         return max(1, int(resources.get("GPU", 0) // per_engine))
     if kind != "vllm":
         return 1
-    cpus_per_engine = CPUS_PER_VLLM_ENGINE * max(workers.num_cpus, 1)
-    return max(1, int((resources.get("CPU", 0) - 1) // cpus_per_engine))
+    engines = int((resources.get("CPU", 0) - 1) // (max(workers.num_cpus, 1) * ranks))
+    if requests is not None:
+        engines = min(engines, math.ceil(requests / REQUESTS_PER_CPU_ENGINE))
+    return max(1, engines)
 
 
 def compiled_for_long_runs(spec: EngineSpec, workers: EngineWorkers, requests: int | None) -> EngineSpec:
     """`spec` with vLLM's compiled model (`enforce_eager: false`) where it is a CPU vLLM engine that will see at least
-    COMPILE_FROM_REQUESTS requests and its vllm_kwargs do not say; CPU engines are eager otherwise (their start-up
-    is the larger cost: tests, the demo, rollouts, Serve). GPU engines keep vLLM's own choice."""
-    if (requests is None or requests < COMPILE_FROM_REQUESTS or workers.num_gpus or resolve_engine(spec) != "vllm"
-            or "enforce_eager" in spec.vllm_kwargs):
+    COMPILE_FROM_REQUESTS of the run's requests (over `workers.concurrency` engines) and its vllm_kwargs do not say;
+    CPU engines are eager otherwise (their start-up is the larger cost: tests, the demo, rollouts, Serve). GPU
+    engines keep vLLM's own choice."""
+    if (requests is None or requests < COMPILE_FROM_REQUESTS * (workers.concurrency or 1) or workers.num_gpus
+            or resolve_engine(spec) != "vllm" or "enforce_eager" in spec.vllm_kwargs):
         return spec
     return spec.model_copy(update={"vllm_kwargs": spec.vllm_kwargs | {"enforce_eager": False}})
 
@@ -141,14 +142,12 @@ def compiled_for_long_runs(spec: EngineSpec, workers: EngineWorkers, requests: i
 def add_generation(ds: ray.data.Dataset, spec: EngineSpec, sampling: SamplingParams, workers: EngineWorkers, *,
                    rows: int | None = None) -> ray.data.Dataset:
     """`ds` → the same rows with `responses`, `num_tokens` and `latency_s`, generated by `spec`. `rows`: how many
-    rows `ds` has, where the caller knows (a long run compiles: `compiled_for_long_runs`)."""
-    workers = sized_workers(workers, spec)
+    rows `ds` has (at most), where the caller knows: CPU engines are sized on it (`sized_workers`), and a long run
+    compiles (`compiled_for_long_runs`)."""
     requests = None if rows is None else rows * sampling.n
+    workers = sized_workers(workers, spec, requests)
     spec = compiled_for_long_runs(spec, workers, requests)
     if resolve_engine(spec) == "vllm":
-        if workers.render_ahead is None:
-            ahead = requests is None or requests >= RENDER_AHEAD_FROM_REQUESTS
-            workers = workers.model_copy(update={"render_ahead": ahead})
         return _vllm_generation(ds, spec, sampling, workers)
     return ds.map_batches(
         EngineActor,
@@ -159,12 +158,12 @@ def add_generation(ds: ray.data.Dataset, spec: EngineSpec, sampling: SamplingPar
     )
 
 
-def held_cpus(workers: EngineWorkers, spec: EngineSpec) -> float:
-    """The CPUs a generation stage's actors hold for its whole run (engines, and vLLM's request actors), as sized
-    on the cluster now: what the stages around them (decoding, scoring) and other runs cannot have. A vLLM engine's
-    request actor counts unless `render_ahead` is false (a run of unknown length renders ahead)."""
-    workers = sized_workers(workers, spec)
-    requests_beside = resolve_engine(spec) == "vllm" and workers.render_ahead is not False
+def held_cpus(workers: EngineWorkers, spec: EngineSpec, requests: int | None = None) -> float:
+    """The CPUs a generation stage's actors hold for a run of `requests` requests (engines, and vLLM's request
+    actors), as sized on the cluster now: what the stages around them (decoding, scoring) and other runs cannot
+    have. A vLLM engine's request actor counts where it has one (`render_ahead`, or ray.data.llm's engine stage)."""
+    workers = sized_workers(workers, spec, requests)
+    requests_beside = resolve_engine(spec) == "vllm" and (workers.render_ahead or not one_process_engine(spec, workers))
     per_engine = workers.num_cpus + (REQUEST_ACTOR_CPUS if requests_beside else 0.0)
     return workers.concurrency * per_engine
 
@@ -219,7 +218,7 @@ def _vllm_generation(ds: ray.data.Dataset, spec: EngineSpec, sampling: SamplingP
     one_process = one_process_engine(spec, workers)
     engine_kwargs = vllm_engine_kwargs(spec, workers, seeded=sampling.seed is not None)
     request_kwargs = {"model": spec.model, "revision": spec.revision, "sampling": sampling.model_dump()}
-    in_engine = one_process and workers.render_ahead is False
+    in_engine = one_process and not workers.render_ahead
     if not in_engine:
         ds = ds.map_batches(VLLMRequests, fn_constructor_kwargs=request_kwargs | {
                                 "engine_kwargs": engine_kwargs if one_process else None},
