@@ -44,8 +44,8 @@ from unifer_ray.records import object_array
 # A CPU engine in one process does each request's work (rendering, scheduling, the model, detokenizing) on the core
 # it holds, so a cluster gets an engine per CPU, less one CPU for the stages around them (decoding, outputs). Each
 # engine more starts once (12 s of a core on a 2-core Zen 4, about 19 s on an AVX2 EPYC: 1,500-2,000 of its
-# requests), so a run gets one engine per REQUESTS_PER_CPU_ENGINE requests at most. On 2 cores, 4,096 items
-# (benchmarks/bench_throughput.py, 2026-12-06): one engine 188 items/s, two 209; on the AVX2 code paths 128 and 188.
+# requests), so a run gets one engine per REQUESTS_PER_CPU_ENGINE requests at most. On 2 cores, 4,096 items (the vLLM
+# path of benchmarks/bench_throughput.py, 2026-12-06): one engine 188 items/s, two 209; on AVX2 code 128 and 188.
 REQUESTS_PER_CPU_ENGINE = 2048
 # vLLM's batch limits for offline work on CPUs (what its LLM class gets): the AsyncLLM inside ray.data.llm's engine
 # stage would get its server defaults, 128 sequences and 2048 tokens a step.
