@@ -114,6 +114,12 @@ def one_process_engine(spec: EngineSpec, workers: EngineWorkers) -> bool:
     return one_rank and not workers.num_gpus and spec.one_process is not False
 
 
+def renders_in_engine(spec: EngineSpec, workers: EngineWorkers) -> bool:
+    """Whether a vLLM engine stage renders its own rows, so that no request actor runs beside each engine: a
+    one-process engine unless `render_ahead`. ray.data.llm's engine stage always takes our request stage's rows."""
+    return one_process_engine(spec, workers) and not workers.render_ahead
+
+
 def _engines_on_cluster(workers: EngineWorkers, spec: EngineSpec, kind: str, requests: int | None) -> int:
     resources = ray.cluster_resources()
     ranks = spec.vllm_kwargs.get("tensor_parallel_size", 1) * spec.vllm_kwargs.get("pipeline_parallel_size", 1)
@@ -163,7 +169,7 @@ def held_cpus(workers: EngineWorkers, spec: EngineSpec, requests: int | None = N
     actors), as sized on the cluster now: what the stages around them (decoding, scoring) and other runs cannot
     have. A vLLM engine's request actor counts where it has one (`render_ahead`, or ray.data.llm's engine stage)."""
     workers = sized_workers(workers, spec, requests)
-    requests_beside = resolve_engine(spec) == "vllm" and (workers.render_ahead or not one_process_engine(spec, workers))
+    requests_beside = resolve_engine(spec) == "vllm" and not renders_in_engine(spec, workers)
     per_engine = workers.num_cpus + (REQUEST_ACTOR_CPUS if requests_beside else 0.0)
     return workers.concurrency * per_engine
 
@@ -213,12 +219,12 @@ def _vllm_generation(ds: ray.data.Dataset, spec: EngineSpec, sampling: SamplingP
                      workers: EngineWorkers) -> ray.data.Dataset:
     # The engine stage returns one completion per row: n samples are n rows (sample k seeded seed + k, vLLM's own
     # rule for n), gathered again by id after the engine.
-    # One request actor per engine (about 1 ms a row, rendering included: ahead of an engine's 2.6) loads the processor
-    # (and the renderer) once, while the engines start, where every new task worker would load them again.
+    # Where a request stage runs, one actor per engine loads the processor (and the renderer) once, while the engines
+    # start, where every new task worker would load them again.
     one_process = one_process_engine(spec, workers)
     engine_kwargs = vllm_engine_kwargs(spec, workers, seeded=sampling.seed is not None)
     request_kwargs = {"model": spec.model, "revision": spec.revision, "sampling": sampling.model_dump()}
-    in_engine = one_process and not workers.render_ahead
+    in_engine = renders_in_engine(spec, workers)
     if not in_engine:
         ds = ds.map_batches(VLLMRequests, fn_constructor_kwargs=request_kwargs | {
                                 "engine_kwargs": engine_kwargs if one_process else None},
