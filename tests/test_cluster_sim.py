@@ -121,7 +121,7 @@ def test_rlvr_job_scales_up_survives_a_preempted_rollout_node_and_scales_to_zero
     # the steps after it wait for the replacement (a new node, a vLLM engine start), however fast a step is.
     steps = 10
     config = rl_config(tmp_path, tiny_model_dir, synthetic_root, steps=steps, mode="one_step_off",
-                       rollout={"max_replacements": 2}, checkpoint_every=5, sample_log_every=0)
+                       rollout={"max_replacements": 1}, checkpoint_every=5, sample_log_every=0)
     (tmp_path / "rlvr.yaml").write_text(yaml.safe_dump({"rlvr": config}))
     sim.submit(["python", "jobs/rlvr.py", "--config", str(tmp_path / "rlvr.yaml")], submission_id="rlvr")
 
@@ -151,7 +151,9 @@ def test_rlvr_job_scales_up_survives_a_preempted_rollout_node_and_scales_to_zero
     records = read_run_log(tmp_path / "logs")
     assert [r["step"] for r in records] == list(range(1, steps + 1))
     assert all(r["samples"] == PROMPTS * GROUP and r["prompt_errors"] == 0 for r in records)
-    assert sum(r["rollout_replacements"] for r in records) >= 1
+    # One lost node, one replacement: the calls that found the node unreachable waited for the cluster to declare
+    # it dead, so no replacement was placed on it meanwhile.
+    assert sum(r["rollout_replacements"] for r in records) == 1, logs[-5000:]
     assert "replacing it" in logs  # the controller's warning, in the job's log
     # The job's log shows the run's progress as plain lines (no carriage-return redraws), the last at the end.
     progress = [line for line in logs.split("\n") if line.startswith("rlvr: ")]
