@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 import ray
+from ray.data.expressions import col
 
 from unifer_ray import storage
 from unifer_ray.labels import DATASETS
@@ -140,7 +141,7 @@ def _read(fmt: ItemFormat, paths: str | list[str], image_root: str | None, keep_
     ds = ds.flat_map(_file_rows, fn_kwargs={"fmt": fmt, "image_root": image_root})
     if keep_errors:
         return ds
-    return ds.filter(lambda r: not r["error"]).drop_columns(["error"])
+    return ds.filter(expr=col("error") == "").drop_columns(["error"])
 
 
 def read_cot(paths: str | list[str], image_root: str | None = None, *, keep_errors: bool = False) -> ray.data.Dataset:
@@ -157,5 +158,5 @@ def read_rlvr(paths: str | list[str], image_root: str | None = None, *, keep_err
 
 def error_records(ds: ray.data.Dataset) -> list[dict]:
     """The error records of a dataset read with `keep_errors=True`: {source, row, id, reason}."""
-    bad = ds.filter(lambda r: bool(r["error"])).select_columns(["source", "row", "id", "error"])
+    bad = ds.filter(expr=col("error") != "").select_columns(["source", "row", "id", "error"])
     return [ErrorRecord(r["source"], r["error"], row=r["row"], id=r["id"]).to_dict() for r in bad.take_all()]

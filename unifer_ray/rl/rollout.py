@@ -35,7 +35,7 @@ from unifer_ray.rl.transfer_names import SHM_BACKEND, TRANSFER_REGISTRAR
 
 log = logging.getLogger(__name__)
 
-# How long a worker may stay unreachable before it is replaced without the cluster's verdict (`_reachable_again`).
+# How long a worker may stay unreachable before it is replaced without the cluster's verdict (`_await_verdict`).
 UNREACHABLE_VERDICT_S = 120
 
 
@@ -340,23 +340,20 @@ class RolloutGroup:
             ray.util.remove_placement_group(group)
 
     @staticmethod
-    def _reachable_again(worker: ray.actor.ActorHandle) -> bool:
-        """Wait for an unreachable worker to answer or to be declared dead. A node that stops answering (a spot
-        reclaim) is declared dead only once it has missed the GCS's health checks (about 15 s by default); a
-        replacement started before that is placed in the group's bundle on that node and dies with it, so one lost
-        node would cost two replacements."""
+    def _await_verdict(worker: ray.actor.ActorHandle) -> None:
+        """Wait, at most UNREACHABLE_VERDICT_S, until an unreachable worker answers or is declared dead. A node that
+        stops answering (a spot reclaim) is declared dead only once it has missed the GCS's health checks (about 15 s
+        by default); a replacement started before that is placed in the group's bundle on that node and dies with it,
+        so one lost node would cost two replacements."""
         deadline = time.monotonic() + UNREACHABLE_VERDICT_S
-        while time.monotonic() < deadline:
+        while (left := deadline - time.monotonic()) > 0:
             try:
-                ray.get(worker.ready.remote(), timeout=10)
-                return True
-            except ray.exceptions.GetTimeoutError:
-                return True  # the call reached it: alive, busy with the call before it
+                ray.get(worker.ready.remote(), timeout=left)
+                return
             except ray.exceptions.ActorUnavailableError:
                 time.sleep(1)
-            except ray.exceptions.RayActorError:
-                return False
-        return False
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                return
 
     def _end(self, index: int, worker: ray.actor.ActorHandle) -> None:
         """Kill worker `index` and end its engine's processes, waiting until they are gone."""
@@ -366,14 +363,9 @@ class RolloutGroup:
             self.engine_processes[index] = None
 
     def replace(self, index: int, cause: Exception) -> None:
-        """Kill worker `index` (dead or hung) and start another, brought to the current weights. A worker found
-        unreachable is first given the cluster's verdict (`_reachable_again`): one that answers again is only brought
-        to the current weights."""
-        if isinstance(cause, ray.exceptions.ActorUnavailableError) and self._reachable_again(self.workers[index]):
-            log.warning("rollout worker %d was unreachable and answers again; restoring its weights", index)
-            if self.restore is not None:
-                self.restore(index)
-            return
+        """Kill worker `index` (dead, hung or unreachable) and start another, brought to the current weights."""
+        if isinstance(cause, ray.exceptions.ActorUnavailableError):
+            self._await_verdict(self.workers[index])
         while True:
             if self.replacements >= self.config.max_replacements:
                 raise RuntimeError(f"rollout worker {index} failed and all {self.config.max_replacements} "
