@@ -364,8 +364,6 @@ class RolloutGroup:
 
     def replace(self, index: int, cause: Exception) -> None:
         """Kill worker `index` (dead, hung or unreachable) and start another, brought to the current weights."""
-        if isinstance(cause, ray.exceptions.ActorUnavailableError):
-            self._await_verdict(self.workers[index])
         while True:
             if self.replacements >= self.config.max_replacements:
                 raise RuntimeError(f"rollout worker {index} failed and all {self.config.max_replacements} "
@@ -373,6 +371,8 @@ class RolloutGroup:
             self.replacements += 1
             log.warning("rollout worker %d failed (%s); replacing it (replacement %d of %d)", index,
                         type(cause).__name__, self.replacements, self.config.max_replacements)
+            if isinstance(cause, ray.exceptions.ActorUnavailableError):  # the worker or a replacement on a lost node
+                self._await_verdict(self.workers[index])
             self._end(index, self.workers[index])
             self._wait_for_placement(index)  # a lost node: Ray places the group again, on the node launched next
             self.workers[index] = self._start(index)
