@@ -289,8 +289,6 @@ def test_for_an_engine_in_one_process_the_request_stage_renders_what_the_engine_
     """With the engine's renderer, each request leaves the request stage rendered: the tokens (the image's
     placeholders expanded) and patches that vLLM makes from the chat text and the decoded image, keyed by the content
     id of the pixels; a row that failed before has no request, and one longer than the context fails here."""
-    import pickle
-
     from transformers import AutoProcessor
 
     from unifer_ray.engines.batch import (
@@ -315,7 +313,7 @@ def test_for_an_engine_in_one_process_the_request_stage_renders_what_the_engine_
 
     processor = AutoProcessor.from_pretrained(tiny_model_dir, local_files_only=True)
     for i in (0, 1):
-        ours = pickle.loads(requests["engine_input"][i])
+        ours = requests["engine_input"][i]
         text = chat_text(processor, ChatRequest.single_image(Image.fromarray(images[i]), "Which?"))
         [own] = renderer.render_cmpl([{"prompt": text, "multi_modal_data": {"image": [images[i]]}}],
                                      skip_mm_cache=True)

@@ -353,9 +353,9 @@ def engine_renderer(model: str, engine_kwargs: dict):
     return renderer_from_config(EngineArgs(model=model, **engine_kwargs).create_engine_config())
 
 
-def rendered(renderer, token_ids: list[int], image: np.ndarray) -> tuple[bytes | None, str]:
-    """One image request as the engine's renderer makes it, pickled (`pickled_request`), or its error (a prompt longer
-    than the context). Pickled here: Ray Data would pickle the object itself, with cloudpickle, several times slower."""
+def rendered(renderer, token_ids: list[int], image: np.ndarray) -> tuple[object | None, str]:
+    """One image request as the engine's renderer makes it (vLLM's `EngineInput`), or its error (a prompt longer than
+    the context)."""
     from vllm.exceptions import VLLMClientError
 
     prompt = {"prompt_token_ids": token_ids, "multi_modal_data": {"image": [image]},
@@ -364,7 +364,7 @@ def rendered(renderer, token_ids: list[int], image: np.ndarray) -> tuple[bytes |
         (engine_input,) = renderer.render_cmpl([prompt], skip_mm_cache=True)
     except (ValueError, VLLMClientError) as exc:
         return None, f"generation: {type(exc).__name__}: {exc}"
-    return pickled_request(engine_input), ""
+    return engine_input, ""
 
 
 def pickled_request(request: object) -> bytes:
@@ -407,7 +407,12 @@ class VLLMRequests:
             self.kwargs["renderer"] = engine_renderer(model, engine_kwargs)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return vllm_requests(batch, **self.kwargs)
+        requests = vllm_requests(batch, **self.kwargs)
+        if "engine_input" in requests:  # for the engine's process: Ray Data would pickle them with cloudpickle, slower
+            column = requests["engine_input"]  # a row's n samples share one request: pickled once
+            pickled = {id(request): pickled_request(request) for request in column if request is not None}
+            requests["engine_input"] = object_array([None if r is None else pickled[id(r)] for r in column])
+        return requests
 
 
 class OneProcessVLLM:
@@ -418,10 +423,11 @@ class OneProcessVLLM:
     ray.data.llm's engine stage holds an AsyncLLM, whose engine core always runs in a process of its own: on CPUs two
     busy processes per engine (its front end and its core, spinning while they wait for each other), which reached
     52-58% of one engine's items/s on 2 cores (docs/throughput.md). In one process the engine does all of its work
-    on one core, and ends with its actor. The request stage has rendered every request with this engine's renderer
-    (`engine_renderer`), so the engine's core only schedules, runs the model and detokenizes; given `request_kwargs`
-    (those of `vllm_requests`: a short run), it takes the rows themselves and renders them with its own renderer. A
-    request the engine refuses fails alone."""
+    on one core, and ends with its actor. Given `request_kwargs` (those of `vllm_requests`), it takes the decoded rows
+    and renders them with its own renderer, handing the rendered requests to its engine as they are; otherwise
+    (`render_ahead`) a request actor beside it has rendered them with the same renderer (`engine_renderer`) and
+    pickled them, and the engine only schedules, runs the model and detokenizes. A request the engine refuses fails
+    alone."""
 
     def __init__(self, *, model: str, engine_kwargs: dict, request_kwargs: dict | None = None):
         import vllm
@@ -447,7 +453,8 @@ class OneProcessVLLM:
                 continue
             request_id = f"{call}-{i}"
             try:
-                engine.add_request(request_id, pickle.loads(request), params)
+                # Rendered by a request actor (pickled), or here by this engine's renderer (as it is).
+                engine.add_request(request_id, pickle.loads(request) if isinstance(request, bytes) else request, params)
                 rows[request_id] = i
             except (ValueError, VLLMClientError) as exc:
                 errors[i] = f"{type(exc).__name__}: {exc}"
