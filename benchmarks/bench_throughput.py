@@ -255,7 +255,7 @@ def engine_inputs(model_dir: Path, engine: EngineSpec, workers: BenchModel, item
             for key, column in vllm_requests(batch, model=str(model_dir), sampling=sampling, **kwargs).items():
                 requests[stage].setdefault(key, []).extend(column)
         seconds[stage] = time.perf_counter() - start
-    seconds |= pickling_seconds([pickle.loads(b) for b in requests["rendering_request_stage"]["engine_input"]])
+    seconds |= pickling_seconds(requests["rendering_request_stage"]["engine_input"])
     return {"seconds": seconds, "images": images, "texts": texts, "requests": requests["request_stage"],
             "rendered": requests["rendering_request_stage"]}
 
@@ -430,19 +430,24 @@ def main() -> None:
         print(f"  chat template, every item: {ms['template']:.2f}")
         print(f"  request stage for ray.data.llm's engine stage (template and tokens once per question, image to the "
               f"model's grid, content id): {ms['request_stage']:.2f}; for the engine in one process (the same, "
-              f"rendered by the engine's renderer and pickled): {ms['rendering_request_stage']:.2f}")
+              f"rendered by the engine's renderer): {ms['rendering_request_stage']:.2f}")
         print(f"  bare engine in vLLM's own processes, decoded {args.image_size} px images: {ms['images']:.2f}; the "
               f"path's requests for ray.data.llm (nothing left to tokenize, resize or hash): {ms['requests']:.2f}; "
               f"chat text alone: {ms['text']:.2f} (so per image in the engine, front end and vision tower: "
               f"{ms['images'] - ms['text']:.2f} and {ms['requests'] - ms['text']:.2f})")
-        print(f"  a rendered request pickled in the request stage and read in the engine stage: torch's own pickling "
+        print(f"  a rendered request pickled in a request actor and read in the engine stage (--render-ahead): "
+              f"torch's own pickling "
               f"{ms['pickle_torch']:.3f} and {ms['unpickle_torch']:.3f}, the request stage's (tensors as numpy arrays) "
               f"{ms['pickle_ours']:.3f} and {ms['unpickle_ours']:.3f} "
               f"({ms['unpickle_torch'] / ms['unpickle_ours']:.1f}x faster to read)")
         print(f"  bare engine in one process, decoded images: {ms['one_process_images']:.2f}; the path's rendered "
-              f"requests (what its engine stage does per item): {ms['one_process_rendered']:.2f}")
-        print(f"  vLLM path without start-up: {1e3 / path:.2f} (Ray Data's stages and transfers around the "
-              f"engine: {1e3 / path - ms['one_process_rendered']:.2f} beyond its engine stage's own work)")
+              f"requests: {ms['one_process_rendered']:.2f}")
+        # The engine stage's own work: generating, and rendering where the engines render their rows (the default),
+        # shared by its engines, which run side by side.
+        own = ms["one_process_rendered"] + (0.0 if args.render_ahead else ms["rendering_request_stage"])
+        print(f"  vLLM path without start-up: {1e3 / path:.2f} (its {vllm.concurrency} engine(s)' own work: "
+              f"{own:.2f} an item on one core, {own / vllm.concurrency:.2f} side by side; Ray Data's stages and "
+              f"transfers around them: {1e3 / path - own / vllm.concurrency:.2f})")
         print_cpu("transformers path", hf_cpu, hf_run.seconds, n)
         print_cpu("vLLM path", vllm_cpu, vllm_run.seconds, n)
         print(f"\nRay Data's stats of the vLLM path's run:\n{vllm_run.stats}")
