@@ -189,25 +189,21 @@ def test_the_one_process_engine_stage_keeps_a_refused_request_as_its_rows_error(
     import vllm
     from transformers import AutoProcessor
 
-    from unifer_ray.engines.batch import (
-        EngineWorkers,
-        OneProcessVLLM,
-        engine_renderer,
-        vllm_engine_kwargs,
-        vllm_requests,
-    )
+    from unifer_ray.engines.batch import EngineWorkers, OneProcessVLLM, VLLMRequests, vllm_engine_kwargs
     from unifer_ray.engines.hf import chat_text
 
     kwargs = vllm_engine_kwargs(EngineSpec(engine="vllm", model=str(tiny_model_dir),
                                            vllm_kwargs={"max_model_len": 1024}), EngineWorkers())
-    longer = engine_renderer(str(tiny_model_dir), kwargs | {"max_model_len": 4096})
+    # The request actor of `render_ahead`, rendering for a longer context than the engine has.
+    longer = VLLMRequests(model=str(tiny_model_dir), revision=None, sampling={"max_new_tokens": 8},
+                          engine_kwargs=kwargs | {"max_model_len": 4096})
     first, second = ferbench_requests[:2]
     question = first.messages[0]["content"][1]["text"]
     batch = {"id": np.array(["a", "b", "c"], dtype=object),
              "prompt": np.array([question, "why " * 1200, question], dtype=object),
              "image": np.stack([np.asarray(request.images()[0]) for request in (first, second, second)]),
              "error": np.array(["", "", "image: not a decodable image"], dtype=object)}
-    requests = vllm_requests(batch, model=str(tiny_model_dir), sampling={"max_new_tokens": 8}, renderer=longer)
+    requests = longer(batch)
     assert all(requests["engine_input"][:2]) and requests["engine_input"][2] is None
 
     stage = OneProcessVLLM(model=str(tiny_model_dir), engine_kwargs=kwargs)

@@ -442,7 +442,8 @@ class OneProcessVLLM:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from vllm.exceptions import VLLMClientError
 
-        if self.request_kwargs is not None:
+        renders_here = self.request_kwargs is not None  # else a request actor rendered and pickled the rows
+        if renders_here:
             batch = vllm_requests(batch, **self.request_kwargs, renderer=self.llm.renderer)
         n = len(batch["id"])
         texts, tokens, errors = [""] * n, [0] * n, [""] * n
@@ -453,8 +454,7 @@ class OneProcessVLLM:
                 continue
             request_id = f"{call}-{i}"
             try:
-                # Rendered by a request actor (pickled), or here by this engine's renderer (as it is).
-                engine.add_request(request_id, pickle.loads(request) if isinstance(request, bytes) else request, params)
+                engine.add_request(request_id, request if renders_here else pickle.loads(request), params)
                 rows[request_id] = i
             except (ValueError, VLLMClientError) as exc:
                 errors[i] = f"{type(exc).__name__}: {exc}"
