@@ -9,6 +9,7 @@ of one is all a test needs), the real tiny model, real images, real hf rollout w
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from unifer_ray.models.loading import load_model_and_processor
 from unifer_ray.optim import OptimizerConfig, build_optimizer
 from unifer_ray.prompts import ferbench_prompt
 from unifer_ray.rl.config import RLVRConfig, RolloutConfig
+from unifer_ray.rl.controller import rows_with_gradient
 from unifer_ray.rl.grpo import sequence_weights
 from unifer_ray.rl.learner import LearnerGroup, LearnerWorker, TrainRow, free_port, group_timeout_s
 from unifer_ray.rl.rollout import RolloutGroup
@@ -187,6 +189,35 @@ def test_a_second_update_weighs_by_the_ratio_to_pi_old_and_clips_it(tiny_model_d
 
     assert differ("two updates, clipped", "two updates, unclipped") > 1e-5, "clipping changed the second update"
     assert differ("two updates, unclipped", "two calls of one update") > 1e-5, "π / π_old weighed the second update"
+
+
+def test_without_a_kl_term_rows_of_advantage_zero_are_skipped_and_the_step_is_the_same(tiny_model_dir, tmp_path, rows,
+                                                                                     monkeypatch):
+    """With beta 0 the controller sends the learners only the rows whose advantage is not 0 (an all-equal group's),
+    and a filler where none is left: each step moves the weights exactly as the whole batch does, weight decay and
+    learning rate schedule included."""
+    mixed = weighted([replace(r, advantage=0.0) if i % 2 else r for i, r in enumerate(rows)], "grpo")
+    nothing = [replace(r, advantage=0.0) for r in mixed]
+    assert rows_with_gradient(mixed, 0.04) == mixed  # with a KL term every row has a gradient
+    assert rows_with_gradient(mixed, 0.0) == [mixed[0], mixed[2]]
+    assert rows_with_gradient(nothing, 0.0) == [nothing[0].filler()]
+    learner = {"num_workers": 1, "micro_batch_size": 4, "optimizer": {**PROPORTIONAL, "weight_decay": 0.1}}
+    deltas, stats = {}, {}
+    runs = {"whole": [mixed, nothing], "skipped": [rows_with_gradient(batch, 0.0) for batch in (mixed, nothing)]}
+    for name, batches in runs.items():
+        run_config = config(tmp_path / name, tiny_model_dir, learner=learner, grpo={"beta": 0.0}, steps=2)
+        with learner_in_process(run_config, tiny_model_dir, monkeypatch) as worker:
+            for step, batch in enumerate(batches):
+                start = worker.trainable_state()
+                stats[name, step] = worker.train(batch)
+                deltas[name, step] = {k: v - start[k] for k, v in worker.trainable_state().items()}
+    for step in range(2):
+        assert stats["skipped", step]["grad_norm"] == pytest.approx(stats["whole", step]["grad_norm"], rel=RTOL)
+        scale = max(float(d.abs().max()) for d in deltas["whole", step].values())
+        assert scale > 0  # step 1: weight decay alone
+        for key, delta in deltas["skipped", step].items():
+            torch.testing.assert_close(delta, deltas["whole", step][key], rtol=RTOL, atol=RTOL * scale)
+    assert stats["whole", 0]["grad_norm"] > 0 and stats["whole", 1]["grad_norm"] == 0
 
 
 def test_the_optimizer_gives_the_vision_tower_its_own_rate(tiny_model_dir):

@@ -275,14 +275,17 @@ def train_rows(n: int) -> list[TrainRow]:
             for i in range(n)]
 
 
-def test_a_rank_short_of_rows_replays_its_first_micro_batch_at_weight_zero():
+def test_a_ranks_rows_spread_evenly_over_its_micro_batches_and_an_empty_one_replays_a_row_at_weight_zero():
+    rows = train_rows(5)
+    assert micro_batches(rows, 4, 2, TrainRow.filler) == [rows[:3], rows[3:]]  # not 4 + 1: a step costs its rows
     rows = train_rows(3)
     chunks = micro_batches(rows, 2, 4, TrainRow.filler)
-    assert chunks[:2] == [rows[:2], rows[2:]]
-    assert chunks[2] == chunks[3] == [TrainRow.filler(r) for r in rows[:2]]
-    assert {r.weight for chunk in chunks[2:] for r in chunk} == {0.0}
+    assert chunks[:3] == [[row] for row in rows]
+    assert chunks[3] == [TrainRow.filler(rows[0])] and chunks[3][0].weight == 0.0
     with pytest.raises(ValueError, match="5 rows do not make 1 to 2 micro-batches of 2"):
         micro_batches(train_rows(5), 2, 2, TrainRow.filler)
+    with pytest.raises(ValueError, match="0 rows do not make"):
+        micro_batches([], 2, 2, TrainRow.filler)
 
 
 @pytest.mark.parametrize("n, world", [(7, 3), (6, 3), (2, 4), (1, 1)])

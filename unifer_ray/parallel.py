@@ -206,12 +206,12 @@ def rank_shares(rows: list[Row], world_size: int, filler: Callable[[Row], Row]) 
 
 def micro_batches(rows: list[Row], micro_batch_size: int, grad_accum_steps: int,
                   filler: Callable[[Row], Row]) -> list[list[Row]]:
-    """A rank's `rows` as the `grad_accum_steps` micro-batches of one step: a rank short of rows replays its first
-    micro-batch as `filler` rows (weight 0), so that every rank runs as many micro-steps and every collective meets."""
-    chunks = [rows[i : i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
-    if not chunks or len(chunks) > grad_accum_steps:
+    """A rank's `rows` spread evenly over the `grad_accum_steps` micro-batches of one step (a step's cost follows its
+    rows, not its micro-batch size); a micro-batch left without rows replays the first row as `filler` (weight 0),
+    so that every rank runs as many micro-steps and every collective meets."""
+    if not rows or len(rows) > micro_batch_size * grad_accum_steps:
         raise ValueError(f"{len(rows)} rows do not make 1 to {grad_accum_steps} micro-batches of {micro_batch_size}")
-    return chunks + [[filler(row) for row in chunks[0]]] * (grad_accum_steps - len(chunks))
+    return rank_shares(rows, grad_accum_steps, filler)
 
 
 class DataParallel:

@@ -152,6 +152,15 @@ def run_rlvr(config: RLVRConfig, *, resume: bool = False) -> RLVRResult:
                       metrics_path=storage.join(config.metrics_dir, METRICS_FILE))
 
 
+def rows_with_gradient(rows: list[TrainRow], beta: float) -> list[TrainRow]:
+    """The rows the learners train on. Without a KL term (beta 0) a completion of advantage 0 (every completion of
+    a group whose rewards are all equal) has a loss of 0 whatever the weights: it is skipped. The others keep their
+    weights, which `sequence_weights` computed over the whole batch, so the update is the whole batch's."""
+    if beta > 0:
+        return rows
+    return [row for row in rows if row.advantage != 0.0] or [rows[0].filler()]  # an optimizer step all the same
+
+
 def submit_batch(config: RLVRConfig, prompts: PromptSource, rollouts: RolloutGroup, sampling: SamplingParams,
                  step: int) -> PendingRollout:
     """Ask the rollouts for step `step`'s batch (0-based), seeded by the step; `rollouts.collect` returns it."""
@@ -199,7 +208,7 @@ def run_steps(config: RLVRConfig, state: RunState, prompts: PromptSource, reward
             raise RuntimeError(f"step {step + 1}: no prompt of the batch could be used; see errors.jsonl")
 
         batch = score(rollout, rewards, config, learner_version=state.version, step=step + 1)
-        stats = learners.train(batch.rows)
+        stats = learners.train(rows_with_gradient(batch.rows, grpo.beta))
         state.version += 1
         timings = sync.push(state.version, wait=config.mode == "sync")
         state.step = step + 1
