@@ -81,7 +81,8 @@ def task_accuracy(records: list[dict]) -> dict[str, dict]:
 
 def rlvr_plot(records: list[dict], path: Path) -> None:
     """The rollouts' accuracy reward (each step, its moving average and a band of ±2 standard errors) and format
-    reward; the accuracy per task type; KL to the reference; the clipped fractions."""
+    reward; the accuracy per task type; KL to the reference (where the loss has it) and the rollout engine's gap to the
+    learner; the clipped fractions."""
     steps = np.array([r["step"] for r in records])
 
     def series(key: str) -> list[float]:
@@ -101,8 +102,10 @@ def rlvr_plot(records: list[dict], path: Path) -> None:
         tasks.plot(steps, moving_average(series(key), MOVING_WINDOW)[0], label=key.removeprefix("accuracy/"))
     tasks.set_ylim(0, 1.05)
     tasks.set_title(f"accuracy reward per task type (mean of {MOVING_WINDOW} steps)")
-    kl.plot(steps, series("kl"), color="C3", label="k3 estimate per token")
-    kl.set_title("KL(policy ‖ reference)")
+    if any(r.get("kl") for r in records):  # beta 0: no reference model, so no KL to plot
+        kl.plot(steps, series("kl"), color="C3", label="policy ‖ reference (the loss's term)")
+    kl.plot(steps, series("rollout_mismatch_k3"), color="C4", label="rollout engine ‖ learner (numerics, lag)")
+    kl.set_title("KL per token (k3 estimates)")
     clipped.plot(steps, series("clip_fraction"), label="ratio clipped (1 ± ε)")
     clipped.plot(steps, series("rollout_is_clipped_fraction"), label="importance weight at its cap")
     clipped.set_title("clipped fraction of tokens")
