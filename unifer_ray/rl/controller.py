@@ -219,8 +219,9 @@ def run_steps(config: RLVRConfig, state: RunState, prompts: PromptSource, reward
         run_log.step(record)
         if config.sample_log_every and state.step % config.sample_log_every == 0:
             run_log.samples(batch.samples)
+        kl = {"kl": record["kl"]} if grpo.beta > 0 else {}  # beta 0: no reference, nothing measured
         progress.update(state.step, reward=record["reward/mean"], accuracy=record["accuracy"],
-                        format=record["format_rate"], kl=record["kl"])
+                        format=record["format_rate"], **kl)
 
         if state.step % config.checkpoint_every == 0 or state.step == config.steps:
             directory = step_uri(config.checkpoint_dir, state.step)
