@@ -1,9 +1,11 @@
 """RLVR step time on the tiny config (vLLM rollouts, as configured there): the weight sync's share of a step, and
-`one_step_off` vs `sync` steps/s; also the rollout/learner log-probability mismatch the IS correction sees.
+`one_step_off` vs `sync` steps/s; also the rollout/learner log-probability mismatch the IS correction sees; and, where
+the config has no KL term, what its absence saves: `one_step_off` again with `--kl-beta` (0.04, the paper's) as the
+baseline, where the learners also run the reference model and train on the completions of advantage 0.
 
-Both runs use the same config (the `rlvr:` section of configs/tiny.yaml by default), model, data, batch and seeds;
-only `mode` differs. The first step of each run (actor warm-up) is left out of the timings. Figures come from the
-runs' own metrics.jsonl (time/step_s, time/sync_s).
+The runs use the same config (the `rlvr:` section of configs/tiny.yaml by default), model, data, batch and seeds;
+only `mode` (or beta) differs. The first step of each run (actor warm-up) is left out of the timings. Figures come
+from the runs' own metrics.jsonl (time/step_s, time/sync_s).
 
 By default the policy is a fresh random-init tiny model on a small synthetic set: every completion runs to
 max_new_tokens, so generation outweighs training, and every reward is 0, so the policy never moves (its rollout/learner
@@ -54,8 +56,8 @@ def write_rlvr_items(data_root: Path, path: Path) -> None:
                                         "solution": f"<answer>{record['label']}</answer>"}) + "\n")
 
 
-def run(section: dict, tmp: Path, mode: str, steps: int) -> list[dict]:
-    out = tmp / mode
+def run(section: dict, tmp: Path, mode: str, steps: int, name: str = "") -> list[dict]:
+    out = tmp / (name or mode)
     config = parse_config(section | {"mode": mode, "steps": steps, "output_dir": str(out / "model"),
                                      "checkpoint_dir": str(out / "checkpoints"), "log_dir": str(out / "logs"),
                                      "checkpoint_every": steps, "sample_log_every": 0}, RLVRConfig)
@@ -72,6 +74,8 @@ def main() -> None:
     parser.add_argument("--from-demo", metavar="DIR", help="the SFT model and RLVR set of `unifer demo --out DIR`")
     parser.add_argument("--learners", type=int, default=1,
                         help="learner actors (1 thread each); the config's own count with 0")
+    parser.add_argument("--kl-beta", type=float, default=0.04,
+                        help="the baseline's KL weight where the config has none (0: no baseline run)")
     args = parser.parse_args()
     data = read_yaml(args.config)
     if not isinstance(data, dict) or args.section not in data:
@@ -96,6 +100,11 @@ def main() -> None:
         init_ray(num_cpus=args.num_cpus)
         sync = run(section, tmp, "sync", args.steps)
         overlap = run(section, tmp, "one_step_off", args.steps)
+        beta = section.get("grpo", {}).get("beta", 0.04)
+        with_kl = None
+        if beta == 0 and args.kl_beta:
+            grpo = section.get("grpo", {}) | {"beta": args.kl_beta}
+            with_kl = run(section | {"grpo": grpo}, tmp, "one_step_off", args.steps, name="with_kl")
 
     def mean(records: list[dict], key: str) -> float:
         return float(np.mean([r[key] for r in records]))
@@ -117,6 +126,14 @@ def main() -> None:
     overlap_rate = len(overlap) / sum(r["time/step_s"] for r in overlap)
     print(f"steps/s: sync {sync_rate:.3f}, one_step_off {overlap_rate:.3f} -> {overlap_rate / sync_rate:.3f}x "
           f"(version lag at most {max(r['version_lag/max'] for r in overlap)})")
+    if with_kl:
+        kl_rate = len(with_kl) / sum(r["time/step_s"] for r in with_kl)
+        print(f"one_step_off with a KL term (beta {args.kl_beta}): step {mean(with_kl, 'time/step_s'):.3f}s, "
+              f"logprob {mean(with_kl, 'time/logprob_s'):.3f}s, train {mean(with_kl, 'time/train_s'):.3f}s on "
+              f"{mean(with_kl, 'train_tokens'):.0f} tokens")
+        print(f"one_step_off without (beta 0): train {mean(overlap, 'time/train_s'):.3f}s on "
+              f"{mean(overlap, 'train_tokens'):.0f} tokens ({mean(overlap, 'groups_all_equal_fraction'):.0%} of the "
+              f"groups all-equal) -> {overlap_rate / kl_rate:.3f}x the steps/s with the KL term")
 
 
 if __name__ == "__main__":
