@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from unifer_ray.config import ConfigError, parse_config, read_yaml
-from unifer_ray.demo import DemoConfig, moved_below, rlvr_steps_for, run_demo
+from unifer_ray.demo import DemoConfig, moved_below, rlvr_steps_within, run_demo
 from unifer_ray.engines import engine_description
 from unifer_ray.engines.platform import cpu_engine_dtype, vllm_installed, vllm_version
 from unifer_ray.pipeline import STAGES, Pipeline
@@ -93,12 +93,12 @@ def test_the_demo_runs_every_stage_and_reports_sft_against_rlvr(ray_cluster, tmp
     config["pipeline"]["stages"] = ["curate_cot", "curate_rlvr", "sft", "rlvr", "bench"]
     config["pipeline"]["bench_model"]["engine"]["engine"] = "hf"
     config["rlvr"]["rollout"]["engine"]["engine"] = "hf"
-    # Any machine runs SFT under 1000 s a step, none in a nanosecond: the demo's measure gives RLVR 3 steps.
-    config["demo"] |= {"train_per_class": 3, "test_per_class": 1, "rlvr_steps_by_sft_speed": {1000.0: 3, 1e-9: 9}}
+    # A budget of 1 s fits no RLVR step on any machine: the demo's sizing gives RLVR its fewest, 3 of at most 9.
+    config["demo"] |= {"train_per_class": 3, "test_per_class": 1, "time_budget_s": 1, "min_rlvr_steps": 3}
     config["pipeline"]["bench_model"]["sampling"]["max_new_tokens"] = 12
     config["sft"] |= {"max_steps": 3, "micro_batch_size": 2, "num_workers": 1, "strategy": "ddp",
                       "checkpoint_every": 2, "report_every": 1}
-    config["rlvr"] |= {"steps": 2, "checkpoint_every": 1, "mode": "sync"}
+    config["rlvr"] |= {"steps": 9, "checkpoint_every": 1, "mode": "sync"}
     config["rlvr"]["grpo"] |= {"group_size": 2, "prompts_per_step": 2, "max_new_tokens": 12}
     config["rlvr"]["learner"] |= {"num_workers": 1, "micro_batch_size": 4}
     path = tmp_path / "toy.yaml"
@@ -138,15 +138,15 @@ def test_the_demo_runs_every_stage_and_reports_sft_against_rlvr(ray_cluster, tmp
     assert 0 < paired["mcnemar_p"] <= 1 and "## tiny-rlvr vs tiny-sft on the same FERBench items" in text
 
 
-def test_the_demo_gives_rlvr_the_steps_of_the_tightest_sft_speed_the_machine_meets():
-    by_speed = {0.2: 240, 0.3: 160}
-    assert rlvr_steps_for(0.15, by_speed, 80) == 240
-    assert rlvr_steps_for(0.2, by_speed, 80) == 240
-    assert rlvr_steps_for(0.25, by_speed, 80) == 160
-    assert rlvr_steps_for(0.31, by_speed, 80) == 80
-    assert rlvr_steps_for(0.1, {}, 80) == 80
-    with pytest.raises(ConfigError, match="rlvr_steps_by_sft_speed"):  # no step count of 0, no bound of 0 s
-        parse_config({"rlvr_steps_by_sft_speed": {0.2: 0}}, DemoConfig, source="tiny.yaml [demo]")
+def test_the_demo_gives_rlvr_the_steps_its_time_budget_leaves_on_the_machine():
+    # A 2-core Zen 4: 140 s to the end of SFT at 0.227 s a step leaves 570 - 140 - 136 s for steps of 1.135 s.
+    assert rlvr_steps_within(570, 140, 0.227) == 258
+    # The same machine in a slower hour, and an AVX2-only EPYC (SFT at 0.52 s a step, done after 315 s): none fit.
+    assert rlvr_steps_within(570, 175, 0.287) == 155
+    assert rlvr_steps_within(570, 315, 0.52) == 0
+    with pytest.raises(ConfigError, match="min_rlvr_steps"):
+        parse_config({"min_rlvr_steps": 0}, DemoConfig, source="tiny.yaml [demo]")
+    assert parse_config({}, DemoConfig).time_budget_s is None  # no budget: rlvr.steps, however long
 
 
 def test_moving_average_and_its_standard_error_skip_steps_without_a_value():

@@ -10,6 +10,7 @@ Every path in the config file starts with `runs/demo`; `--out DIR` moves them al
 from __future__ import annotations
 
 import statistics
+import time
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
@@ -29,14 +30,24 @@ class DemoConfig(BaseModel):
     test_per_class: int = Field(10, gt=0)
     data_root: str = f"{DEMO_PREFIX}/data"  # the four synthetic datasets, in their original layouts
     num_cpus: float | None = None  # the local Ray cluster's logical CPUs (None: all cores)
-    # RLVR steps by the machine's speed, as the demo's own SFT stage measured it (its median seconds a step): the
-    # tightest bound the machine meets gives its steps; a slower machine keeps rlvr.steps.
-    rlvr_steps_by_sft_speed: dict[PositiveFloat, PositiveInt] = {}
+    # Once SFT has run, RLVR gets the steps that fit what is left of this many seconds (from the demo's start), as
+    # predicted from SFT's median step: at most rlvr.steps, at least min_rlvr_steps. None: rlvr.steps, however long.
+    time_budget_s: PositiveFloat | None = None
+    min_rlvr_steps: PositiveInt = 20
 
 
-def rlvr_steps_for(sft_seconds_per_step: float, by_speed: dict[float, int], default: int) -> int:
-    met = [bound for bound in by_speed if sft_seconds_per_step <= bound]
-    return by_speed[min(met)] if met else default
+# What a RLVR step, and the demo's work after RLVR's steps (RLVR's start and export, FERBench, Serve, the report),
+# cost in SFT steps: the most measured on the 2-core machines the demo ran on (docs/post-training.md). CPU-bound
+# alike, they scale with the machine.
+RLVR_STEP_IN_SFT_STEPS = 5.0
+AFTER_RLVR_IN_SFT_STEPS = 600
+
+
+def rlvr_steps_within(budget_s: float, elapsed_s: float, sft_step_s: float) -> int:
+    """The RLVR steps predicted to fit the budget left after `elapsed_s` on a machine whose SFT step takes
+    `sft_step_s` (0 when none do)."""
+    left = budget_s - elapsed_s - AFTER_RLVR_IN_SFT_STEPS * sft_step_s
+    return max(0, int(left // (RLVR_STEP_IN_SFT_STEPS * sft_step_s)))
 
 
 def moved_below(value, out_dir: Path):
@@ -52,6 +63,7 @@ def moved_below(value, out_dir: Path):
 
 def run_demo(config_path: str | None, out: str) -> Path:
     """Run the demo; returns the report's path."""
+    started = time.monotonic()
     from unifer_ray.data.convert import convert_ferbench
     from unifer_ray.data.synthetic import write_synthetic_datasets
     from unifer_ray.engines.platform import platform_line
@@ -95,15 +107,19 @@ def run_demo(config_path: str | None, out: str) -> Path:
     stages.run("FERBench files", ferbench_files)
 
     def size_rlvr(results: dict):
-        if "sft" not in results:  # the file's stages leave SFT out: nothing has measured the machine
+        if "sft" not in results or config.time_budget_s is None:  # no SFT stage: nothing has measured the machine
             return
-        # SFT's median step: the machine's speed without start-ups, and the same when a rerun finds SFT done.
+        # SFT's median step: the machine's speed, start-ups left out.
         per_step = statistics.median(r["step_time_s"] for r in read_log(Path(results["sft"].metrics_path)))
-        configured = pipeline.rlvr.steps
-        steps = rlvr_steps_for(per_step, config.rlvr_steps_by_sft_speed, configured)
+        elapsed, budget, most = time.monotonic() - started, config.time_budget_s, pipeline.rlvr.steps
+        fit = rlvr_steps_within(budget, elapsed, per_step)
+        steps = min(most, max(config.min_rlvr_steps, fit))
         pipeline.rlvr = pipeline.rlvr.model_copy(update={"steps": steps})
-        print(f"RLVR: {steps} steps (SFT ran at {per_step:.3f} s a step here; steps by SFT speed: "
-              f"{config.rlvr_steps_by_sft_speed or 'none'}, otherwise {configured})", flush=True)
+        print(f"RLVR: {steps} steps of at most {most}: {fit} fit the demo's {budget:.0f} s after {elapsed:.0f} s, "
+              f"SFT having run at {per_step:.3f} s a step here", flush=True)
+        if steps > fit:
+            print(f"RLVR: {steps} steps, the fewest the demo runs (demo.min_rlvr_steps), take it past its "
+                  f"{budget:.0f} s on this machine", flush=True)
 
     init_ray(num_cpus=config.num_cpus)
     outcome = pipeline.run(stages, model_prefix="tiny-", before={"rlvr": size_rlvr})
