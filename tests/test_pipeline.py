@@ -84,7 +84,7 @@ def test_the_demo_generates_with_vllm_wherever_it_is_installed(tmp_path):
     assert engine_description(rollouts, on_cpu=True) == (vllm or "hf")
 
 
-def test_the_demo_runs_every_stage_and_reports_sft_against_rlvr(ray_cluster, tmp_path):
+def test_the_demo_runs_every_stage_and_reports_sft_against_rlvr(ray_cluster, tmp_path, capsys):
     """configs/tiny.yaml at toy size: every stage runs for real, a few steps each. Its generation runs on
     transformers here: vLLM's FERBench and rollouts have their own tests (test_bench, test_rl_system), which
     start the engines this test would start four more times; the demo's own choice of vLLM is the test above. The
@@ -122,6 +122,9 @@ def test_the_demo_runs_every_stage_and_reports_sft_against_rlvr(ray_cluster, tmp
         rows = [json.loads(line) for line in open(out / "bench" / "results" / model / "results.jsonl")]
         assert rows and {row["engine"] for row in rows} == {"hf"}
     assert summary["sft"]["steps"] == 3 and summary["rlvr"]["steps"] == 3
+    sized = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("RLVR: "))
+    assert sized.startswith("RLVR: 3 steps of at most 9: 0 predicted to fit the demo's 1 s after ")
+    assert sized.endswith("; demo.min_rlvr_steps is 3, so the demo may run past its budget")
     for model in ("tiny-sft", "tiny-rlvr"):
         assert (out / "models" / model / "config.json").is_file()
     for plot in ("sft_loss.png", "rlvr_rewards.png", "ferbench_accuracy.png"):

@@ -115,11 +115,11 @@ def run_demo(config_path: str | None, out: str) -> Path:
         fit = rlvr_steps_within(budget, elapsed, per_step)
         steps = min(most, max(config.min_rlvr_steps, fit))
         pipeline.rlvr = pipeline.rlvr.model_copy(update={"steps": steps})
-        print(f"RLVR: {steps} steps of at most {most}: {fit} fit the demo's {budget:.0f} s after {elapsed:.0f} s, "
-              f"SFT having run at {per_step:.3f} s a step here", flush=True)
+        line = (f"RLVR: {steps} steps of at most {most}: {fit} predicted to fit the demo's {budget:.0f} s after "
+                f"{elapsed:.0f} s here (SFT ran at {per_step:.3f} s a step)")
         if steps > fit:
-            print(f"RLVR: {steps} steps, the fewest the demo runs (demo.min_rlvr_steps), take it past its "
-                  f"{budget:.0f} s on this machine", flush=True)
+            line += f"; demo.min_rlvr_steps is {config.min_rlvr_steps}, so the demo may run past its budget"
+        print(line, flush=True)
 
     init_ray(num_cpus=config.num_cpus)
     outcome = pipeline.run(stages, model_prefix="tiny-", before={"rlvr": size_rlvr})
