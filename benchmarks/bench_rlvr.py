@@ -100,9 +100,8 @@ def main() -> None:
         init_ray(num_cpus=args.num_cpus)
         sync = run(section, tmp, "sync", args.steps)
         overlap = run(section, tmp, "one_step_off", args.steps)
-        beta = section.get("grpo", {}).get("beta", 0.04)
         with_kl = None
-        if beta == 0 and args.kl_beta:
+        if parse_config(section, RLVRConfig).grpo.beta == 0 and args.kl_beta:
             grpo = section.get("grpo", {}) | {"beta": args.kl_beta}
             with_kl = run(section | {"grpo": grpo}, tmp, "one_step_off", args.steps, name="with_kl")
 

@@ -107,7 +107,8 @@ def run_demo(config_path: str | None, out: str) -> Path:
     stages.run("FERBench files", ferbench_files)
 
     def size_rlvr(results: dict):
-        if "sft" not in results or config.time_budget_s is None:  # no SFT stage: nothing has measured the machine
+        # No budget: rlvr.steps however long. No SFT stage: nothing has measured the machine.
+        if config.time_budget_s is None or "sft" not in results:
             return
         # SFT's median step: the machine's speed, start-ups left out.
         per_step = statistics.median(r["step_time_s"] for r in read_log(Path(results["sft"].metrics_path)))
