@@ -14,7 +14,7 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 import psutil
 import pytest
 
-from tests.helpers import RUN_MARK, VLLM_TEST_KWARGS, this_runs_engines, wait_for_engines_to_end
+from tests.helpers import RUN_MARK, this_runs_engines, wait_for_engines_to_end
 
 # Every vLLM engine process this run starts must be gone when it ends. The run marks its processes through the
 # environment, which Ray's workers and their engine processes inherit, so other runs' engines are never counted.
@@ -116,21 +116,6 @@ def tiny_model_dir(tmp_path_factory):
     from unifer_ray.models.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny_model") / "tiny", seed=0)
-
-
-@pytest.fixture(scope="session")
-def vllm_engine(tiny_model_dir):
-    """One vLLM engine (eager) on the tiny model for the tests that compare with it (each needs vLLM: they are skipped
-    without it before this fixture runs). In processes of its own: an engine inside this process would make vLLM's
-    torch.distributed group this process's default one for the session, where test_rl_equivalence runs a learner,
-    which forms its own."""
-    from unifer_ray.engines.spec import EngineSpec
-    from unifer_ray.engines.vllm_engine import VLLMEngine
-
-    engine = VLLMEngine(EngineSpec(engine="vllm", model=str(tiny_model_dir), vllm_kwargs=VLLM_TEST_KWARGS,
-                                   one_process=False))
-    yield engine
-    engine.close()
 
 
 @pytest.fixture(scope="session")

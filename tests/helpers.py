@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -52,25 +51,6 @@ def wait_for_engines_to_end(timeout_s: float = 20.0) -> list[psutil.Process]:
         with contextlib.suppress(psutil.NoSuchProcess):
             survivors.append(psutil.Process(pid))
     return psutil.wait_procs(survivors, timeout=timeout_s)[1]
-
-
-# Defined here, not in a test module: Ray's workers import an actor's class by module, and they find `tests.helpers`
-# (the driver's working directory is on their path) but not a test module's bare name.
-class EngineStandIn:
-    """A rollout actor as vLLM's NCCL sender sees it during an update: `wait` is an engine blocked in the broadcast
-    (for a peer that died), `die` one whose process dies mid-update."""
-
-    def __init__(self, behaviour: str):
-        self.behaviour = behaviour
-
-    def start_weight_update(self) -> None:
-        pass
-
-    def update_weights(self, update_info: dict) -> None:
-        if self.behaviour == "die":
-            time.sleep(1)
-            os._exit(1)
-        time.sleep(600)
 
 
 # ---------------------------------------------------------------- RLVR runs of the tests

@@ -64,6 +64,17 @@ def test_bench_counts_add_up_with_bad_items(ray_cluster, tiny_model_dir, synthet
     assert rerun.generated == 2 and (rerun.scored, rerun.errors) == (6, 4)
 
 
+@pytest.fixture(scope="module")
+def vllm_engine(tiny_model_dir):
+    """The tests' vLLM engine in this process, for the answers FERBench's engine stage must give (an engine in processes
+    of its own would take two more process starts, and their imports, on 2 cores)."""
+    from unifer_ray.engines.vllm_engine import VLLMEngine
+
+    engine = VLLMEngine(EngineSpec(engine="vllm", model=str(tiny_model_dir), vllm_kwargs=VLLM_TEST_KWARGS))
+    yield engine
+    engine.close()
+
+
 @needs_vllm
 @pytest.mark.parametrize("render_ahead", [False, True], ids=["rendered-by-the-engine", "rendered-ahead"])
 def test_bench_on_vllm_keeps_every_item(ray_cluster, tiny_model_dir, synthetic_root, ferbench_files, vllm_engine,

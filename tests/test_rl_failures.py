@@ -18,7 +18,8 @@ import ray
 from ray._common.utils import reset_ray_address
 from ray._private.utils import read_ray_address
 
-from tests.helpers import EngineStandIn, needs_vllm, rl_config
+from tests.helpers import needs_vllm, rl_config
+from tests.stand_ins import EngineStandIn
 from unifer_ray.config import parse_config
 from unifer_ray.engines import SamplingParams
 from unifer_ray.ray_runtime import free_port

@@ -172,7 +172,7 @@ def test_a_sender_that_fails_before_its_broadcast_still_joins_the_other_ranks_ga
     first gather must still join them, or that rank waits in a collective until the group's timeout kills it (last
     in this module for that reason). Twice: an engine that died before the update began (vLLM's sender raises at
     `start_weight_update`), and a send on an aborted group."""
-    from tests.helpers import EngineStandIn
+    from tests.stand_ins import EngineStandIn
 
     _, learners = zero3
     engine = ray.remote(num_cpus=0, max_restarts=0)(EngineStandIn).remote("wait")

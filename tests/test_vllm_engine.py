@@ -20,11 +20,15 @@ from unifer_ray.engines.vllm_engine import VLLMEngine
 from unifer_ray.rl.rollout import share_seeds
 
 
+def compiled_spec(model_dir) -> EngineSpec:
+    return EngineSpec(engine="vllm", model=str(model_dir), vllm_kwargs={"max_model_len": 1024, "enforce_eager": False})
+
+
 @pytest.fixture(scope="module")
 def compiled_engine(tiny_model_dir):
-    """vLLM's compiled path (torch.compile), which CPU engines leave off by default: the same answers."""
-    engine = VLLMEngine(EngineSpec(engine="vllm", model=str(tiny_model_dir),
-                                   vllm_kwargs={"max_model_len": 1024, "enforce_eager": False}))
+    """vLLM's compiled path (torch.compile), which CPU engines leave off by default, in this process: the module's
+    engine for the tests that compare vLLM with the reference (one engine start fewer than an eager one beside it)."""
+    engine = VLLMEngine(compiled_spec(tiny_model_dir))
     yield engine
     engine.close()
 
@@ -62,14 +66,13 @@ def test_a_cpu_engine_runs_in_its_owners_process_quietly_and_leaves_its_environm
     from unifer_ray.engines.vllm_env import ONE_PROCESS_ENV
 
     assert not dist.is_initialized()
-    before = set(engine_pids())  # the session engine's own processes, if it has started
     worker_log, records = logging.getLogger("vllm.v1.worker.cpu_worker"), []
     handler = logging.Handler()
     handler.emit = records.append
     worker_log.addHandler(handler)
     engine = VLLMEngine(EngineSpec(engine="vllm", model=str(tiny_model_dir), vllm_kwargs={"max_model_len": 1024}))
     try:
-        assert set(engine_pids()) == before and dist.is_initialized()
+        assert engine_pids() == [] and dist.is_initialized()
         assert all(key not in os.environ for key in ONE_PROCESS_ENV)
         assert engine.generate([ChatRequest([{"role": "user", "content": "hi"}])], SamplingParams(max_new_tokens=2))
         assert len(engine.generate(ferbench_requests[:3], SamplingParams(max_new_tokens=2))) == 3
@@ -80,18 +83,17 @@ def test_a_cpu_engine_runs_in_its_owners_process_quietly_and_leaves_its_environm
     assert [record.getMessage() for record in records if record.levelno >= logging.WARNING] == []
 
 
-def test_a_compiled_engine_started_again_takes_its_compiled_model_from_the_cache(tiny_model_dir):
+def test_a_compiled_engine_started_again_takes_its_compiled_model_from_the_cache(tiny_model_dir, request):
     """torch's compile cache holds the model that a compiled engine compiled: the next engine of the same model and
-    settings finds it there (a hit, no miss). With torch's AOT compile, vLLM's default on this torch, every start
-    compiled the model afresh, the cache untouched (engines/vllm_env.py CPU_BUILD_ENV). One engine after the other:
-    an in-process engine's close takes down the distributed group that another would still use."""
+    settings (here the module's compiled engine) finds it there (a hit, no miss). With torch's AOT compile, vLLM's
+    default on this torch, every start compiled the model afresh, the cache untouched (engines/vllm_env.py
+    CPU_BUILD_ENV). One engine after the other: an in-process engine's close takes down the distributed group that
+    another would still use."""
     from torch._dynamo.utils import counters
 
-    spec = EngineSpec(engine="vllm", model=str(tiny_model_dir),
-                      vllm_kwargs={"max_model_len": 1024, "enforce_eager": False})
-    VLLMEngine(spec).close()
+    VLLMEngine(compiled_spec(tiny_model_dir)).close()
     hits, misses = counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
-    VLLMEngine(spec).close()
+    request.getfixturevalue("compiled_engine")
     assert counters["inductor"]["fxgraph_cache_hit"] > hits
     assert counters["inductor"]["fxgraph_cache_miss"] == misses
 
@@ -115,7 +117,7 @@ def test_greedy_parity_with_the_reference_engine(compiled_engine, hf_engine, fer
     assert len(ferbench_requests) >= 80 and identical >= len(ferbench_requests) // 3
 
 
-def test_logprobs_match_the_reference_after_temperature(vllm_engine, hf_engine, ferbench_requests):
+def test_logprobs_match_the_reference_after_temperature(compiled_engine, hf_engine, ferbench_requests):
     """vLLM's processed log-probabilities are those of softmax(logits / T), as the float32 hf engine reports them:
     within float32's rounding for a float32 engine, within two bfloat16 steps (8-bit mantissa) for a bfloat16 one.
     Read at temperature 1 instead, the random-init model's near-flat distribution puts them up to 1.7% off (checked):
@@ -123,32 +125,32 @@ def test_logprobs_match_the_reference_after_temperature(vllm_engine, hf_engine, 
     tolerance = {"abs": 5e-3} if cpu_engine_dtype() == "float32" else {"rel": 2 * 2**-8}
     params = SamplingParams(max_new_tokens=8, temperature=0.7, seed=11, logprobs=True)
     for request in ferbench_requests[:6]:
-        [[sample]] = vllm_engine.generate([request], params)
+        [[sample]] = compiled_engine.generate([request], params)
         assert len(sample.logprobs) == len(sample.token_ids) > 0
         expected = recomputed_logprobs(hf_engine, request, sample.token_ids, 0.7)
         assert sample.logprobs == pytest.approx(expected, **tolerance)
 
 
-def test_n_samples_have_distinct_seeds_and_reproduce(vllm_engine, ferbench_requests):
+def test_n_samples_have_distinct_seeds_and_reproduce(compiled_engine, ferbench_requests):
     params = SamplingParams(max_new_tokens=12, temperature=1.0, n=4, seed=5)
-    first = vllm_engine.generate(ferbench_requests[:3], params)
+    first = compiled_engine.generate(ferbench_requests[:3], params)
     assert [len(group) for group in first] == [4, 4, 4]
     assert len({tuple(c.token_ids) for c in first[0]}) == 4  # four samples, not four copies
-    assert vllm_engine.generate(ferbench_requests[:3], params) == first
+    assert compiled_engine.generate(ferbench_requests[:3], params) == first
     # Request i's sample k has seed 5 + 4i + k: request 1 alone with seed 9 draws request 1's samples.
-    [alone] = vllm_engine.generate([ferbench_requests[1]], params.model_copy(update={"seed": 9}))
+    [alone] = compiled_engine.generate([ferbench_requests[1]], params.model_copy(update={"seed": 9}))
     assert alone == first[1]
 
 
-def test_a_batch_split_as_rollout_workers_split_it_draws_the_same_samples(vllm_engine, ferbench_requests):
+def test_a_batch_split_as_rollout_workers_split_it_draws_the_same_samples(compiled_engine, ferbench_requests):
     """The shares two rollout workers generate, with the seeds the group gives them, draw the whole batch's
     samples."""
     requests = ferbench_requests[:5]
     params = SamplingParams(max_new_tokens=10, temperature=1.0, n=3, seed=100, logprobs=True)
-    whole = vllm_engine.generate(requests, params)
+    whole = compiled_engine.generate(requests, params)
     shares = []
     for rows, seed in share_seeds(len(requests), 2, params.seed, params.n):
-        shares += vllm_engine.generate([requests[i] for i in rows], params.model_copy(update={"seed": seed}))
+        shares += compiled_engine.generate([requests[i] for i in rows], params.model_copy(update={"seed": seed}))
     assert [[c.token_ids for c in group] for group in shares] == [[c.token_ids for c in group] for group in whole]
     assert len({tuple(c.token_ids) for group in whole for c in group}) > len(whole)  # samples, not copies
 

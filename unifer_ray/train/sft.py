@@ -15,19 +15,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import ray
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from unifer_ray import placement, storage
 from unifer_ray.data.training_sets import read_cot
 from unifer_ray.progress import Progress, polling
 from unifer_ray.ray_runtime import THREAD_ENV
-from unifer_ray.runlog import ERRORS_FILE, METRICS_FILE, RunLog, read_run_log
+from unifer_ray.runlog import ERRORS_FILE, METRICS_FILE, read_run_log
 from unifer_ray.train.config import SFTConfig
 from unifer_ray.train.loop import COLUMNS, MODEL_DIR, StepPlan, train_loop_per_worker
+from unifer_ray.train.reports import LogReports
 
 log = logging.getLogger(__name__)
 
@@ -41,28 +41,6 @@ class SFTResult:
     checkpoint: str  # the final checkpoint: a directory (local or s3://) in checkpoint_dir
     metrics_path: str
     errors_path: str
-
-
-class LogReports(UserCallback):
-    """Writes what the workers hand to `ray.train.report` to the run log: the step records (every worker reports the
-    same all-reduced numbers; rank 0's are kept) and every worker's error records.
-
-    It runs in the Ray Train controller, which lives on the driver's node, so the driver follows the same files for
-    its progress bar (`follow_run_log`). The controller outlives the workers: after a restart, reports carry the
-    step the new attempt started from."""
-
-    def __init__(self, log_dir: str):
-        self.log_dir = log_dir
-        self.run_log: RunLog | None = None
-
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        report = metrics[0]
-        if self.run_log is None:
-            self.run_log = RunLog(self.log_dir, start_step=report["start_step"])
-        self.run_log.start_step = report["start_step"]
-        for record in report["records"]:
-            self.run_log.step(record)
-        self.run_log.errors([error for worker in metrics for error in worker["errors"]])
 
 
 def follow_run_log(log_dir: str, progress: Progress) -> Callable[[], None]:
