@@ -16,6 +16,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 
 from unifer_ray.config import ConfigError, packaged_config, parse_config, read_yaml
+from unifer_ray.engines import resolve_engine
 from unifer_ray.records import read_log
 
 DEFAULT_CONFIG = packaged_config("tiny.yaml")
@@ -36,18 +37,19 @@ class DemoConfig(BaseModel):
     min_rlvr_steps: PositiveInt = 20
 
 
-# What a RLVR step, and the demo's work after RLVR's steps (RLVR's start and export, FERBench, Serve, the report),
-# cost in SFT steps: the most measured on the 2-core machines the demo ran on (docs/post-training.md). CPU-bound
-# alike, they scale with the machine.
-RLVR_STEP_IN_SFT_STEPS = 5.0
+# What a RLVR step (by its rollouts' engine), and the demo's work after RLVR's steps (RLVR's start and export,
+# FERBench, Serve, the report), cost in SFT steps: the most measured on the 2-core machines the demo ran on
+# (docs/post-training.md). CPU-bound alike, they scale with the machine. Transformers generates a step's samples
+# about twice as slowly as vLLM.
+RLVR_STEP_IN_SFT_STEPS = {"vllm": 5.0, "hf": 10.0}
 AFTER_RLVR_IN_SFT_STEPS = 600
 
 
-def rlvr_steps_within(budget_s: float, elapsed_s: float, sft_step_s: float) -> int:
+def rlvr_steps_within(budget_s: float, elapsed_s: float, sft_step_s: float, rollout_engine: str) -> int:
     """The RLVR steps predicted to fit the budget left after `elapsed_s` on a machine whose SFT step takes
-    `sft_step_s` (0 when none do)."""
+    `sft_step_s`, with rollouts on `rollout_engine` (0 when none do)."""
     left = budget_s - elapsed_s - AFTER_RLVR_IN_SFT_STEPS * sft_step_s
-    return max(0, int(left // (RLVR_STEP_IN_SFT_STEPS * sft_step_s)))
+    return max(0, int(left // (RLVR_STEP_IN_SFT_STEPS[rollout_engine] * sft_step_s)))
 
 
 def moved_below(value, out_dir: Path):
@@ -113,11 +115,12 @@ def run_demo(config_path: str | None, out: str) -> Path:
         # SFT's median step: the machine's speed, start-ups left out.
         per_step = statistics.median(r["step_time_s"] for r in read_log(Path(results["sft"].metrics_path)))
         elapsed, budget, most = time.monotonic() - started, config.time_budget_s, pipeline.rlvr.steps
-        fit = rlvr_steps_within(budget, elapsed, per_step)
+        engine = resolve_engine(pipeline.rlvr.rollout.engine)
+        fit = rlvr_steps_within(budget, elapsed, per_step, engine)
         steps = min(most, max(config.min_rlvr_steps, fit))
         pipeline.rlvr = pipeline.rlvr.model_copy(update={"steps": steps})
         line = (f"RLVR: {steps} steps of at most {most}: {fit} predicted to fit the demo's {budget:.0f} s after "
-                f"{elapsed:.0f} s here (SFT ran at {per_step:.3f} s a step)")
+                f"{elapsed:.0f} s here (SFT ran at {per_step:.3f} s a step; {engine} rollouts)")
         if steps > fit:
             line += f"; demo.min_rlvr_steps is {config.min_rlvr_steps}, so the demo may run past its budget"
         print(line, flush=True)
