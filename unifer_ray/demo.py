@@ -115,7 +115,7 @@ def run_demo(config_path: str | None, out: str) -> Path:
         # SFT's median step: the machine's speed, start-ups left out.
         per_step = statistics.median(r["step_time_s"] for r in read_log(Path(results["sft"].metrics_path)))
         elapsed, budget, most = time.monotonic() - started, config.time_budget_s, pipeline.rlvr.steps
-        engine = resolve_engine(pipeline.rlvr.rollout.engine)
+        engine = resolve_engine(pipeline.rlvr.rollout.engine.spec(pipeline.rlvr.model))
         fit = rlvr_steps_within(budget, elapsed, per_step, engine)
         steps = min(most, max(config.min_rlvr_steps, fit))
         pipeline.rlvr = pipeline.rlvr.model_copy(update={"steps": steps})
